@@ -1,0 +1,221 @@
+"""Patch geometry: pure, vectorised arithmetic over occlusion positions.
+
+Every function here works on one spatial axis at a time and takes patch
+*starts* as int64 tensors of shape ``(P,)`` (one entry per occlusion position)
+while patch *sizes* are plain ints: a compiled explainer uses one static patch
+size per node, so every position's patch of a node has the same shape and the
+positions can be batched.
+
+Equation numbers refer to ``paper/krypton-paper.txt``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Box",
+    "AxisSpec",
+    "occlusion_grid",
+    "positions_per_axis",
+    "output_start",
+    "output_size",
+    "read_window",
+    "clamp_to_border",
+    "union_box",
+    "tau_limit",
+    "local_box",
+]
+
+
+def positions_per_axis(image: int, patch: int, stride: int) -> int:
+    """Number of patch positions along one axis.
+
+    Positions are ``0, S, 2S, ...`` while the patch fits inside the image:
+    ``floor((W - P) / S) + 1``. (Eqs. 1-2 of the paper count one short when
+    ``S > 1``.)
+
+    Example:
+        >>> positions_per_axis(224, 16, 4)
+        53
+    """
+    if patch > image:
+        raise ValueError(f"patch {patch} is larger than the image ({image})")
+    return (image - patch) // stride + 1
+
+
+def occlusion_grid(image_hw: tuple[int, int], patch_hw: tuple[int, int],
+                   stride_hw: tuple[int, int]) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """Top-left corners of every occlusion position, row-major.
+
+    Returns:
+        ``(ys, xs, (H_M, W_M))`` where ``ys``/``xs`` are int64 tensors of shape
+        ``(H_M * W_M,)`` and position ``k`` sits at heat-map cell
+        ``(k // W_M, k % W_M)``.
+
+    Example:
+        >>> ys, xs, shape = occlusion_grid((8, 8), (4, 4), (2, 2))
+        >>> shape, ys[:4].tolist(), xs[:4].tolist()
+        ((3, 3), [0, 0, 0, 2], [0, 2, 4, 0])
+    """
+    hm = positions_per_axis(image_hw[0], patch_hw[0], stride_hw[0])
+    wm = positions_per_axis(image_hw[1], patch_hw[1], stride_hw[1])
+    iy = torch.arange(hm, dtype=torch.int64) * stride_hw[0]
+    ix = torch.arange(wm, dtype=torch.int64) * stride_hw[1]
+    ys, xs = torch.meshgrid(iy, ix, indexing="ij")
+    return ys.reshape(-1), xs.reshape(-1), (hm, wm)
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisSpec:
+    """One axis of a local (sliding-window) op.
+
+    Attributes:
+        kernel: effective kernel extent ``d * (K - 1) + 1`` (dilation folded in).
+        stride: window stride.
+        pad: padding before the first element (``P`` in eqs. 21-22, 25-26);
+            padding after the last element only shows in ``out_size``.
+        in_size: input extent along this axis.
+        out_size: output extent along this axis (as the op computes it, so
+            ``ceil_mode`` and asymmetric padding are already accounted for).
+    """
+
+    kernel: int
+    stride: int
+    pad: int
+    in_size: int
+    out_size: int
+
+
+def output_start(in_start: Tensor, spec: AxisSpec) -> Tensor:
+    """First output index whose window touches the input patch (eqs. 21-22).
+
+    ``max(ceil((P + x_I - K + 1) / S), 0)``; ceil of a/b is ``-((-a) // b)``.
+    """
+    num = spec.pad + in_start - spec.kernel + 1
+    return torch.clamp(-((-num) // spec.stride), min=0)
+
+
+def output_size(in_size: int, spec: AxisSpec) -> int:
+    """Static output patch size (eqs. 23-24).
+
+    ``min(ceil((W_I + K - 1) / S), W_O)``: an upper bound on the number of
+    outputs whose window meets an input patch of ``in_size`` elements,
+    wherever the patch lies.
+    """
+    return min(-(-(in_size + spec.kernel - 1) // spec.stride), spec.out_size)
+
+
+def tau_limit(size: int, full: int, tau: float) -> int:
+    """Largest patch size allowed by the projective-field threshold (eqs. 40-41).
+
+    ``round(tau * W_O)``, at least 1; ``tau = 1`` never limits.
+    """
+    if tau >= 1.0:
+        return size
+    return max(1, min(size, int(round(tau * full))))
+
+
+def clamp_to_border(start: Tensor, size: int, full: int) -> Tensor:
+    """Shift boxes that run past the far border back inside (eqs. 29-34).
+
+    Every position keeps the same static ``size``; the shifted box still
+    contains the original one (it only grows towards the near side), so
+    results stay exact.
+    """
+    return torch.clamp(start, min=0, max=full - size)
+
+
+def read_window(out_start: Tensor, out_size: int, spec: AxisSpec) -> tuple[Tensor, int]:
+    """Input window an output patch reads (eqs. 25-28).
+
+    Returns ``(start, size)`` with ``start = x_O * S - P`` (negative inside
+    the padding) and ``size = K + (W_O - 1) * S``.
+    """
+    return out_start * spec.stride - spec.pad, spec.kernel + (out_size - 1) * spec.stride
+
+
+def local_box(in_start: Tensor, in_size: int, spec: AxisSpec,
+              tau: float = 1.0) -> tuple[Tensor, int]:
+    """Output patch of a local op on one axis: eqs. 21-24 then 29-34.
+
+    With ``tau < 1`` the output size is capped by eqs. 39-41 and the input
+    patch is re-centred (eqs. 42-45) before the start is computed, so the
+    output box stays centred on the change.
+
+    Returns:
+        ``(out_start, out_size)``.
+
+    Example:
+        >>> spec = AxisSpec(kernel=3, stride=1, pad=1, in_size=8, out_size=8)
+        >>> start, size = local_box(torch.tensor([0, 3, 6]), 2, spec)
+        >>> start.tolist(), size
+        ([0, 2, 4], 4)
+    """
+    size = output_size(in_size, spec)
+    limited = tau_limit(size, spec.out_size, tau)
+    if limited < size:
+        # eq. 42: input width that maps onto the capped output width; eq. 43:
+        # shift the input start by half the difference so the kept window
+        # stays centred on the patch.
+        new_in = max(limited * spec.stride - spec.kernel + 1, 1)
+        in_start = in_start + (in_size - new_in) // 2
+        size = limited
+    start = clamp_to_border(output_start(in_start, spec), size, spec.out_size)
+    return start, size
+
+
+def union_box(starts: Sequence[Tensor], sizes: Sequence[int], full: int) -> tuple[Tensor, int]:
+    """Union of several per-position boxes on one axis (eqs. 35-38).
+
+    The union's start is the smallest start; its size is the largest extent
+    over all positions (so it is static), then boxes that would run past the
+    border are shifted back inside.
+
+    Example:
+        >>> s, n = union_box([torch.tensor([0, 4]), torch.tensor([1, 2])], [2, 5], 10)
+        >>> s.tolist(), n
+        ([0, 2], 6)
+    """
+    lo = torch.stack(list(starts)).amin(0)
+    hi = torch.stack([s + n for s, n in zip(starts, sizes)]).amax(0)
+    size = min(int((hi - lo).max()), full)
+    return clamp_to_border(lo, size, full), size
+
+
+@dataclasses.dataclass(frozen=True)
+class Box:
+    """A per-position rectangle on a ``(H, W)`` feature map.
+
+    Attributes:
+        y: int64 ``(P,)`` top row of each position's box.
+        x: int64 ``(P,)`` left column of each position's box.
+        h: static box height (the same for every position).
+        w: static box width.
+        H: feature-map height.
+        W: feature-map width.
+    """
+
+    y: Tensor
+    x: Tensor
+    h: int
+    w: int
+    H: int
+    W: int
+
+    @property
+    def is_full(self) -> bool:
+        """True once the box covers the whole map: no savings remain."""
+        return self.h >= self.H and self.w >= self.W
+
+    @property
+    def area_fraction(self) -> float:
+        return (self.h * self.w) / float(self.H * self.W)
+
+    def __repr__(self) -> str:  # tensors would flood reports
+        return f"Box({self.h}x{self.w} of {self.H}x{self.W})"

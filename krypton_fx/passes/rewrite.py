@@ -1,0 +1,270 @@
+"""Emit the incremental graph from a PatchProp-annotated graph.
+
+The incremental ``fx.GraphModule`` takes a batch of occlusion position
+indices and the stored activations of the unoccluded image, and returns the
+model output for each occluded image of the batch::
+
+    forward(positions, stored_0, stored_1, ...) -> output  # (B, ...)
+
+- a patched node's value is its patch, ``(B, C, h, w)``;
+- a local op reads its input through a gather-with-superimposition node
+  (Algorithm 1) and runs with zero padding on the gathered window;
+- a merge gathers each input onto the union box (eqs. 35-38);
+- the first dense node's patched inputs are projected to full size
+  (Algorithm 2); from there on the graph is the model itself, batched.
+
+Per-position geometry lives in int64 tables (one row per occlusion position)
+that the graph indexes with ``positions``: no Python loop over positions and
+no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from ..ops import gather_window, occlude_window, project_to_full
+from ..registry import Kind
+from .patch_prop import CLEAN, DENSE, META_KEY, PATCHED, PatchInfo, Read
+
+__all__ = ["StoredSpec", "IncrementalProgram", "rewrite", "build_capture_module"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredSpec:
+    """One stored activation the incremental graph reads.
+
+    Attributes:
+        node: name of the node in the traced graph whose value is stored.
+        pad: ``(top, bottom, left, right)`` padding so every read window fits.
+        fill: padding value (0 for conv and avg-pool, -inf for max-pool).
+    """
+
+    node: str
+    pad: tuple[int, int, int, int]
+    fill: float
+
+    def prepare(self, value: Tensor) -> Tensor:
+        """Pad a captured activation and lay it out channels-last for gathers."""
+        t, b, l, r = self.pad
+        if any(self.pad):
+            value = F.pad(value, (l, r, t, b), value=self.fill)
+        return value.contiguous(memory_format=torch.channels_last)
+
+
+@dataclasses.dataclass
+class IncrementalProgram:
+    """The rewrite's result.
+
+    Attributes:
+        module: the incremental graph, ``forward(positions, *stored)``.
+        stored: what to pass as ``*stored``, in order.
+        capture: the traced model with the stored nodes as extra outputs:
+            ``capture(image) -> (output, *raw_stored)``.
+    """
+
+    module: fx.GraphModule
+    stored: list[StoredSpec]
+    capture: fx.GraphModule
+
+
+def build_capture_module(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.GraphModule:
+    """A copy of ``gm`` that also returns the values of ``nodes``."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            out = fx.map_arg(n.args[0], lambda m: env[m])
+            graph.output((out, tuple(env[m] for m in nodes)))
+        else:
+            env[n] = graph.node_copy(n, lambda m: env[m])
+    graph.lint()
+    return fx.GraphModule(gm, graph, class_name="KryptonCapture")
+
+
+@fx.wrap
+def color_patch(color: Tensor, positions: Tensor, patch_hw: tuple[int, int]) -> Tensor:
+    """The occlusion patch itself, ``(B, C, h, w)``, for point ops on the image."""
+    c = color.shape[0]
+    return color.view(1, c, 1, 1).expand(positions.shape[0], c, *patch_hw)
+
+
+def _pad_for(read: Read) -> tuple[int, int, int, int]:
+    w = read.window
+    return (max(0, -int(w.y.min())), max(0, int(w.y.max()) + w.h - w.H),
+            max(0, -int(w.x.min())), max(0, int(w.x.max()) + w.w - w.W))
+
+
+class _Emitter:
+    """Builds the incremental graph node by node (env-dict style, as in fx's own transforms)."""
+
+    def __init__(self, gm: fx.GraphModule, backend: str, color: Tensor):
+        self.gm = gm
+        self.backend = backend
+        self.graph = fx.Graph()
+        self.tables = nn.Module()
+        self.tables.register_buffer("color", color.detach().clone())
+        self.env: dict[fx.Node, Any] = {}
+        self.source: Optional[fx.Node] = None
+        self.stored: list[StoredSpec] = []
+        self.stored_nodes: list[fx.Node] = []
+        self._stored_index: dict[tuple[fx.Node, float], int] = {}
+        self._stored_ph: list[fx.Node] = []
+        self._n_tables = 0
+
+    # --- set-up --------------------------------------------------------------
+
+    def plan_stored(self) -> None:
+        """One stored input per (node, fill), padded for the widest read of it."""
+        pads: dict[tuple[fx.Node, float], list[int]] = {}
+        for n in self.gm.graph.nodes:
+            for read in n.meta[META_KEY].reads:
+                key = (read.node, float(read.fill))
+                pad = _pad_for(read)
+                old = pads.setdefault(key, [0, 0, 0, 0])
+                pads[key] = [max(a, b) for a, b in zip(old, pad)]
+        for key, pad in pads.items():
+            self._stored_index[key] = len(self.stored)
+            self.stored.append(StoredSpec(key[0].name, tuple(pad), key[1]))
+            self.stored_nodes.append(key[0])
+        self.positions = self.graph.placeholder("positions")
+        self._stored_ph = [self.graph.placeholder(f"stored_{i}_{s.node}") for i, s in enumerate(self.stored)]
+
+    def _table(self, values: Tensor) -> fx.Node:
+        """Register a per-position int64 table and index it with this batch's positions."""
+        name = f"table_{self._n_tables}"
+        self._n_tables += 1
+        self.tables.register_buffer(name, values.contiguous())
+        attr = self.graph.get_attr(f"krypton_tables.{name}")
+        return self.graph.call_function(operator.getitem, (attr, self.positions))
+
+    # --- reads ---------------------------------------------------------------
+
+    def read(self, read: Read) -> fx.Node:
+        """Emit the gather (or projection) node that delivers ``read``'s window."""
+        key = (read.node, float(read.fill))
+        index = self._stored_index[key]
+        spec = self.stored[index]
+        stored = self._stored_ph[index]
+        top, _, left, _ = spec.pad
+        w = read.window
+        info: PatchInfo = read.node.meta[META_KEY]
+        patched = info.state == PATCHED
+        if patched:
+            off_y, off_x = info.box.y - w.y, info.box.x - w.x
+        else:
+            off_y = off_x = torch.zeros_like(w.y)
+        window = (w.h, w.w)
+        if read.node is self.source:
+            table = self._table(torch.stack([w.y + top, w.x + left, off_y, off_x], 1))
+            color = self.graph.get_attr("krypton_tables.color")
+            return self.graph.call_function(
+                occlude_window, (stored, color, table, window, (info.box.h, info.box.w)),
+                {"backend": self.backend})
+        if patched and read.is_projection and not any(spec.pad):
+            starts = self._table(torch.stack([off_y, off_x], 1))
+            return self.graph.call_function(project_to_full, (stored, self.env[read.node], starts),
+                                            {"backend": self.backend})
+        table = self._table(torch.stack([w.y + top, w.x + left, off_y, off_x], 1))
+        patch = self.env[read.node] if patched else None
+        return self.graph.call_function(gather_window, (stored, patch, table, window),
+                                        {"backend": self.backend})
+
+    # --- nodes -----------------------------------------------------------------
+
+    def emit(self, n: fx.Node) -> None:
+        info: PatchInfo = n.meta[META_KEY]
+        if n.op == "placeholder":
+            self.source = n
+            if info.state == PATCHED:
+                color = self.graph.get_attr("krypton_tables.color")
+                self.env[n] = self.graph.call_function(
+                    color_patch, (color, self.positions, (info.box.h, info.box.w)))
+            return
+        mapped = {r.node: self.read(r) for r in info.reads}
+        lookup = lambda m: mapped[m] if m in mapped else self.env[m]  # noqa: E731
+        if n.op == "output":
+            self.graph.output(fx.map_arg(n.args[0], lookup))
+            return
+        if info.state == PATCHED and info.kind is Kind.LOCAL:
+            self.env[n] = self._windowed_local(n, info, mapped[n.args[0]])
+            return
+        # clean, point, merge and dense nodes run as written, on their new inputs.
+        self.env[n] = self.graph.node_copy(n, lookup)
+
+    def _windowed_local(self, n: fx.Node, info: PatchInfo, window: fx.Node) -> fx.Node:
+        """The local op on a gathered window: padding 0, the window supplies borders."""
+        local = info.local
+        g = self.graph
+        if local.op == "conv":
+            if n.op == "call_module":
+                mod = self.gm.get_submodule(n.target)
+                weight = g.get_attr(f"{n.target}.weight")
+                bias = g.get_attr(f"{n.target}.bias") if mod.bias is not None else None
+            else:
+                args = fx.map_arg(n.args, lambda m: self.env[m])
+                kwargs = fx.map_arg(n.kwargs, lambda m: self.env[m])
+                weight = args[1] if len(args) > 1 else kwargs["weight"]
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return g.call_function(F.conv2d, (window, weight, bias, local.stride, 0, local.dilation,
+                                              local.groups))
+        if local.op == "max":
+            return g.call_function(F.max_pool2d, (window, local.kernel, local.stride, 0,
+                                                  local.dilation, False))
+        inv = info.inv_divisor
+        kernel_area = local.kernel[0] * local.kernel[1]
+        if isinstance(inv, float) and inv == 1.0 / kernel_area:
+            return g.call_function(F.avg_pool2d, (window, local.kernel, local.stride, 0))
+        total = g.call_function(F.avg_pool2d, (window, local.kernel, local.stride, 0, False, True, 1))
+        if isinstance(inv, float):
+            return g.call_function(operator.mul, (total, inv))
+        # Border-dependent divisor: gather this position's window of the map.
+        name = f"inv_divisor_{self._n_tables}"
+        self.tables.register_buffer(name, inv.contiguous(memory_format=torch.channels_last))
+        box = info.box
+        table = self._table(torch.stack([box.y, box.x, torch.zeros_like(box.y),
+                                         torch.zeros_like(box.y)], 1))
+        scale = g.call_function(gather_window, (g.get_attr(f"krypton_tables.{name}"), None, table,
+                                                (box.h, box.w)), {"backend": self.backend})
+        return g.call_function(operator.mul, (total, scale))
+
+
+def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] = None) -> IncrementalProgram:
+    """Emit the incremental program of a PatchProp-annotated graph.
+
+    Args:
+        gm: traced model whose nodes carry ``meta["krypton_patch"]``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the gather nodes.
+        color: ``(C,)`` occlusion colour in the model's input space.
+
+    Returns:
+        An :class:`IncrementalProgram`.
+    """
+    if color is None:
+        raise ValueError("rewrite needs the occlusion colour")
+    emitter = _Emitter(gm, backend, color)
+    emitter.plan_stored()
+    for n in gm.graph.nodes:
+        emitter.emit(n)
+    root = nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, child)
+    for name, buf in gm.named_buffers(recurse=False):
+        root.register_buffer(name, buf)
+    for name, p in gm.named_parameters(recurse=False):
+        root.register_parameter(name, p)
+    for name, v in vars(gm).items():
+        if isinstance(v, Tensor) and not hasattr(root, name):
+            setattr(root, name, v)
+    root.add_module("krypton_tables", emitter.tables)
+    module = fx.GraphModule(root, emitter.graph, class_name="KryptonIncremental")
+    module.graph.eliminate_dead_code()
+    module.graph.lint()
+    module.recompile()
+    capture = build_capture_module(gm, emitter.stored_nodes)
+    return IncrementalProgram(module, emitter.stored, capture)
