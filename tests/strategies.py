@@ -35,15 +35,23 @@ def _layout_tensor(shape: tuple[int, ...], dtype: torch.dtype, layout: str,
                    gen: torch.Generator) -> Tensor:
     """A ``(N, C, H, W)`` tensor of random values with the given memory layout."""
     n, c, h, w = shape
+    # Cast first: .to() of a non-dense view would return a contiguous copy.
     if layout == "contiguous":
-        t = torch.randn(n, c, h, w, generator=gen)
-    elif layout == "channels_last":
-        t = torch.randn(n, c, h, w, generator=gen).contiguous(memory_format=torch.channels_last)
-    elif layout == "transposed":  # H and W swapped in memory
-        t = torch.randn(n, c, w, h, generator=gen).transpose(2, 3)
-    else:  # every other element along W and every other channel: no unit stride
-        t = torch.randn(n, 2 * c, h, 2 * w, generator=gen)[:, ::2, :, ::2]
-    return t.to(dtype)
+        return torch.randn(n, c, h, w, generator=gen).to(dtype)
+    if layout == "channels_last":
+        return torch.randn(n, c, h, w, generator=gen).to(dtype).contiguous(
+            memory_format=torch.channels_last)
+    if layout == "transposed":  # H and W swapped in memory
+        return torch.randn(n, c, w, h, generator=gen).to(dtype).transpose(2, 3)
+    # Every other channel and every other element along W: no unit stride at all.
+    return torch.randn(n, 2 * c, h, 2 * w, generator=gen).to(dtype)[:, ::2, :, ::2]
+
+
+def _describe(tensor: Optional[Tensor]) -> str:
+    """Shape, strides and dtype: what a failing kernel case needs, without the values."""
+    if tensor is None:
+        return "None"
+    return f"{tuple(tensor.shape)}/strides {tensor.stride()}/{str(tensor.dtype)[6:]}"
 
 
 def _axis_window(draw, full: int) -> tuple[int, st.SearchStrategy[int]]:
@@ -73,9 +81,7 @@ class GatherCase:
     color: Tensor               # (C,) colour for occlusion
 
     def __repr__(self) -> str:  # tensors would flood the failure report
-        return (f"GatherCase(stored={tuple(self.stored.shape)}/{self.stored.stride()}/"
-                f"{self.stored.dtype}, patch="
-                f"{None if self.patch is None else (tuple(self.patch.shape), self.patch.stride(), self.patch.dtype)}, "
+        return (f"GatherCase(stored={_describe(self.stored)}, patch={_describe(self.patch)}, "
                 f"table={self.table.tolist()}, window={self.window}, patch_hw={self.patch_hw}, "
                 f"color={self.color.tolist()})")
 
@@ -119,9 +125,8 @@ class ProjectionCase:
     starts: Tensor   # int64 (B, 2) [y, x]
 
     def __repr__(self) -> str:
-        return (f"ProjectionCase(stored={tuple(self.stored.shape)}/{self.stored.stride()}/"
-                f"{self.stored.dtype}, patch={tuple(self.patch.shape)}/{self.patch.stride()}/"
-                f"{self.patch.dtype}, starts={self.starts.tolist()})")
+        return (f"ProjectionCase(stored={_describe(self.stored)}, patch={_describe(self.patch)}, "
+                f"starts={self.starts.tolist()})")
 
 
 @st.composite

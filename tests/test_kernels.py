@@ -13,8 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import (KERNEL_DTYPES, KERNEL_LAYOUTS, GatherCase, ProjectionCase, gather_cases,
-                        projection_cases)
+from strategies import KERNEL_DTYPES, KERNEL_LAYOUTS, GatherCase, gather_cases, projection_cases
 
 from krypton_fx import ops
 from krypton_fx.triton_kernels import gather, occlusion, projection

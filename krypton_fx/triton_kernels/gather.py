@@ -15,6 +15,7 @@ as is.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -141,11 +142,16 @@ def _check_patch(patch: Tensor, batch: int, channels: int, stored: Tensor) -> Te
 
 
 def _check_window(window: tuple[int, int], name: str = "window") -> tuple[int, int]:
-    """Raise unless ``window`` is a pair of non-negative ints; returns it as a tuple."""
-    if len(window) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
-                               for s in window):
+    """Raise unless ``window`` is a pair of non-negative integers; returns python ints."""
+    try:
+        if len(window) != 2 or any(isinstance(s, bool) for s in window):
+            raise TypeError
+        pair = (operator.index(window[0]), operator.index(window[1]))
+    except TypeError:
+        raise ValueError(f"{name} must be a pair of non-negative ints, got {window!r}") from None
+    if min(pair) < 0:
         raise ValueError(f"{name} must be a pair of non-negative ints, got {window!r}")
-    return int(window[0]), int(window[1])
+    return pair
 
 
 def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
@@ -174,7 +180,8 @@ def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
     Example (on CUDA, or on the CPU under ``TRITON_INTERPRET=1``):
         >>> stored = torch.zeros(1, 1, 4, 4)
         >>> patch = torch.ones(1, 1, 2, 2)
-        >>> out = gather_window_triton(stored, patch, torch.tensor([[1, 1, 1, 0]]), (3, 3))
+        >>> table = torch.tensor([[1, 1, 1, 0]])
+        >>> out = gather_window_triton(stored, patch, table, (3, 3))  # doctest: +SKIP
         >>> out[0, 0].tolist()  # doctest: +SKIP
         [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]
     """

@@ -87,8 +87,9 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: t
         TypeError: on a wrong dtype.
 
     Example (on CUDA, or on the CPU under ``TRITON_INTERPRET=1``):
-        >>> out = occlude_window_triton(torch.ones(1, 1, 3, 3), torch.zeros(1),
-        ...                             torch.tensor([[0, 0, 0, 0]]), (3, 3), (2, 2))
+        >>> table = torch.tensor([[0, 0, 0, 0]])
+        >>> out = occlude_window_triton(torch.ones(1, 1, 3, 3), torch.zeros(1), table,
+        ...                             (3, 3), (2, 2))  # doctest: +SKIP
         >>> out[0, 0].tolist()  # doctest: +SKIP
         [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
     """

@@ -1,0 +1,153 @@
+"""Side-by-side measurement of naive and incremental occlusion.
+
+Used by ``bench/speed.py`` and ``krypton-fx bench``: both runs use the same
+positions and batch size, in one process, one after the other; the ratio of
+their wall-clock times is the measured speedup. Peak memory is the process's
+peak resident set on the CPU (reset between runs) and the allocator's peak on
+CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import geometry as geo
+from .explainer import Explainer, _scores
+from .explainer import compile as compile_explainer
+from .ops import occlude_window
+from .report import conv_macs, theoretical_speedup
+from .tracing import eval_mode
+
+__all__ = ["Measurement", "measure", "reset_peak_memory", "peak_memory"]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets VmHWM, the peak resident set size.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes since :func:`reset_peak_memory` (process RSS on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One side-by-side run.
+
+    Attributes:
+        positions: occlusion positions timed (the same for both).
+        batch_size: positions per batch (the same for both).
+        naive_s: seconds of naive batched inference.
+        incremental_s: seconds of the incremental graph.
+        speedup: ``naive_s / incremental_s``.
+        theoretical: eqs. 16-20 at the image centre.
+        executed_ratio: conv multiply-adds of a full inference over those the
+            incremental graph executes per position.
+        naive_peak: peak memory of the naive run, bytes.
+        incremental_peak: peak memory of the incremental run, bytes.
+        max_abs_diff: largest difference of the two score vectors.
+    """
+
+    positions: int
+    batch_size: int
+    naive_s: float
+    incremental_s: float
+    speedup: float
+    theoretical: float
+    executed_ratio: float
+    naive_peak: int
+    incremental_peak: int
+    max_abs_diff: float
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_size: int = 32,
+            positions: Optional[int] = None, device="cpu", channels_last_naive: bool = False,
+            explainer: Optional[Explainer] = None, backend: str = "auto", tau: float = 1.0,
+            warmup: bool = True) -> Measurement:
+    """Time naive vs incremental occlusion on the same positions and batch size.
+
+    Args:
+        model: the classifier.
+        image: ``(C, H, W)`` model-ready image.
+        positions: time only this many positions around the image centre
+            (None: all).
+        channels_last_naive: run the naive baseline channels-last (faster on
+            some CPUs: report the better of the two).
+        explainer: reuse a compiled explainer (compiled here otherwise).
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    image = image.to(device)
+    h, w = image.shape[-2:]
+    ex = explainer or compile_explainer(model, patch=patch, stride=stride, image_size=(h, w),
+                                        batch_size=batch_size, device=device, backend=backend, tau=tau)
+    total = ex.positions
+    count = total if positions is None else min(positions, total)
+    start = max(0, total // 2 - count // 2)
+    pos = torch.arange(start, start + count)
+    ys, xs, _ = geo.occlusion_grid((h, w), ex.patch, ex.stride)
+    table = torch.stack([torch.zeros_like(ys), torch.zeros_like(xs), ys, xs], 1)[pos].to(device)
+    fmt = torch.channels_last if channels_last_naive else torch.contiguous_format
+    naive_model = model.to(memory_format=fmt) if channels_last_naive else model
+
+    with eval_mode(model):
+        logits, stored = ex.prepare(image)
+        label = int(logits.argmax(1))
+
+        def run_naive(idx: slice) -> torch.Tensor:
+            x = occlude_window(image[None], ex.color, table[idx], (h, w), ex.patch, backend=backend)
+            return _scores(naive_model(x.contiguous(memory_format=fmt)), label, ex.output)
+
+        if warmup:
+            run_naive(slice(0, batch_size))
+            ex.run_positions(pos[:batch_size], stored, label, batch_size)
+            _sync(device)
+        reset_peak_memory(device)
+        t0 = time.perf_counter()
+        naive = torch.cat([run_naive(slice(lo, lo + batch_size)).cpu() for lo in range(0, count, batch_size)])
+        _sync(device)
+        naive_s = time.perf_counter() - t0
+        naive_peak = peak_memory(device)
+
+        reset_peak_memory(device)
+        t0 = time.perf_counter()
+        inc = ex.run_positions(pos, stored, label, batch_size)
+        _sync(device)
+        inc_s = time.perf_counter() - t0
+        inc_peak = peak_memory(device)
+    if channels_last_naive:
+        model.to(memory_format=torch.contiguous_format)
+    full, executed = conv_macs(ex.graph_module)
+    return Measurement(count, batch_size, naive_s, inc_s, naive_s / inc_s,
+                       theoretical_speedup(model, (h, w), ex.patch, tau=ex.tau, channels=image.shape[0]),
+                       full / max(executed, 1), naive_peak, inc_peak, float((naive - inc).abs().max()))
