@@ -15,10 +15,12 @@ Example:
 
 from . import geometry, registry, tracing
 from .explainer import Explainer, OcclusionResult, compile, naive_occlusion
+from .approx import DrillDown, TuneResult, tune
 from .report import theoretical_speedup
 from .tracing import TraceError, trace
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "naive_occlusion", "theoretical_speedup", "Explainer", "OcclusionResult",
-           "trace", "TraceError", "geometry", "registry", "tracing"]
+           "trace", "TraceError", "geometry", "registry", "tracing",
+           "DrillDown", "tune", "TuneResult"]

@@ -147,3 +147,179 @@ def projection_cases(draw, max_batch: int = 4, max_size: int = 13,
     patch = _layout_tensor((batch, c, h, w), draw(st.sampled_from((dtype, torch.float32))),
                            draw(st.sampled_from(KERNEL_LAYOUTS)), gen)
     return ProjectionCase(stored, patch, torch.tensor(starts, dtype=torch.int64))
+
+
+# ---------------------------------------------------------------------------
+# Random small CNN DAGs (tests/test_properties.py)
+# ---------------------------------------------------------------------------
+# A network is a list of block specs, interpreted by RandomNet.forward with
+# plain Python over the (static) spec, so it traces. Blocks cover every
+# pitfall of DESIGN.md: conv/pool with random kernel, stride, padding
+# (incl. "same"), dilation, groups and ceil_mode; avg-pool divisor
+# conventions; residual adds with strided downsampling; channel concats of
+# branches with different receptive fields; point ops; then a global head.
+
+import math as _math
+
+import torch.nn.functional as _F
+from torch import nn as _nn
+
+
+@st.composite
+def conv_spec(draw, channels: int):
+    k = draw(st.integers(1, 5))
+    kh, kw = (k, k) if draw(st.booleans()) else (k, draw(st.integers(1, 5)))
+    d = draw(st.integers(1, 2))
+    s = draw(st.integers(1, 3))
+    same = s == 1 and draw(st.booleans())
+    pad = "same" if same else (draw(st.integers(0, (kh - 1) // 2 + 1)), draw(st.integers(0, (kw - 1) // 2 + 1)))
+    groups = draw(st.sampled_from([g for g in (1, 2, 3) if channels % g == 0]))
+    out = groups * draw(st.integers(1, 3))
+    return {"op": "conv", "out": out, "kernel": (kh, kw), "stride": s, "pad": pad, "dilation": d,
+            "groups": groups, "bias": draw(st.booleans())}
+
+
+@st.composite
+def pool_spec(draw):
+    k = draw(st.integers(2, 3))
+    s = draw(st.integers(1, 3))
+    p = draw(st.integers(0, k // 2))
+    if draw(st.booleans()):
+        return {"op": "max", "kernel": k, "stride": s, "pad": p, "dilation": draw(st.integers(1, 2)),
+                "ceil": draw(st.booleans())}
+    return {"op": "avg", "kernel": k, "stride": s, "pad": p, "ceil": draw(st.booleans()),
+            "count_include_pad": draw(st.booleans())}
+
+
+POINT_OPS = ("relu", "bn", "sigmoid", "affine", "channel_scale", "hardswish")
+
+
+@st.composite
+def block_spec(draw, channels: int):
+    kind = draw(st.sampled_from(["conv", "conv", "pool", "point", "residual", "concat"]))
+    if kind == "conv":
+        return draw(conv_spec(channels))
+    if kind == "pool":
+        return draw(pool_spec())
+    if kind == "point":
+        return {"op": "point", "fn": draw(st.sampled_from(POINT_OPS))}
+    if kind == "residual":
+        return {"op": "residual", "stride": draw(st.integers(1, 2)), "out": draw(st.integers(2, 5)),
+                "kernel": draw(st.sampled_from([1, 3]))}
+    return {"op": "concat", "out_a": draw(st.integers(1, 3)), "out_b": draw(st.integers(1, 3)),
+            "kernel_b": draw(st.sampled_from([3, 5])), "pool_branch": draw(st.booleans())}
+
+
+def _out_channels(spec, channels):
+    op = spec["op"]
+    if op == "conv":
+        return spec["out"]
+    if op == "residual":
+        return spec["out"]
+    if op == "concat":
+        return spec["out_a"] + spec["out_b"] + (channels if spec["pool_branch"] else 0)
+    return channels
+
+
+@st.composite
+def random_cnns(draw, max_blocks: int = 5):
+    """``(spec, in_channels)``: a random small CNN DAG."""
+    in_ch = draw(st.sampled_from([1, 3]))
+    blocks, ch = [], in_ch
+    for _ in range(draw(st.integers(1, max_blocks))):
+        spec = draw(block_spec(ch))
+        blocks.append(spec)
+        ch = _out_channels(spec, ch)
+    return blocks, in_ch
+
+
+class RandomNet(_nn.Module):
+    """Interprets a spec from :func:`random_cnns`; ends with a global head."""
+
+    def __init__(self, blocks, in_channels: int, classes: int = 5):
+        super().__init__()
+        self.blocks = blocks
+        self.layers = _nn.ModuleList()
+        ch = in_channels
+        for spec in blocks:
+            self.layers.append(self._build(spec, ch))
+            ch = _out_channels(spec, ch)
+        self.head = _nn.Linear(ch, classes)
+
+    @staticmethod
+    def _build(spec, ch):
+        op = spec["op"]
+        if op == "conv":
+            return _nn.Conv2d(ch, spec["out"], spec["kernel"], spec["stride"], spec["pad"], spec["dilation"],
+                              spec["groups"], spec["bias"])
+        if op == "max":
+            return _nn.MaxPool2d(spec["kernel"], spec["stride"], spec["pad"], spec["dilation"],
+                                 ceil_mode=spec["ceil"])
+        if op == "avg":
+            return _nn.AvgPool2d(spec["kernel"], spec["stride"], spec["pad"], ceil_mode=spec["ceil"],
+                                 count_include_pad=spec["count_include_pad"])
+        if op == "point":
+            fn = spec["fn"]
+            if fn == "bn":
+                bn = _nn.BatchNorm2d(ch)
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+                return bn
+            if fn == "channel_scale":
+                m = _nn.Module()
+                m.scale = _nn.Parameter(torch.randn(1, ch, 1, 1))
+                return m
+            return _nn.Identity()
+        if op == "residual":
+            s, out, k = spec["stride"], spec["out"], spec["kernel"]
+            m = _nn.Module()
+            m.conv1 = _nn.Conv2d(ch, out, k, s, k // 2)
+            m.conv2 = _nn.Conv2d(out, out, 3, 1, 1)
+            m.down = _nn.Conv2d(ch, out, 1, s) if (s != 1 or ch != out) else _nn.Identity()
+            return m
+        m = _nn.Module()
+        m.a = _nn.Conv2d(ch, spec["out_a"], 1)
+        kb = spec["kernel_b"]
+        m.b = _nn.Conv2d(ch, spec["out_b"], kb, 1, kb // 2)
+        return m
+
+    def forward(self, x):
+        for spec, layer in zip(self.blocks, self.layers):
+            op = spec["op"]
+            if op in ("conv", "max", "avg"):
+                x = layer(x)
+            elif op == "point":
+                fn = spec["fn"]
+                if fn == "relu":
+                    x = _F.relu(x)
+                elif fn == "bn":
+                    x = layer(x)
+                elif fn == "sigmoid":
+                    x = torch.sigmoid(x)
+                elif fn == "affine":
+                    x = x * 0.5 + 1.0
+                elif fn == "hardswish":
+                    x = _F.hardswish(x)
+                else:
+                    x = x * layer.scale
+            elif op == "residual":
+                x = _F.relu(layer.conv2(_F.relu(layer.conv1(x))) + layer.down(x))
+            else:
+                parts = [layer.a(x), layer.b(x)]
+                if spec["pool_branch"]:
+                    parts.append(_F.max_pool2d(x, 3, 1, 1))
+                x = torch.cat(parts, 1)
+        return self.head(torch.flatten(_F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@st.composite
+def occlusion_settings(draw, channels: int):
+    """Image size, patch, stride and colour for a small occlusion experiment."""
+    h, w = draw(st.integers(12, 28)), draw(st.integers(12, 28))
+    ph, pw = draw(st.integers(1, min(h, 9))), draw(st.integers(1, min(w, 9)))
+    sy, sx = draw(st.integers(2, 7)), draw(st.integers(2, 7))
+    if draw(st.booleans()):
+        color = draw(st.floats(-2, 2, allow_nan=False))
+    else:
+        color = [draw(st.floats(-2, 2, allow_nan=False)) for _ in range(channels)]
+    return (h, w), (ph, pw), (sy, sx), color

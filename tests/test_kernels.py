@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import KERNEL_DTYPES, KERNEL_LAYOUTS, GatherCase, gather_cases, projection_cases
 
@@ -25,6 +25,11 @@ NATIVE = bool(os.environ.get("KRYPTON_TRITON_NATIVE"))
 if NATIVE and not torch.cuda.is_available():
     pytest.skip("KRYPTON_TRITON_NATIVE=1 needs a CUDA device", allow_module_level=True)
 DEVICE = torch.device("cuda" if NATIVE else "cpu")
+
+
+# Natively each new size/stride pattern is a kernel compile: fewer examples per
+# parametrization keep the GPU check within minutes.
+examples = settings(max_examples=6) if NATIVE else (lambda test: test)
 
 
 def _on_device(tensor):
@@ -50,6 +55,7 @@ def assert_same_output(actual: torch.Tensor, expected: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------
 
 @dtype_and_layout
+@examples
 @given(data=st.data())
 def test_gather_window_matches_torch(dtype: torch.dtype, layout: str, data) -> None:
     case = data.draw(gather_cases(dtype=dtype, stored_layout=layout), label="case")
@@ -59,6 +65,7 @@ def test_gather_window_matches_torch(dtype: torch.dtype, layout: str, data) -> N
 
 
 @dtype_and_layout
+@examples
 @given(data=st.data())
 def test_occlude_window_matches_torch(dtype: torch.dtype, layout: str, data) -> None:
     case = data.draw(gather_cases(with_patch=False, dtype=dtype, stored_layout=layout,
@@ -70,6 +77,7 @@ def test_occlude_window_matches_torch(dtype: torch.dtype, layout: str, data) -> 
     assert_same_output(actual, expected)
 
 
+@examples
 @given(case=gather_cases(with_patch=False, max_size=11, channels=st.sampled_from((1, 3))))
 def test_occlude_full_window_matches_torch(case: GatherCase) -> None:
     # Window = whole image: the occluded batch that naive occlusion runs.
@@ -84,6 +92,7 @@ def test_occlude_full_window_matches_torch(case: GatherCase) -> None:
 
 
 @dtype_and_layout
+@examples
 @given(data=st.data())
 def test_project_to_full_matches_torch(dtype: torch.dtype, layout: str, data) -> None:
     case = data.draw(projection_cases(dtype=dtype, stored_layout=layout), label="case")

@@ -208,10 +208,10 @@ class PatchProp(fx.Interpreter):
         self._seen_source = True
         if not _is_tensor4d(result):
             raise ValueError("the model input must be an image batch (N, C, H, W)")
+        # Even a patch as large as the image stays "patched" here: its
+        # consumers then project it (the occluded image itself) like any other.
         box = Box(self.starts_y, self.starts_x, self.patch_hw[0], self.patch_hw[1],
                   result.shape[-2], result.shape[-1])
-        if box.is_full:
-            return self._dense(n, Kind.SOURCE, [], "occlusion patch covers the whole image", result)
         return PatchInfo(Kind.SOURCE, PATCHED, box)
 
     def _dense(self, n: fx.Node, kind: Kind, deps: list[fx.Node], reason: str, result: Any) -> PatchInfo:
@@ -278,7 +278,7 @@ class PatchProp(fx.Interpreter):
                 else:
                     return self._dense(n, Kind.GLOBAL, deps, f"{_target_name(n)}: unsupported broadcast", result)
         boxes = [self.infos[m].box for m in deps]
-        if len(deps) == 1 and not spatial_clean:
+        if len(deps) == 1 and not spatial_clean and not boxes[0].is_full:
             return PatchInfo(Kind.POINT, PATCHED, boxes[0])
         uy, uh = geo.union_box([b.y for b in boxes], [b.h for b in boxes], hw[0])
         ux, uw = geo.union_box([b.x for b in boxes], [b.w for b in boxes], hw[1])

@@ -33,7 +33,11 @@ _TILE_ELEMENTS = 4096
 _MAX_BLOCK_C = 128
 
 
-@triton.jit
+# Window and patch sizes differ per layer and only enter divisions and compares:
+# not specialising on them saves a compile per layer. Strides and C stay
+# specialised, their divisibility lets loads and stores vectorise.
+@triton.jit(do_not_specialize=["n_rows", "R", "RW", "PATCH_H", "PATCH_W", "stride_tb",
+                               "stride_tk"])
 def _gather_window_kernel(
     out_ptr,        # (B, R, Rw, C) output, contiguous: channels-last (B, C, R, Rw)
     stored_ptr,     # (1, C, Hs, Ws) stored activation, any strides

@@ -14,7 +14,10 @@ from .gather import _block_sizes, _check_index, _check_map, _check_window, gathe
 __all__ = ["occlude_window_triton", "occlude_window_torch"]
 
 
-@triton.jit
+# Window and patch sizes only enter divisions and compares: not specialising on
+# them saves compiles; strides and C stay specialised (vectorisation).
+@triton.jit(do_not_specialize=["n_rows", "R", "RW", "PATCH_H", "PATCH_W", "stride_tb",
+                               "stride_tk"])
 def _occlude_window_kernel(
     out_ptr,        # (B, R, Rw, C) output, contiguous: channels-last (B, C, R, Rw)
     image_ptr,      # (1, C, Hs, Ws) image, any strides

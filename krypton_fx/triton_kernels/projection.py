@@ -13,7 +13,10 @@ from .gather import _block_sizes, _check_index, _check_map, _check_patch, _overl
 __all__ = ["project_to_full_triton", "project_to_full_torch"]
 
 
-@triton.jit
+# Map and patch sizes only enter divisions and compares: not specialising on them
+# saves a compile per layer; strides and C stay specialised (vectorisation).
+@triton.jit(do_not_specialize=["n_rows", "H", "W", "PATCH_H", "PATCH_W", "stride_tb",
+                               "stride_tk"])
 def _project_to_full_kernel(
     out_ptr,        # (B, H, W, C) output, contiguous: channels-last (B, C, H, W)
     stored_ptr,     # (1, C, H, W) stored activation, any strides

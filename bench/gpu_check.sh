@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# GPU check: kernels compiled for the real GPU, their bandwidth, end-to-end speed.
+#
+#   bash bench/gpu_check.sh            # from anywhere; runs from the repo root
+#   PYTHON=.venv/bin/python GPU_CHECK_LOG_DIR=/tmp/logs bash bench/gpu_check.sh
+#
+# Without CUDA it says so, runs the kernel tests under TRITON_INTERPRET=1 and
+# exits with their status (0 when they pass). With CUDA it runs, each step
+# bounded by `timeout` (the whole script stays under 8 minutes):
+#   1. the kernel tests natively on the GPU (KRYPTON_TRITON_NATIVE=1),
+#   2. bench/kernel_bandwidth.py (GB/s against a device copy, and torch),
+#   3. bench/speed.py on vgg16, resnet18, inception_v3 (a failure is reported,
+#      the script goes on),
+# then prints a summary. Exit status: 0 when every step that ran passed.
+# Step limits in seconds can be overridden: TESTS_TIMEOUT, BANDWIDTH_TIMEOUT,
+# SPEED_TIMEOUT. Each step's log is kept in GPU_CHECK_LOG_DIR.
+
+set -uo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
+PYTHON=${PYTHON:-python3}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-180}
+BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-90}
+SPEED_TIMEOUT=${SPEED_TIMEOUT:-180}
+LOG_DIR=${GPU_CHECK_LOG_DIR:-bench/results/gpu_check}
+mkdir -p "$LOG_DIR"
+
+SUMMARY=()
+FAILED=0
+
+# run_step NAME LIMIT CMD...: run CMD under `timeout`, log it, record the outcome.
+run_step() {
+    local name=$1 limit=$2
+    shift 2
+    local log="$LOG_DIR/$name.log" start rc status
+    echo
+    echo "=== $name (limit ${limit}s): $*"
+    start=$(date +%s)
+    timeout -k 10 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    case $rc in
+        0) status="PASS" ;;
+        124 | 137) status="TIMEOUT after ${limit}s"; FAILED=1 ;;
+        *) status="FAIL (exit $rc)"; FAILED=1 ;;
+    esac
+    SUMMARY+=("$(printf '%-16s %-22s %4ss  log: %s' "$name" "$status" "$(( $(date +%s) - start ))" "$log")")
+    return "$rc"
+}
+
+print_summary() {
+    echo
+    echo "=== gpu_check summary"
+    printf '%s\n' "${SUMMARY[@]}"
+}
+
+if ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>&1; then
+    echo "############################################################"
+    echo "# No CUDA device (or torch missing): GPU part SKIPPED.     #"
+    echo "# Running the kernel tests under TRITON_INTERPRET=1 only.  #"
+    echo "############################################################"
+    run_step kernel-tests-cpu "$TESTS_TIMEOUT" \
+        env TRITON_INTERPRET=1 "$PYTHON" -m pytest tests/test_kernels.py -q
+    SUMMARY+=("GPU steps        SKIPPED (no CUDA device)")
+    print_summary
+    exit "$FAILED"
+fi
+
+"$PYTHON" -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
+
+run_step kernel-tests-gpu "$TESTS_TIMEOUT" \
+    env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 "$PYTHON" -m pytest tests/test_kernels.py -q -x
+
+run_step bandwidth "$BANDWIDTH_TIMEOUT" \
+    env -u TRITON_INTERPRET "$PYTHON" bench/kernel_bandwidth.py
+
+if [[ -f bench/speed.py ]]; then
+    run_step speed "$SPEED_TIMEOUT" \
+        env -u TRITON_INTERPRET "$PYTHON" bench/speed.py --device cuda \
+        --models vgg16,resnet18,inception_v3 --batch-size 128 \
+        || echo "speed.py failed (see above); continuing"
+else
+    echo "bench/speed.py not found: speed step not run"
+    SUMMARY+=("speed            MISSING (bench/speed.py not written yet)")
+    FAILED=1
+fi
+
+print_summary
+exit "$FAILED"

@@ -1,0 +1,163 @@
+"""Memory bandwidth of the gather / projection / occlusion Triton kernels.
+
+Each kernel is a copy: it reads every output element once (from the stored map
+or the patch) and writes it once. The script times each kernel on realistic
+shapes with ``triton.testing.do_bench`` next to a device-to-device copy of the
+same number of bytes and next to the torch implementation, and prints::
+
+    kernel | shape | MB moved | triton ms | GB/s | % of copy | torch ms | torch/triton
+
+Usage (from the repository root)::
+
+    python bench/kernel_bandwidth.py [--dtype float32|float16|bfloat16]
+
+Without a CUDA device it prints a note and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+
+
+@dataclass
+class Case:
+    """One kernel launch to time."""
+
+    kernel: str                     # which op
+    shape: str                      # what the shapes are, for the table
+    triton_fn: Callable[[], torch.Tensor]
+    torch_fn: Callable[[], torch.Tensor]
+
+
+def _positions(batch: int, full: int, window: int, gen: torch.Generator) -> torch.Tensor:
+    """``batch`` window starts spread over ``[0, full - window]``, as a sliding patch gives."""
+    return torch.randint(0, full - window + 1, (batch,), generator=gen)
+
+
+def _gather_case(c: int, hw: int, pad: int, batch: int, window: int, patch: int,
+                 dtype: torch.dtype, gen: torch.Generator) -> Case:
+    """Gather with superimposition on a padded channels-last stored map."""
+    from krypton_fx.triton_kernels.gather import gather_window_torch, gather_window_triton
+
+    full = hw + 2 * pad
+    stored = torch.randn(1, c, full, full, generator=gen).to("cuda", dtype)
+    stored = stored.contiguous(memory_format=torch.channels_last)
+    patches = torch.randn(batch, c, patch, patch, generator=gen).to("cuda", dtype)
+    patches = patches.contiguous(memory_format=torch.channels_last)
+    off = (window - patch) // 2
+    table = torch.stack([_positions(batch, full, window, gen), _positions(batch, full, window, gen),
+                         torch.full((batch,), off), torch.full((batch,), off)], 1).cuda()
+    win = (window, window)
+    return Case("gather_window", f"stored (1,{c},{full},{full}) B={batch} win {window}^2 "
+                f"patch {patch}^2",
+                lambda: gather_window_triton(stored, patches, table, win),
+                lambda: gather_window_torch(stored, patches, table, win))
+
+
+def _projection_case(c: int, hw: int, batch: int, patch: int, dtype: torch.dtype,
+                     gen: torch.Generator) -> Case:
+    """Projection of a patch into the full map before the first global op."""
+    from krypton_fx.triton_kernels.projection import project_to_full_torch, project_to_full_triton
+
+    stored = torch.randn(1, c, hw, hw, generator=gen).to("cuda", dtype)
+    stored = stored.contiguous(memory_format=torch.channels_last)
+    patches = torch.randn(batch, c, patch, patch, generator=gen).to("cuda", dtype)
+    patches = patches.contiguous(memory_format=torch.channels_last)
+    starts = torch.stack([_positions(batch, hw, patch, gen), _positions(batch, hw, patch, gen)],
+                         1).cuda()
+    return Case("project_to_full", f"stored (1,{c},{hw},{hw}) B={batch} patch {patch}^2",
+                lambda: project_to_full_triton(stored, patches, starts),
+                lambda: project_to_full_torch(stored, patches, starts))
+
+
+def _occlusion_case(hw: int, batch: int, window: int, patch: int, dtype: torch.dtype,
+                    gen: torch.Generator) -> Case:
+    """Input occlusion of a contiguous (NCHW) image, as the model input arrives."""
+    from krypton_fx.triton_kernels.occlusion import occlude_window_torch, occlude_window_triton
+
+    image = torch.randn(1, 3, hw, hw, generator=gen).to("cuda", dtype)
+    color = torch.zeros(3, device="cuda")
+    if window == hw:  # full image: the naive occlusion batch
+        wy = wx = torch.zeros(batch, dtype=torch.int64)
+        oy, ox = _positions(batch, hw, patch, gen), _positions(batch, hw, patch, gen)
+    else:
+        wy, wx = _positions(batch, hw, window, gen), _positions(batch, hw, window, gen)
+        oy = ox = torch.full((batch,), (window - patch) // 2)
+    table = torch.stack([wy, wx, oy, ox], 1).cuda()
+    win, phw = (window, window), (patch, patch)
+    return Case("occlude_window", f"image (1,3,{hw},{hw}) B={batch} win {window}^2 patch {patch}^2",
+                lambda: occlude_window_triton(image, color, table, win, phw),
+                lambda: occlude_window_torch(image, color, table, win, phw))
+
+
+def _cases(dtype: torch.dtype) -> list[Case]:
+    gen = torch.Generator().manual_seed(0)
+    return [
+        # VGG16 conv1_2 after a 16x16 patch: 18x18 changed, 20x20 read with 3x3 kernels.
+        _gather_case(64, 224, 1, 128, 20, 18, dtype, gen),
+        # ResNet-style layer1: 56x56x256.
+        _gather_case(256, 56, 1, 128, 14, 12, dtype, gen),
+        # Projection before the pooling of a VGG16-like 14x14x512 map.
+        _projection_case(512, 14, 128, 6, dtype, gen),
+        _occlusion_case(224, 128, 18, 16, dtype, gen),
+        _occlusion_case(224, 128, 224, 16, dtype, gen),
+    ]
+
+
+def _copy_ms(nbytes: int) -> float:
+    """Time of a device-to-device copy that reads and writes ``nbytes`` bytes in total."""
+    import triton.testing
+
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: kernel bandwidth check skipped")
+        return 0
+    import triton.testing
+
+    dtype = getattr(torch, args.dtype)
+    print(f"device: {torch.cuda.get_device_name()}  dtype: {args.dtype}")
+    header = (f"{'kernel':<16} {'shape':<52} {'MB moved':>9} {'triton ms':>10} {'GB/s':>8} "
+              f"{'% copy':>7} {'torch ms':>9} {'torch/triton':>12}")
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    for case in _cases(dtype):
+        out = case.triton_fn()
+        expected = case.torch_fn()
+        try:  # a copy must be exact; a wrong kernel's speed means nothing
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        except AssertionError as e:
+            failures += 1
+            print(f"{case.kernel:<16} {case.shape:<52} MISMATCH vs torch: {e}".splitlines()[0])
+            continue
+        nbytes = 2 * out.numel() * out.element_size()  # each element read once, written once
+        triton_ms = triton.testing.do_bench(case.triton_fn, return_mode="median")
+        torch_ms = triton.testing.do_bench(case.torch_fn, return_mode="median")
+        copy_ms = _copy_ms(nbytes)
+        gbs = nbytes / (triton_ms * 1e-3) / 1e9
+        print(f"{case.kernel:<16} {case.shape:<52} {nbytes / 1e6:>9.1f} {triton_ms:>10.4f} "
+              f"{gbs:>8.1f} {100 * copy_ms / triton_ms:>6.1f}% {torch_ms:>9.4f} "
+              f"{torch_ms / triton_ms:>11.2f}x")
+        del out, expected
+    print("% copy: device-to-device copy time of the same bytes / kernel time (100% = copy speed)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Pictures of occlusion heat maps and benchmark results (matplotlib, Agg).
+
+Figures are built on :class:`matplotlib.figure.Figure` directly, not through
+``pyplot``: no global figure state, no display needed, safe in scripts and
+threads. Writing files is the caller's business (``fig.savefig``), so the CLI
+can write to a temporary file and rename it into place.
+
+Colours: a heat map cell holds ``P(label)`` with the patch there, so the
+pictures show the *drop* ``base_prob - heatmap``: red where occluding lowers
+the prediction (evidence for the label), blue where it raises it, white where
+it does not matter.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import TwoSlopeNorm
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+__all__ = ["upsample_heatmap", "heatmap_figure", "bench_figure"]
+
+_CMAP = "RdBu_r"
+_BOX_COLOR = "#39ff14"
+
+
+def _interp_matrix(pixels: int, cells: int, patch: int, stride: int) -> np.ndarray:
+    """``(pixels, cells)`` linear-interpolation weights from patch centres to pixel centres."""
+    # Cell i is the patch whose top-left pixel is i*stride: its centre is at
+    # i*stride + (patch-1)/2. Pixels beyond the first/last centre take the edge value.
+    t = (np.arange(pixels, dtype=np.float64) - (patch - 1) / 2) / stride
+    t = np.clip(t, 0, cells - 1)
+    lo = np.floor(t).astype(np.int64)
+    hi = np.minimum(lo + 1, cells - 1)
+    frac = t - lo
+    m = np.zeros((pixels, cells))
+    rows = np.arange(pixels)
+    np.add.at(m, (rows, lo), 1 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
+
+
+def upsample_heatmap(heatmap, image_hw: Sequence[int], patch: Sequence[int],
+                     stride: Sequence[int]) -> np.ndarray:
+    """Bilinearly upsample a heat map to image size, each cell at its patch's centre.
+
+    Args:
+        heatmap: ``(H_M, W_M)`` array or tensor; cell ``(i, j)`` belongs to the
+            patch whose top-left corner is ``(i * Sy, j * Sx)``.
+        image_hw: ``(H, W)`` of the image.
+        patch: ``(h, w)`` occlusion patch.
+        stride: ``(Sy, Sx)``.
+
+    Returns:
+        float64 array ``(H, W)``.
+
+    Example:
+        >>> up = upsample_heatmap(np.array([[0.0, 1.0]]), (4, 6), (4, 4), (2, 2))
+        >>> up.shape, up[0].round(2).tolist()
+        ((4, 6), [0.0, 0.0, 0.25, 0.75, 1.0, 1.0])
+    """
+    heat = np.asarray(heatmap, dtype=np.float64)
+    my = _interp_matrix(int(image_hw[0]), heat.shape[0], int(patch[0]), int(stride[0]))
+    mx = _interp_matrix(int(image_hw[1]), heat.shape[1], int(patch[1]), int(stride[1]))
+    return my @ heat @ mx.T
+
+
+def _symmetric_limit(values: np.ndarray) -> float:
+    # A robust limit: one outlier cell should not wash out the rest of the map.
+    lim = float(np.percentile(np.abs(values), 99.5)) if values.size else 0.0
+    return max(lim, float(np.abs(values).max()) * 0.5, 1e-12)
+
+
+def _draw_box(ax, box: Sequence[int], label: Optional[str]) -> None:
+    y, x, h, w = (int(v) for v in box)
+    ax.add_patch(Rectangle((x - 0.5, y - 0.5), w, h, fill=False, edgecolor=_BOX_COLOR,
+                           linewidth=1.6, label=label))
+
+
+def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Sequence[int],
+                   label: int, base_prob: float, label_name: Optional[str] = None,
+                   output: str = "prob", box: Optional[Sequence[int]] = None,
+                   box_label: str = "true region", subtitle: Optional[str] = None) -> Figure:
+    """The image, the occlusion map over it, and the map alone with a colour bar.
+
+    Args:
+        image: ``(H, W, 3)`` or ``(H, W)`` array in ``[0, 1]``: the image as the
+            model saw it (after resizing and cropping), before normalisation.
+        heatmap: ``(H_M, W_M)`` scores, as in ``OcclusionResult.heatmap``.
+        patch: ``(h, w)`` occlusion patch.
+        stride: ``(Sy, Sx)``.
+        label: explained class index.
+        base_prob: score of ``label`` without occlusion.
+        label_name: class name for the title, if known.
+        output: ``"prob"`` or ``"logit"`` (what the scores are).
+        box: ``(y, x, h, w)`` to outline on every panel (a known lesion, say).
+        box_label: legend entry for ``box``.
+        subtitle: second title line; defaults to the patch, stride and grid.
+
+    Example:
+        >>> fig = heatmap_figure(np.zeros((32, 32, 3)), np.ones((5, 5)), (8, 8), (6, 6), 1, 1.0)
+        >>> len(fig.axes)
+        4
+    """
+    image = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+    heat = np.asarray(heatmap, dtype=np.float64)
+    h, w = image.shape[:2]
+    drop = base_prob - upsample_heatmap(heat, (h, w), patch, stride)
+    lim = _symmetric_limit(base_prob - heat)
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+
+    fig = Figure(figsize=(12.6, 4.7), dpi=110, layout="constrained")
+    axes = fig.subplots(1, 3)
+    gray = dict(cmap="gray", vmin=0, vmax=1) if image.ndim == 2 else {}
+
+    axes[0].imshow(image, interpolation="nearest", **gray)
+    axes[0].set_title("input (as the model sees it)")
+
+    # Overlay: the colour map's colour, with opacity growing with the effect size,
+    # so that regions that do not matter show the image unchanged.
+    rgba = colormaps[_CMAP](norm(drop))
+    rgba[..., 3] = 0.75 * np.clip(np.abs(drop) / lim, 0.0, 1.0) ** 0.8
+    axes[1].imshow(image, interpolation="nearest", **gray)
+    axes[1].imshow(rgba, interpolation="nearest")
+    axes[1].set_title("occlusion map over the input")
+
+    shown = axes[2].imshow(drop, cmap=_CMAP, norm=norm, interpolation="nearest")
+    axes[2].set_title("occlusion map")
+    what = "P" if output == "prob" else "logit"
+    bar = fig.colorbar(shown, ax=axes[2], shrink=0.9)
+    bar.set_label(f"drop in {what}(label) when occluded\n(red: evidence for the label)")
+
+    if box is not None and min(int(v) for v in box) >= 0:
+        for i, ax in enumerate(axes):
+            _draw_box(ax, box, box_label if i == 0 else None)
+        axes[0].legend(loc="lower left", fontsize=8, framealpha=0.8)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    name = f"{label_name} (class {label})" if label_name else f"class {label}"
+    score = f"P = {base_prob:.3f}" if output == "prob" else f"logit = {base_prob:.3f}"
+    if subtitle is None:
+        hm, wm = heat.shape
+        subtitle = (f"occlusion patch {patch[0]}x{patch[1]}, stride {stride[0]}x{stride[1]}, "
+                    f"{hm}x{wm} = {hm * wm} positions")
+    fig.suptitle(f"{name}: {score}\n{subtitle}", fontsize=12)
+    return fig
+
+
+def bench_figure(names: Sequence[str], theoretical: Sequence[float], measured: Sequence[float],
+                 title: str = "") -> Figure:
+    """Measured next to theoretical speedup, one pair of bars per model.
+
+    Example:
+        >>> fig = bench_figure(["resnet18"], [3.0], [2.0])
+        >>> len(fig.axes)
+        1
+    """
+    n = len(names)
+    fig = Figure(figsize=(8.0, 1.6 + 0.46 * max(n, 1)), dpi=110, layout="constrained")
+    ax = fig.subplots()
+    y = np.arange(n)
+    label_box = dict(facecolor="white", edgecolor="none", alpha=0.75, pad=0.4)
+    ax.axvline(1.0, color="black", linewidth=0.8, linestyle=":", zorder=0)
+    theory_bars = ax.barh(y - 0.2, theoretical, height=0.38, color="#b0b8c4",
+                          label="theoretical (eqs. 16-20, conv layers)")
+    measured_bars = ax.barh(y + 0.2, measured, height=0.38, color="#d62728",
+                            label="measured (exact, side by side with naive)")
+    for rect, t in zip(theory_bars, theoretical):
+        ax.text(rect.get_width(), rect.get_y() + rect.get_height() / 2, f" {t:.2f}x", va="center",
+                fontsize=8, color="#4a5566", bbox=label_box)
+    for rect, t, m in zip(measured_bars, theoretical, measured):
+        share = f" ({m / t:.0%} of theory)" if t else ""
+        ax.text(rect.get_width(), rect.get_y() + rect.get_height() / 2, f" {m:.2f}x{share}",
+                va="center", fontsize=8, bbox=label_box)
+    ax.set_yticks(y, names)
+    ax.set_ylim(n - 0.5, -0.5)
+    ax.set_xlabel("speedup over naive occlusion (dotted: 1x, no gain)")
+    ax.set_xlim(0, max([1.0, *theoretical, *measured]) * 1.35)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=10)
+    return fig

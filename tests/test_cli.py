@@ -1,0 +1,173 @@
+"""The ``krypton-fx`` command line, run as a user runs it: ``python -m krypton_fx ...``.
+
+Each subprocess pays torch's import (seconds on a busy CI machine), so the
+bad-input cases are launched together, a few at a time, by one module-scoped
+fixture; each case is still its own test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+import krypton_fx
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXPLAIN = ["--model", "resnet18", "--weights", "none", "--size", "64", "--patch", "16", "--stride", "16"]
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "krypton_fx", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_test_image(path: Path, size: int = 64, mode: str = "RGB") -> None:
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    pixels[20:40, 24:44] = (230, 40, 40)  # something for the model to look at
+    Image.fromarray(pixels).convert(mode).save(path)
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p.relative_to(root) for p in root.rglob("*")}
+
+
+def model_input(path: Path) -> torch.Tensor:
+    """The CLI's preprocessing for a 64x64 RGB file at --size 64: to [0, 1], ImageNet-normalise."""
+    x = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+# --- what works ----------------------------------------------------------------------
+
+
+def test_explain_writes_picture_and_heatmap_equal_to_the_api(tmp_path):
+    image = tmp_path / "scan.png"
+    write_test_image(image)
+    proc = run_cli("explain", image, *EXPLAIN, "--color", "black", "--out", "map.png", "--npy", "map.npy",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "random weights" in proc.stderr  # --weights none warns that the map is meaningless
+
+    with Image.open(tmp_path / "map.png") as picture:
+        picture.load()
+        width, height = picture.size
+    assert 600 <= width <= 3000 and 250 <= height <= 1500 and width > height
+
+    heat = np.load(tmp_path / "map.npy")
+    torch.manual_seed(0)  # the CLI's --seed default: the same random initialisation
+    model = torchvision.models.get_model("resnet18", weights=None)
+    black = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    ex = krypton_fx.compile(model, patch=16, stride=16, color=black, image_size=(64, 64))
+    expected = ex(model_input(image)).heatmap.numpy()
+    assert heat.shape == expected.shape == (4, 4)
+    np.testing.assert_allclose(heat, expected, rtol=0, atol=1e-5)
+
+
+def test_speedup_prints_the_theoretical_speedup_and_the_report(tmp_path):
+    proc = run_cli("speedup", "--model", "resnet18", "--size", "64", "--patch", "16", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    printed = re.search(r"theoretical speedup: (\d+\.\d+)", proc.stdout)
+    assert printed, proc.stdout
+    expected = krypton_fx.theoretical_speedup(torchvision.models.resnet18(), (64, 64), 16)
+    assert float(printed.group(1)) == pytest.approx(expected, abs=5e-5)
+    assert re.search(r"^node\s+op\s+kind\s+state", proc.stdout, re.M)
+    assert "conv multiply-adds per position" in proc.stdout
+
+
+def test_bench_writes_table_json_and_plot(tmp_path):
+    proc = run_cli("bench", "--models", "resnet18,squeezenet1_0", "--size", "64", "--positions", "8",
+                   "--out", "results", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "results"
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["model"] for r in report["results"]] == ["resnet18", "squeezenet1_0"]
+    for row in report["results"]:
+        assert row["status"] == "ok", row
+        assert row["positions"] == 8 and row["theoretical"] > 1 and row["speedup"] > 0
+        assert row["max_abs_diff"] < 1e-4  # the exact mode is exact
+        assert row["ratio"] == pytest.approx(row["speedup"] / row["theoretical"])
+    table = (out / "bench.txt").read_text()
+    for name in ("resnet18", "squeezenet1_0"):
+        assert re.search(rf"^{name}\s+\d+\.\d+x\s+\d+\.\d+x", table, re.M), table
+        assert name in proc.stdout
+    with Image.open(out / "bench.png") as plot:
+        plot.load()
+        assert min(plot.size) > 100
+
+
+# --- bad input: exit 2, one line on stderr, no traceback, no output file -------------------
+
+BAD_INPUTS = {
+    "missing image": ["explain", "nope.png", *EXPLAIN],
+    "truncated image": ["explain", "in/truncated.png", *EXPLAIN],
+    "unreadable image": ["explain", "in/locked.png", *EXPLAIN],
+    "unknown model": ["explain", "in/scan.png", "--model", "resnet19", "--weights", "none"],
+    "weights that do not fit": ["explain", "in/scan.png", "--model", "squeezenet1_1",
+                                "--weights", "in/two_classes.pt", "--size", "64"],
+    "patch larger than the image": ["explain", "in/scan.png", *EXPLAIN, "--patch", "65"],
+    "stride 0": ["explain", "in/scan.png", *EXPLAIN, "--stride", "0"],
+    "cuda without cuda": ["explain", "in/scan.png", *EXPLAIN, "--device", "cuda"],
+    "output directory missing": ["explain", "in/scan.png", *EXPLAIN, "--out", "no/such/dir/map.png"],
+    "bench unknown model": ["bench", "--models", "resnet18,not_a_model", "--out", "bench"],
+}
+
+
+def _skip_reason(case: str):
+    if case == "cuda without cuda" and torch.cuda.is_available():
+        return "this machine has CUDA"
+    if case == "unreadable image" and (not hasattr(os, "geteuid") or os.geteuid() == 0):
+        return "root (or no POSIX permissions) can read a chmod 000 file"
+    return None
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Run every bad-input case (two at a time) in its own fresh working directory."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    inputs = root / "shared_inputs"
+    inputs.mkdir()
+    write_test_image(inputs / "scan.png")
+    (inputs / "truncated.png").write_bytes((inputs / "scan.png").read_bytes()[:200])
+    write_test_image(inputs / "locked.png")
+    os.chmod(inputs / "locked.png", 0)
+    torch.save(torchvision.models.get_model("squeezenet1_1", num_classes=2).state_dict(),
+               inputs / "two_classes.pt")
+
+    def run(case: str):
+        cwd = root / re.sub(r"\W+", "_", case)
+        cwd.mkdir()
+        (cwd / "in").symlink_to(inputs, target_is_directory=True)
+        before = files_under(cwd)
+        proc = run_cli(*BAD_INPUTS[case], cwd=cwd)
+        return case, proc, files_under(cwd) - before
+
+    cases = [c for c in BAD_INPUTS if _skip_reason(c) is None]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return {case: (proc, new) for case, proc, new in pool.map(run, cases)}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_exits_2_with_one_line(case, bad_input_runs):
+    if _skip_reason(case):
+        pytest.skip(_skip_reason(case))
+    proc, new_files = bad_input_runs[case]
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("krypton-fx: error: "), lines
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not new_files, f"left behind: {sorted(map(str, new_files))}"
