@@ -60,6 +60,15 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, but not the ``None`` of options whose help says what happens without them."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 # --- argument types -----------------------------------------------------------------
 
 
@@ -805,7 +814,8 @@ def _cmd_demo(args) -> int:
               "from healthy ones (trained once, then cached)")
         model = lesions.load_or_train("tiny", cache_dir=args.cache_dir, progress=True).eval()
         size = lesions.DEFAULT_SIZE["tiny"]
-        images, labels, boxes = lesions.make_dataset(max(16, 4 * args.images), size, seed=_DEMO_SEED)
+        # Half the scans carry a lesion: 4N + 16 of them hold N lesion scans but for odds of ~1e-5.
+        images, labels, boxes = lesions.make_dataset(4 * args.images + 16, size, seed=_DEMO_SEED)
         chosen = [i for i in range(len(labels)) if int(labels[i]) == 1][:args.images]
         patch, stride = (_DEMO_PATCH, _DEMO_PATCH), (_DEMO_STRIDE, _DEMO_STRIDE)
         color = 0.0  # black: the images are in [0, 1] and the model takes them unnormalised
@@ -997,7 +1007,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "for tracebacks.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     p = sub.add_parser("explain", help="occlusion heat map of one image", formatter_class=fmt,
                        description="Explain a CNN's prediction on IMAGE with an exact occlusion heat map.")
@@ -1045,24 +1055,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("speedup", help="theoretical speedup and per-node report", formatter_class=fmt,
                        description="Print the theoretical speedup (eqs. 16-20) and the per-node table.")
-    p.add_argument("--model", required=True, metavar="NAME|module:callable|file.pt")
+    p.add_argument("--model", required=True, metavar="NAME|module:callable|file.pt",
+                   help="as for explain; built with random weights (they do not change the count)")
     p.add_argument("--size", type=_positive_int, default=224, metavar="N", help="input height and width")
-    p.add_argument("--patch", type=_int_or_pair, default=16, metavar="N|HxW")
-    p.add_argument("--tau", type=_tau, default=1.0)
+    p.add_argument("--patch", type=_int_or_pair, default=16, metavar="N|HxW", help="occlusion patch size")
+    p.add_argument("--tau", type=_tau, default=1.0, help="projective-field threshold; 1 is exact")
     p.set_defaults(run=_cmd_speedup)
 
     p = sub.add_parser("bench", help="measured vs theoretical speedup over torchvision models",
                        formatter_class=fmt,
                        description="Time naive and incremental occlusion side by side (random init).")
-    p.add_argument("--models", default="all", metavar="all|NAME,...")
-    p.add_argument("--size", type=_positive_int, default=224, metavar="N")
-    p.add_argument("--patch", type=_int_or_pair, default=16, metavar="N|HxW")
-    p.add_argument("--stride", type=_int_or_pair, default=8, metavar="N|HxW")
-    p.add_argument("--device", default="cpu", metavar="cpu|cuda")
-    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    p.add_argument("--models", default="all", metavar="all|NAME,...",
+                   help="torchvision classifiers: all, or a comma-separated list")
+    p.add_argument("--size", type=_positive_int, default=224, metavar="N", help="input height and width")
+    p.add_argument("--patch", type=_int_or_pair, default=16, metavar="N|HxW", help="occlusion patch size")
+    p.add_argument("--stride", type=_int_or_pair, default=8, metavar="N|HxW", help="patch stride")
+    p.add_argument("--device", default="cpu", metavar="cpu|cuda", help="where both runs happen")
+    p.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
+                   help="positions per batch, the same for naive and incremental")
     p.add_argument("--positions", type=_positions, default=64, metavar="N|all",
                    help="positions to time, around the image centre")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and image")
     p.add_argument("--out", default="krypton-bench", metavar="DIR",
                    help="folder for bench.json, bench.txt and bench.png")
     p.set_defaults(run=_cmd_bench)

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor, fx
+from torch.profiler import record_function
 
 from .triton_kernels.gather import gather_window_torch
 from .triton_kernels.occlusion import occlude_window_torch
@@ -39,26 +40,29 @@ def use_triton(backend: str, tensor: Tensor) -> bool:
 def gather_window(stored: Tensor, patch: Optional[Tensor], table: Tensor, window: tuple[int, int],
                   backend: str = "auto") -> Tensor:
     """Gather with superimposition; see :mod:`krypton_fx.triton_kernels.gather`."""
-    if use_triton(backend, stored):
-        from .triton_kernels.gather import gather_window_triton
-        return gather_window_triton(stored, patch, table, window)
-    return gather_window_torch(stored, patch, table, window)
+    with record_function("krypton::gather"):
+        if use_triton(backend, stored):
+            from .triton_kernels.gather import gather_window_triton
+            return gather_window_triton(stored, patch, table, window)
+        return gather_window_torch(stored, patch, table, window)
 
 
 @fx.wrap
 def project_to_full(stored: Tensor, patch: Tensor, starts: Tensor, backend: str = "auto") -> Tensor:
     """Projection to full size; see :mod:`krypton_fx.triton_kernels.projection`."""
-    if use_triton(backend, stored):
-        from .triton_kernels.projection import project_to_full_triton
-        return project_to_full_triton(stored, patch, starts)
-    return project_to_full_torch(stored, patch, starts)
+    with record_function("krypton::projection"):
+        if use_triton(backend, stored):
+            from .triton_kernels.projection import project_to_full_triton
+            return project_to_full_triton(stored, patch, starts)
+        return project_to_full_torch(stored, patch, starts)
 
 
 @fx.wrap
 def occlude_window(image: Tensor, color: Tensor, table: Tensor, window: tuple[int, int],
                    patch_hw: tuple[int, int], backend: str = "auto") -> Tensor:
     """Input occlusion; see :mod:`krypton_fx.triton_kernels.occlusion`."""
-    if use_triton(backend, image):
-        from .triton_kernels.occlusion import occlude_window_triton
-        return occlude_window_triton(image, color, table, window, patch_hw)
-    return occlude_window_torch(image, color, table, window, patch_hw)
+    with record_function("krypton::occlusion"):
+        if use_triton(backend, image):
+            from .triton_kernels.occlusion import occlude_window_triton
+            return occlude_window_triton(image, color, table, window, patch_hw)
+        return occlude_window_torch(image, color, table, window, patch_hw)

@@ -304,8 +304,11 @@ class _FakeExplainer:
 def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
     width = 1.6  # crosses SSIM 0.9 at tau = 0.6
     monkeypatch.setattr(approx, "compile_explainer", lambda model, tau, **kw: _FakeExplainer(tau))
-    monkeypatch.setattr(approx, "heatmap_ssim",
-                        lambda exact, approximate: float(_quadratic_curve([approximate[0, 0].item()], width)[0]))
+
+    def ssim_of_tau(exact, approximate):  # the fake heat map holds its explainer's tau
+        return float(_quadratic_curve([approximate[0, 0].item()], width)[0])
+
+    monkeypatch.setattr(approx, "heatmap_ssim", ssim_of_tau)
     monkeypatch.setattr(approx, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
     tuned = krypton_fx.tune(torch.nn.Identity(), torch.zeros(4, 3, 32, 32), target_ssim=0.9)
     assert tuned.tau == pytest.approx(0.6, abs=2e-3)

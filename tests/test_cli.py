@@ -25,7 +25,8 @@ import krypton_fx
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EXPLAIN = ["--model", "resnet18", "--weights", "none", "--size", "64", "--patch", "16", "--stride", "16"]
+EXPLAIN = ["--model", "resnet18", "--weights", "none", "--size", "64", "--patch", "16", "--stride", "16",
+           "--device", "cpu"]
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
