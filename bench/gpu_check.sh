@@ -19,9 +19,9 @@ set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PYTHON=${PYTHON:-python3}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-180}
-BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-90}
-SPEED_TIMEOUT=${SPEED_TIMEOUT:-180}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
+BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-60}
+SPEED_TIMEOUT=${SPEED_TIMEOUT:-100}
 LOG_DIR=${GPU_CHECK_LOG_DIR:-bench/results/gpu_check}
 mkdir -p "$LOG_DIR"
 
@@ -70,6 +70,10 @@ fi
 run_step kernel-tests-gpu "$TESTS_TIMEOUT" \
     env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 "$PYTHON" -m pytest tests/test_kernels.py -q -x
 
+run_step zoo-exact-gpu "$TESTS_TIMEOUT" \
+    env -u TRITON_INTERPRET KRYPTON_TEST_DEVICE=cuda "$PYTHON" -m pytest tests/test_models.py -q -x \
+    -k "resnet18 or densenet121 or inception_v3 or googlenet or mobilenet_v3_large or efficientnet_b0 or vgg11_bn or squeezenet1_1 or regnet_y_400mf or shufflenet_v2_x1_0"
+
 run_step bandwidth "$BANDWIDTH_TIMEOUT" \
     env -u TRITON_INTERPRET "$PYTHON" bench/kernel_bandwidth.py
 
@@ -78,6 +82,10 @@ if [[ -f bench/speed.py ]]; then
         env -u TRITON_INTERPRET "$PYTHON" bench/speed.py --device cuda \
         --models vgg16,resnet18,inception_v3 --batch-size 128 \
         || echo "speed.py failed (see above); continuing"
+    run_step speed-fp16 "$SPEED_TIMEOUT" \
+        env -u TRITON_INTERPRET "$PYTHON" bench/speed.py --device cuda \
+        --models vgg16,resnet18,inception_v3 --batch-size 128 --dtype float16 \
+        || echo "speed.py (float16) failed (see above); continuing"
 else
     echo "bench/speed.py not found: speed step not run"
     SUMMARY+=("speed            MISSING (bench/speed.py not written yet)")

@@ -225,6 +225,7 @@ class _Emitter:
             return g.call_function(operator.mul, (total, inv))
         # Border-dependent divisor: gather this position's window of the map.
         name = f"inv_divisor_{self._n_tables}"
+        inv = inv.to(self.tables.color.dtype)
         self.tables.register_buffer(name, inv.contiguous(memory_format=torch.channels_last))
         box = info.box
         table = self._table(torch.stack([box.y, box.x, torch.zeros_like(box.y),
