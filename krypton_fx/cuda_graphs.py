@@ -55,4 +55,4 @@ class GraphedBatch:
         if n < self.batch:
             self.positions[n:].copy_(positions[-1:].expand(self.batch - n))
         self.graph.replay()
-        return self.output[:n]
+        return self.output[:n].clone()  # the next replay overwrites the static output
