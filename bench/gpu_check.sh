@@ -20,8 +20,8 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PYTHON=${PYTHON:-python3}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
-BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-60}
-SPEED_TIMEOUT=${SPEED_TIMEOUT:-100}
+BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-90}
+SPEED_TIMEOUT=${SPEED_TIMEOUT:-80}
 LOG_DIR=${GPU_CHECK_LOG_DIR:-bench/results/gpu_check}
 mkdir -p "$LOG_DIR"
 
@@ -67,15 +67,17 @@ fi
 
 "$PYTHON" -c "import torch; print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 
-run_step kernel-tests-gpu "$TESTS_TIMEOUT" \
-    env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 "$PYTHON" -m pytest tests/test_kernels.py -q -x
+if [[ -z ${SKIP_KERNEL_TESTS:-} ]]; then
+    run_step kernel-tests-gpu "$TESTS_TIMEOUT" \
+        env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 "$PYTHON" -m pytest tests/test_kernels.py -q -x
+fi
 
 run_step zoo-exact-gpu "$TESTS_TIMEOUT" \
-    env -u TRITON_INTERPRET KRYPTON_TEST_DEVICE=cuda "$PYTHON" -m pytest tests/test_models.py -q -x \
-    -k "resnet18 or densenet121 or inception_v3 or googlenet or mobilenet_v3_large or efficientnet_b0 or vgg11_bn or squeezenet1_1 or regnet_y_400mf or shufflenet_v2_x1_0"
+    env -u TRITON_INTERPRET KRYPTON_TEST_DEVICE=cuda "$PYTHON" -m pytest tests/test_models.py -v -x \
+    -k "resnet18 or inception_v3 or mobilenet_v3_large or vgg11_bn"
 
 run_step bandwidth "$BANDWIDTH_TIMEOUT" \
-    env -u TRITON_INTERPRET "$PYTHON" bench/kernel_bandwidth.py
+    env -u TRITON_INTERPRET "$PYTHON" bench/kernel_bandwidth.py --sweep
 
 if [[ -f bench/speed.py ]]; then
     run_step speed "$SPEED_TIMEOUT" \

@@ -9,6 +9,7 @@ CUDA.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Optional
@@ -84,6 +85,12 @@ class Measurement:
     max_abs_diff: float
 
 
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference, NaN only where exactly one side is NaN (fp16 overflow on both sides agrees)."""
+    both_nan = torch.isnan(a) & torch.isnan(b)
+    return float(torch.where(both_nan, 0.0, (a - b).abs()).max()) if a.numel() else 0.0
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -118,7 +125,9 @@ def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_siz
     ys, xs, _ = geo.occlusion_grid((h, w), ex.patch, ex.stride)
     table = torch.stack([torch.zeros_like(ys), torch.zeros_like(xs), ys, xs], 1)[pos].to(device)
     fmt = torch.channels_last if channels_last_naive else torch.contiguous_format
-    naive_model = model.to(memory_format=fmt) if channels_last_naive else model
+    # A converted copy: converting in place would swap the parameters under
+    # the explainer (and any CUDA graph it captured).
+    naive_model = copy.deepcopy(model).to(memory_format=fmt) if channels_last_naive else model
 
     with eval_mode(model):
         logits, stored = ex.prepare(image)
@@ -145,9 +154,7 @@ def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_siz
         _sync(device)
         inc_s = time.perf_counter() - t0
         inc_peak = peak_memory(device)
-    if channels_last_naive:
-        model.to(memory_format=torch.contiguous_format)
     full, executed = conv_macs(ex.graph_module)
     return Measurement(count, batch_size, naive_s, inc_s, naive_s / inc_s,
                        theoretical_speedup(model, (h, w), ex.patch, tau=ex.tau, channels=image.shape[0]),
-                       full / max(executed, 1), naive_peak, inc_peak, float((naive - inc).abs().max()))
+                       full / max(executed, 1), naive_peak, inc_peak, _max_abs_diff(naive, inc))

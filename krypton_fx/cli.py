@@ -240,7 +240,8 @@ def read_image(text: str):
     except UnidentifiedImageError:
         raise CLIError(f"{text} is not an image file PIL can read; give a PNG, JPEG or TIFF") from None
     except Image.DecompressionBombError as e:
-        raise CLIError(f"image {text} is too large to open safely ({_first_line(e)}); downscale it first") from None
+        raise CLIError(f"image {text} is too large to open safely ({_first_line(e)}); "
+                       "downscale it first") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise CLIError(f"image {text} is corrupt or truncated ({_first_line(e)}); "
                        "re-save it as PNG or JPEG") from None
@@ -417,7 +418,7 @@ def _torchvision_names() -> list[str]:
 
 
 def _weights_enum(text: str, model_name: Optional[str]):
-    """A torchvision weights enum from ``ResNet18_Weights.IMAGENET1K_V1``, or ``DEFAULT`` for a named model."""
+    """A torchvision weights enum: ``ResNet18_Weights.IMAGENET1K_V1``, or ``DEFAULT`` for a named model."""
     import torchvision
 
     if "." in text:
@@ -492,7 +493,8 @@ def _load_weights(model, state: dict, source: str, model_name: str, can_set_clas
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [(k, tuple(state[k].shape), tuple(own[k].shape)) for k in own
-                  if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)]
+                  if k in state and hasattr(state[k], "shape")
+                  and tuple(state[k].shape) != tuple(own[k].shape)]
     if not (missing or unexpected or mismatched):
         model.load_state_dict(state)
         return
@@ -965,7 +967,8 @@ def _cmd_bench(args) -> int:
                                 "batch_size": m.batch_size})
                 line = (f"{name:<{width}}{m.theoretical:>7.2f}x{m.speedup:>9.2f}x"
                         f"{m.speedup / m.theoretical:>7.0%}{m.naive_s:>9.3f}{m.incremental_s:>11.3f}"
-                        f"{m.naive_peak / mib:>11.0f}{m.incremental_peak / mib:>13.0f}{m.max_abs_diff:>12.1e}")
+                        f"{m.naive_peak / mib:>11.0f}{m.incremental_peak / mib:>13.0f}"
+                        f"{m.max_abs_diff:>12.1e}")
             finally:
                 del model
                 gc.collect()
@@ -980,11 +983,12 @@ def _cmd_bench(args) -> int:
         table.append(summary)
         print(summary)
 
+        title = (f"{device}, {args.size}x{args.size}, patch {patch[0]}, stride {stride[0]}, "
+                 f"batch {args.batch_size}, {args.positions or 'all'} positions")
+        if skipped:
+            title += f"\n{skipped} model{'s' * (skipped > 1)} skipped: see bench.txt"
         fig = bench_figure([r["model"] for r in ok], [r["theoretical"] for r in ok],
-                           [r["speedup"] for r in ok],
-                           title=(f"{device}, {args.size}x{args.size}, patch {patch[0]}, stride {stride[0]}, "
-                                  f"batch {args.batch_size}, {args.positions or 'all'} positions"
-                                  + (f"\n{skipped} model{'s' * (skipped > 1)} skipped: see bench.txt" if skipped else "")))
+                           [r["speedup"] for r in ok], title=title)
         report = {"settings": settings, "results": results}
         files = {
             out_dir / "bench.json": lambda f: f.write((json.dumps(report, indent=2) + "\n").encode()),

@@ -234,7 +234,7 @@ class Explainer:
     def run_positions(self, positions: Tensor, stored: list[Tensor], label: int,
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """Scores of ``label`` for the given occlusion position indices (any subset, any order)."""
-        batch = batch_size or self.batch_size
+        batch = max(1, min(batch_size or self.batch_size, len(positions)))
         positions = positions.to(self.device)
         scores = []
         with eval_mode(self.model):
@@ -250,9 +250,13 @@ class Explainer:
         if not self.cuda_graphs:
             return lambda pos: self.program.module(pos, *stored)
         from .cuda_graphs import GraphedBatch
-        runner = self._graphs.get(batch)
+        # A graph holds raw pointers: re-capture if parameters were replaced
+        # (model.to(...), say) since it was captured.
+        key = (batch, tuple(t.data_ptr() for t in self.program.module.state_dict().values()))
+        runner = self._graphs.get(key)
         if runner is None:
-            runner = self._graphs[batch] = GraphedBatch(self.program.module, batch, stored)
+            self._graphs.clear()
+            runner = self._graphs[key] = GraphedBatch(self.program.module, batch, stored)
         runner.load(stored)
         return runner
 

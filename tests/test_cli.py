@@ -137,7 +137,7 @@ def _skip_reason(case: str):
 
 @pytest.fixture(scope="module")
 def bad_input_runs(tmp_path_factory):
-    """Run every bad-input case (two at a time) in its own fresh working directory."""
+    """Run every bad-input case (a few at a time) in its own fresh working directory."""
     root = tmp_path_factory.mktemp("bad_inputs")
     inputs = root / "shared_inputs"
     inputs.mkdir()
@@ -157,7 +157,7 @@ def bad_input_runs(tmp_path_factory):
         return case, proc, files_under(cwd) - before
 
     cases = [c for c in BAD_INPUTS if _skip_reason(c) is None]
-    with ThreadPoolExecutor(max_workers=2) as pool:
+    with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool:
         return {case: (proc, new) for case, proc, new in pool.map(run, cases)}
 
 

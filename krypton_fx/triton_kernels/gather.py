@@ -31,6 +31,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # enough that a (BLOCK_P, BLOCK_C) tile stays in registers.
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_C = 128
+# Warps per program (bench/kernel_bandwidth.py sweeps this and the tile size).
+_NUM_WARPS = 4
 
 
 # Window and patch sizes differ per layer and only enter divisions and compares:
@@ -101,11 +103,21 @@ def _gather_window_kernel(
     tl.store(out_ptr + out_off, value, mask=row_mask[:, None] & chan_mask[None, :])
 
 
+class _LaunchConfig:
+    """Tile size and warps of all three kernels; one place, so a benchmark can sweep them."""
+
+    tile_elements = _TILE_ELEMENTS
+    num_warps = _NUM_WARPS
+
+
+_config = _LaunchConfig()
+
+
 def _block_sizes(channels: int) -> tuple[int, int]:
     """``(BLOCK_P, BLOCK_C)`` for a copy with ``channels`` channels: all channels in one
     program up to ``_MAX_BLOCK_C``, the rest of the tile spent on spatial elements."""
     block_c = min(triton.next_power_of_2(channels), _MAX_BLOCK_C)
-    return max(16, _TILE_ELEMENTS // block_c), block_c
+    return max(16, _config.tile_elements // block_c), block_c
 
 
 def _check_map(name: str, tensor: Tensor) -> None:
@@ -211,7 +223,7 @@ def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
         stored.stride(1), stored.stride(2), stored.stride(3),
         *patch_arg.stride(),
         table.stride(0), table.stride(1),
-        HAS_PATCH=has_patch, BLOCK_P=block_p, BLOCK_C=block_c,
+        HAS_PATCH=has_patch, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_config.num_warps,
     )
     return out
 

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import _block_sizes, _check_index, _check_map, _check_window, gather_window_torch
+from .gather import _block_sizes, _config, _check_index, _check_map, _check_window, gather_window_torch
 
 __all__ = ["occlude_window_triton", "occlude_window_torch"]
 
@@ -120,7 +120,7 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: t
         n_rows, channels, r, rw, patch_h, patch_w,
         image.stride(1), image.stride(2), image.stride(3),
         table.stride(0), table.stride(1),
-        BLOCK_P=block_p, BLOCK_C=block_c,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_config.num_warps,
     )
     return out
 

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import _block_sizes, _check_index, _check_map, _check_patch, _overlay_rows
+from .gather import _block_sizes, _config, _check_index, _check_map, _check_patch, _overlay_rows
 
 __all__ = ["project_to_full_triton", "project_to_full_torch"]
 
@@ -114,7 +114,7 @@ def project_to_full_triton(stored: Tensor, patch: Tensor, starts: Tensor) -> Ten
         stored.stride(1), stored.stride(2), stored.stride(3),
         *patch.stride(),
         starts.stride(0), starts.stride(1),
-        BLOCK_P=block_p, BLOCK_C=block_c,
+        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_config.num_warps,
     )
     return out
 
