@@ -73,8 +73,8 @@ if [[ -z ${SKIP_KERNEL_TESTS:-} ]]; then
 fi
 
 run_step zoo-exact-gpu "$TESTS_TIMEOUT" \
-    env -u TRITON_INTERPRET KRYPTON_TEST_DEVICE=cuda "$PYTHON" -m pytest tests/test_models.py -v -x \
-    -k "resnet18 or inception_v3 or mobilenet_v3_large or vgg11_bn"
+    env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 KRYPTON_TEST_DEVICE=cuda "$PYTHON" -m pytest tests/test_models.py -q -x \
+    -k "resnet18 or inception_v3 or mobilenet_v3_large or vgg11_bn or densenet121 or efficientnet_b0"
 
 run_step bandwidth "$BANDWIDTH_TIMEOUT" \
     env -u TRITON_INTERPRET "$PYTHON" bench/kernel_bandwidth.py --sweep

@@ -32,7 +32,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE_ELEMENTS = 4096
 _MAX_BLOCK_C = 128
 # Warps per program (bench/kernel_bandwidth.py sweeps this and the tile size).
-_NUM_WARPS = 4
+_NUM_WARPS = 8
 
 
 # Window and patch sizes differ per layer and only enter divisions and compares:
