@@ -35,6 +35,24 @@ _MAX_BLOCK_C = 128
 _NUM_WARPS = 8
 
 
+@triton.jit
+def _tile_coords(n_rows, C, R, RW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a channels-last ``(B, R, Rw, C)`` output, shared by all three
+    kernels: output rows and channels, their masks, and each row's ``(b, i, j)``."""
+    # int64 from the start: B * R * Rw * C overflows int32 for large batches.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    chans = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    area = R * RW  # small; rows is int64, so the divisions below are int64
+    return rows, chans, rows < n_rows, chans < C, rows // area, (rows % area) // RW, rows % RW
+
+
+@triton.jit
+def _store_tile(out_ptr, value, rows, chans, row_mask, chan_mask, C):
+    """Store a tile; channel is the fastest output axis, so stores are contiguous runs."""
+    tl.store(out_ptr + rows[:, None] * C + chans[None, :], value,
+             mask=row_mask[:, None] & chan_mask[None, :])
+
+
 # Window and patch sizes differ per layer and only enter divisions and compares:
 # not specialising on them saves a compile per layer. Strides and C stay
 # specialised, their divisibility lets loads and stores vectorise.
@@ -64,16 +82,7 @@ def _gather_window_kernel(
     BLOCK_P: tl.constexpr,    # output spatial elements per program
     BLOCK_C: tl.constexpr,    # channels per program
 ):
-    # int64 from the start: B * R * Rw * C overflows int32 for large batches.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    chans = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < n_rows
-    chan_mask = chans < C
-
-    area = R * RW  # small; rows is int64, so the divisions below are int64
-    b = rows // area
-    i = (rows % area) // RW
-    j = rows % RW
+    rows, chans, row_mask, chan_mask, b, i, j = _tile_coords(n_rows, C, R, RW, BLOCK_P, BLOCK_C)
 
     win_y = tl.load(table_ptr + b * stride_tb, mask=row_mask, other=0)
     win_x = tl.load(table_ptr + b * stride_tb + stride_tk, mask=row_mask, other=0)
@@ -98,9 +107,7 @@ def _gather_window_kernel(
         patch_value = tl.load(patch_ptr + patch_off, mask=from_patch, other=0)
         value = tl.where(from_patch, patch_value, value)
 
-    # Channel is the fastest output axis: a program's stores are contiguous runs.
-    out_off = rows[:, None] * C + chans[None, :]
-    tl.store(out_ptr + out_off, value, mask=row_mask[:, None] & chan_mask[None, :])
+    _store_tile(out_ptr, value, rows, chans, row_mask, chan_mask, C)
 
 
 class _LaunchConfig:

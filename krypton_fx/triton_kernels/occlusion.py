@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import _block_sizes, _config, _check_index, _check_map, _check_window, gather_window_torch
+from .gather import (_block_sizes, _config, _store_tile, _tile_coords,
+                     _check_index, _check_map, _check_window, gather_window_torch)
 
 __all__ = ["occlude_window_triton", "occlude_window_torch"]
 
@@ -37,16 +38,7 @@ def _occlude_window_kernel(
     BLOCK_P: tl.constexpr,    # output spatial elements per program
     BLOCK_C: tl.constexpr,    # channels per program
 ):
-    # int64 from the start: B * R * Rw * C overflows int32 for large batches.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    chans = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < n_rows
-    chan_mask = chans < C
-
-    area = R * RW  # small; rows is int64, so the divisions below are int64
-    b = rows // area
-    i = (rows % area) // RW
-    j = rows % RW
+    rows, chans, row_mask, chan_mask, b, i, j = _tile_coords(n_rows, C, R, RW, BLOCK_P, BLOCK_C)
 
     win_y = tl.load(table_ptr + b * stride_tb, mask=row_mask, other=0)
     win_x = tl.load(table_ptr + b * stride_tb + stride_tk, mask=row_mask, other=0)
@@ -62,8 +54,7 @@ def _occlude_window_kernel(
     color = tl.load(color_ptr + chans, mask=chan_mask, other=0)
     value = tl.where(in_patch[:, None], color[None, :], value)
 
-    out_off = rows[:, None] * C + chans[None, :]
-    tl.store(out_ptr + out_off, value, mask=row_mask[:, None] & chan_mask[None, :])
+    _store_tile(out_ptr, value, rows, chans, row_mask, chan_mask, C)
 
 
 def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: tuple[int, int],

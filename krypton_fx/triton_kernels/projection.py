@@ -8,7 +8,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import _block_sizes, _config, _check_index, _check_map, _check_patch, _overlay_rows
+from .gather import (_block_sizes, _config, _store_tile, _tile_coords,
+                     _check_index, _check_map, _check_patch, _overlay_rows)
 
 __all__ = ["project_to_full_triton", "project_to_full_torch"]
 
@@ -40,16 +41,7 @@ def _project_to_full_kernel(
     BLOCK_P: tl.constexpr,    # output spatial elements per program
     BLOCK_C: tl.constexpr,    # channels per program
 ):
-    # int64 from the start: B * H * W * C overflows int32 for large maps and batches.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    chans = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    row_mask = rows < n_rows
-    chan_mask = chans < C
-
-    area = H * W  # small; rows is int64, so the divisions below are int64
-    b = rows // area
-    i = (rows % area) // W
-    j = rows % W
+    rows, chans, row_mask, chan_mask, b, i, j = _tile_coords(n_rows, C, H, W, BLOCK_P, BLOCK_C)
 
     # The window is the whole map (start 0), so the patch offset is its start.
     py = i - tl.load(starts_ptr + b * stride_tb, mask=row_mask, other=0)
@@ -65,8 +57,7 @@ def _project_to_full_kernel(
     patch_value = tl.load(patch_ptr + patch_off, mask=from_patch, other=0)
     value = tl.where(from_patch, patch_value, value)
 
-    out_off = rows[:, None] * C + chans[None, :]
-    tl.store(out_ptr + out_off, value, mask=row_mask[:, None] & chan_mask[None, :])
+    _store_tile(out_ptr, value, rows, chans, row_mask, chan_mask, C)
 
 
 def project_to_full_triton(stored: Tensor, patch: Tensor, starts: Tensor) -> Tensor:
