@@ -225,6 +225,7 @@ class Explainer:
     def prepare(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
         """Run the unoccluded image once: its output and the stored activations."""
         image = _image_batch(image, self.image_chw).to(self.device)
+        self.program.refresh_weights()
         with eval_mode(self.model):
             logits, raw = self.program.capture(image)
         stored = [spec.prepare(v) for spec, v in zip(self.program.stored, raw)]

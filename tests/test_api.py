@@ -166,3 +166,17 @@ def test_naive_rejects_bad_arguments(resnet, image):
 def test_patch_as_large_as_the_image(resnet, image, patch):
     got, want = _both(resnet, image, patch=patch, stride=5)
     torch.testing.assert_close(got.heatmap, want.heatmap, atol=1e-4, rtol=0)
+
+
+def test_weights_changed_after_compile_are_used(image):
+    """The explainer reads the model's current weights on every call."""
+    torch.manual_seed(5)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    ex = krypton_fx.compile(model, patch=12, stride=10, image_size=(40, 52))
+    ex(image)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    got = ex(image)
+    want = krypton_fx.naive_occlusion(model, image, patch=12, stride=10)
+    torch.testing.assert_close(got.heatmap, want.heatmap, atol=1e-4, rtol=0)
