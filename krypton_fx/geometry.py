@@ -158,16 +158,20 @@ def local_box(in_start: Tensor, in_size: int, spec: AxisSpec,
         ([0, 2, 4], 4)
     """
     size = output_size(in_size, spec)
+    start = output_start(in_start, spec)
     limited = tau_limit(size, spec.out_size, tau)
     if limited < size:
-        # eq. 42: input width that maps onto the capped output width; eq. 43:
-        # shift the input start by half the difference so the kept window
-        # stays centred on the patch.
-        new_in = max(limited * spec.stride - spec.kernel + 1, 1)
-        in_start = in_start + (in_size - new_in) // 2
+        # Eqs. 42-45 shrink the input patch to what maps onto the capped
+        # width and shift it by half the difference, so the kept outputs stay
+        # centred on the change. Centring the capped box directly on the
+        # outputs the patch really reaches (within the map) does the same
+        # without eq. 45's rounding towards the near side, which let the two
+        # branches of a residual block drift apart and their union grow.
+        last = torch.clamp((in_start + in_size - 1 + spec.pad) // spec.stride, max=spec.out_size - 1)
+        reached = last - start + 1
+        start = start + torch.div(reached - limited, 2, rounding_mode="floor")
         size = limited
-    start = clamp_to_border(output_start(in_start, spec), size, spec.out_size)
-    return start, size
+    return clamp_to_border(start, size, spec.out_size), size
 
 
 def union_box(starts: Sequence[Tensor], sizes: Sequence[int], full: int) -> tuple[Tensor, int]:

@@ -146,3 +146,25 @@ def test_tau_limit(size, full, tau):
         assert limited == size
     else:
         assert limited == max(1, min(size, round(tau * full)))
+
+
+def test_tau_box_is_centred_on_the_change():
+    # a 2-wide change at 1..2 under a 3x3 conv (pad 1) reaches outputs 0..3;
+    # capped at 2 outputs, the box keeps the middle two.
+    spec = AxisSpec(kernel=3, stride=1, pad=1, in_size=4, out_size=4)
+    start, size = geo.local_box(torch.tensor([1]), 2, spec, tau=0.4)
+    assert (int(start), size) == (1, 2)
+
+
+@given(layer=local_layers(), data=st.data(), tau=st.floats(0.1, 1.0))
+def test_tau_box_stays_inside_and_never_grows(layer, data, tau):
+    _, k, d, s, p, _, n = layer
+    out = (n + 2 * p - (d * (k - 1) + 1)) // s + 1
+    assume(out >= 1)
+    spec = AxisSpec(d * (k - 1) + 1, s, p, n, out)
+    size = data.draw(st.integers(1, n))
+    start = torch.tensor([data.draw(st.integers(0, n - size))])
+    exact_start, exact_size = geo.local_box(start, size, spec)
+    approx_start, approx_size = geo.local_box(start, size, spec, tau)
+    assert approx_size <= exact_size
+    assert 0 <= int(approx_start) and int(approx_start) + approx_size <= out
