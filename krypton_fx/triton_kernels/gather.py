@@ -120,6 +120,17 @@ class _LaunchConfig:
 _config = _LaunchConfig()
 
 
+def _tile_launch(batch: int, channels: int, window: tuple[int, int], like: Tensor):
+    """Channels-last ``(B, C, R, Rw)`` output, row count, grid and block sizes of a launch."""
+    r, rw = window
+    out = torch.empty((batch, channels, r, rw), dtype=like.dtype, device=like.device,
+                      memory_format=torch.channels_last)
+    n_rows = batch * r * rw
+    block_p, block_c = _block_sizes(channels)
+    grid = (triton.cdiv(n_rows, block_p), triton.cdiv(channels, block_c))
+    return out, n_rows, grid, block_p, block_c
+
+
 def _block_sizes(channels: int) -> tuple[int, int]:
     """``(BLOCK_P, BLOCK_C)`` for a copy with ``channels`` channels: all channels in one
     program up to ``_MAX_BLOCK_C``, the rest of the tile spent on spatial elements."""
@@ -214,13 +225,9 @@ def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
     batch, channels = table.shape[0], stored.shape[1]
     if patch is not None:
         patch = _check_patch(patch, batch, channels, stored)
-    out = torch.empty((batch, channels, r, rw), dtype=stored.dtype, device=stored.device,
-                      memory_format=torch.channels_last)
-    n_rows = batch * r * rw
+    out, n_rows, grid, block_p, block_c = _tile_launch(batch, channels, (r, rw), stored)
     if n_rows == 0 or channels == 0:
         return out
-    block_p, block_c = _block_sizes(channels)
-    grid = (triton.cdiv(n_rows, block_p), triton.cdiv(channels, block_c))
     has_patch = patch is not None
     patch_arg = patch if has_patch else stored
     patch_h, patch_w = patch.shape[-2:] if has_patch else (0, 0)

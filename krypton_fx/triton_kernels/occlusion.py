@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import (_block_sizes, _config, _store_tile, _tile_coords,
+from .gather import (_tile_launch, _config, _store_tile, _tile_coords,
                      _check_index, _check_map, _check_window, gather_window_torch)
 
 __all__ = ["occlude_window_triton", "occlude_window_torch"]
@@ -99,13 +99,9 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: t
     if color.device != image.device:
         raise ValueError(f"color is on {color.device} but the image is on {image.device}")
     color = color.reshape(channels).to(image.dtype).contiguous()
-    out = torch.empty((batch, channels, r, rw), dtype=image.dtype, device=image.device,
-                      memory_format=torch.channels_last)
-    n_rows = batch * r * rw
+    out, n_rows, grid, block_p, block_c = _tile_launch(batch, channels, (r, rw), image)
     if n_rows == 0 or channels == 0:
         return out
-    block_p, block_c = _block_sizes(channels)
-    grid = (triton.cdiv(n_rows, block_p), triton.cdiv(channels, block_c))
     _occlude_window_kernel[grid](
         out, image, color, table,
         n_rows, channels, r, rw, patch_h, patch_w,

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import (_block_sizes, _config, _store_tile, _tile_coords,
+from .gather import (_tile_launch, _config, _store_tile, _tile_coords,
                      _check_index, _check_map, _check_patch, _overlay_rows)
 
 __all__ = ["project_to_full_triton", "project_to_full_torch"]
@@ -92,13 +92,9 @@ def project_to_full_triton(stored: Tensor, patch: Tensor, starts: Tensor) -> Ten
     _, channels, h_full, w_full = stored.shape
     batch = starts.shape[0]
     patch = _check_patch(patch, batch, channels, stored)
-    out = torch.empty((batch, channels, h_full, w_full), dtype=stored.dtype,
-                      device=stored.device, memory_format=torch.channels_last)
-    n_rows = batch * h_full * w_full
+    out, n_rows, grid, block_p, block_c = _tile_launch(batch, channels, (h_full, w_full), stored)
     if n_rows == 0 or channels == 0:
         return out
-    block_p, block_c = _block_sizes(channels)
-    grid = (triton.cdiv(n_rows, block_p), triton.cdiv(channels, block_c))
     _project_to_full_kernel[grid](
         out, stored, patch, starts,
         n_rows, channels, h_full, w_full, patch.shape[2], patch.shape[3],
