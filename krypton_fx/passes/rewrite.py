@@ -208,11 +208,9 @@ class _Emitter:
         if info.state == PATCHED and info.kind is Kind.LOCAL:
             self.env[n] = self._windowed_local(n, info, mapped[n.args[0]])
             return
-        if info.state == DENSE and n.op == "call_module" and \
-                type(self.gm.get_submodule(n.target)) is nn.Conv2d and \
-                self.gm.get_submodule(n.target).padding_mode == "zeros":
+        mod = self.gm.get_submodule(n.target) if n.op == "call_module" else None
+        if info.state == DENSE and type(mod) is nn.Conv2d and mod.padding_mode == "zeros":
             # Batched conv, but on the channels-last weight copy (see _conv_params).
-            mod = self.gm.get_submodule(n.target)
             weight, bias = self._conv_params(n)
             args = fx.map_arg(n.args, lookup)
             self.env[n] = self.graph.call_function(
