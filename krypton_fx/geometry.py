@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -174,21 +174,33 @@ def local_box(in_start: Tensor, in_size: int, spec: AxisSpec,
     return clamp_to_border(start, size, spec.out_size), size
 
 
-def union_box(starts: Sequence[Tensor], sizes: Sequence[int], full: int) -> tuple[Tensor, int]:
+def union_box(starts: Sequence[Tensor], sizes: Sequence[int], full: int,
+              cap: Optional[int] = None) -> tuple[Tensor, int]:
     """Union of several per-position boxes on one axis (eqs. 35-38).
 
     The union's start is the smallest start; its size is the largest extent
     over all positions (so it is static), then boxes that would run past the
     border are shifted back inside.
 
+    ``cap`` (approximate mode only) limits the union's size, centred on the
+    union, the way tau limits a single box (eqs. 42-45): two tau-capped
+    branches that reach a merge slightly offset would otherwise grow the
+    union past the cap, so a smaller tau could cost more.
+
     Example:
         >>> s, n = union_box([torch.tensor([0, 4]), torch.tensor([1, 2])], [2, 5], 10)
         >>> s.tolist(), n
         ([0, 2], 6)
+        >>> s, n = union_box([torch.tensor([0, 4]), torch.tensor([1, 2])], [2, 5], 10, cap=5)
+        >>> s.tolist(), n
+        ([0, 2], 5)
     """
     lo = torch.stack(list(starts)).amin(0)
     hi = torch.stack([s + n for s, n in zip(starts, sizes)]).amax(0)
     size = min(int((hi - lo).max()), full)
+    if cap is not None and cap < size:
+        lo = lo + torch.div(torch.clamp(hi - lo - cap, min=0), 2, rounding_mode="floor")
+        size = cap
     return clamp_to_border(lo, size, full), size
 
 

@@ -128,6 +128,21 @@ def test_union_box_contains_inputs_and_stays_inside(starts, full):
     assert size == max(s + n for s, n in boxes) - min(s for s, _ in boxes)
 
 
+@given(starts=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 20)), min_size=2, max_size=4),
+       full=st.integers(20, 60), cap=st.integers(1, 20))
+def test_capped_union_box_is_centred_inside_the_union(starts, full, cap):
+    boxes = [(min(s, full - n), n) for s, n in starts if n <= full]
+    assume(boxes)
+    cap = max(cap, max(n for _, n in boxes))  # patch_prop caps at the largest input box
+    start, size = geo.union_box([torch.tensor([s]) for s, _ in boxes], [n for _, n in boxes], full,
+                                cap=cap)
+    lo, hi = min(s for s, _ in boxes), max(s + n for s, n in boxes)
+    assert size == min(cap, hi - lo)
+    assert lo <= int(start) and int(start) + size <= hi  # inside the union and the map
+    # centred: the parts cut off on either side differ by at most one
+    assert abs((int(start) - lo) - (hi - int(start) - size)) <= 1
+
+
 @given(start=st.integers(-5, 80), size=st.integers(1, 50), full=st.integers(1, 50))
 def test_clamp_to_border_keeps_size_and_covers(start, size, full):
     assume(size <= full and start < full)

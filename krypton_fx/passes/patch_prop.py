@@ -280,8 +280,13 @@ class PatchProp(fx.Interpreter):
         boxes = [self.infos[m].box for m in deps]
         if len(deps) == 1 and not spatial_clean and not boxes[0].is_full:
             return PatchInfo(Kind.POINT, PATCHED, boxes[0])
-        uy, uh = geo.union_box([b.y for b in boxes], [b.h for b in boxes], hw[0])
-        ux, uw = geo.union_box([b.x for b in boxes], [b.w for b in boxes], hw[1])
+        # Approximate mode: the union is no larger than its largest input box,
+        # so the tau cap also holds across merges (smaller tau never costs more).
+        approx = self.tau < 1.0
+        uy, uh = geo.union_box([b.y for b in boxes], [b.h for b in boxes], hw[0],
+                               cap=max(b.h for b in boxes) if approx else None)
+        ux, uw = geo.union_box([b.x for b in boxes], [b.w for b in boxes], hw[1],
+                               cap=max(b.w for b in boxes) if approx else None)
         union = Box(uy, ux, uh, uw, *hw)
         if union.is_full:
             return self._dense(n, Kind.MERGE, deps, f"{_target_name(n)}: union covers the whole map", result)
