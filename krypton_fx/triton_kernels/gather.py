@@ -27,43 +27,84 @@ __all__ = ["gather_window_triton", "gather_window_torch"]
 
 # Dtypes the kernels copy; the output keeps the stored activation's dtype.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Elements one program copies: enough work per program to hide latency, small
-# enough that a (BLOCK_P, BLOCK_C) tile stays in registers.
+
+# Launch geometry shared by the three kernels
+# -------------------------------------------
+# One output row ``(b, i)`` of a channels-last ``(B, R, Rw, C)`` output is one
+# contiguous run of ``Rw * C`` elements. The grid is
+#
+#     axis 0: b * R + i            one program per output row (decoded once, as scalars)
+#     axis 1: blocks of BLOCK_J    columns j of that row
+#     axis 2: blocks of BLOCK_C    channels c
+#
+# and a program copies a ``(BLOCK_J, BLOCK_C)`` tile built from two aranges: no
+# per-element integer division, the position's table row is read once as
+# scalars, and the overlay test is a scalar row test plus a per-j column test.
+#
+# Channel blocks are a third grid axis, not a loop inside the program: each
+# program then issues all its loads at once (a runtime loop over channel blocks
+# would serialise one tile's load -> store per iteration, as the compiler does
+# not pipeline it), and the small programs of narrow layers keep the GPU full.
+# The axis is short (C / BLOCK_C, 1 for C <= BLOCK_C), well within the 65535
+# limit of grid axes 1 and 2; axis 0 (B * R) may go up to 2**31 - 1.
+#
+# Defaults below are a copy kernel's usual choice (4096 elements = 16 KiB of
+# float32 per program, 32 per thread with 4 warps), UNMEASURED on a GPU for this
+# tile shape: run `bash bench/gpu_check.sh` (or `python bench/kernel_bandwidth.py
+# --sweep`) on a GPU to measure them and the alternatives in its SWEEP.
 _TILE_ELEMENTS = 4096
-_MAX_BLOCK_C = 128
-# Warps per program (bench/kernel_bandwidth.py sweeps this and the tile size).
-_NUM_WARPS = 8
+# Widest channel block while the row still has columns to spend the tile on;
+# narrow rows give their unused columns back to channels (see _block_sizes).
+_MAX_BLOCK_C = 256
+_NUM_WARPS = 4
+# Elements per thread below which a small tile gets fewer warps (idle threads
+# in a program only cost occupancy).
+_MIN_ELEMENTS_PER_THREAD = 8
+_MAX_GRID_YZ = 65535  # CUDA limit of grid axes 1 and 2
+_INT32_MAX = 2**31 - 1
 
 
 @triton.jit
-def _tile_coords(n_rows, C, R, RW, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile of a channels-last ``(B, R, Rw, C)`` output, shared by all three
-    kernels: output rows and channels, their masks, and each row's ``(b, i, j)``."""
-    # int64 from the start: B * R * Rw * C overflows int32 for large batches.
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
-    chans = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    area = R * RW  # small; rows is int64, so the divisions below are int64
-    return rows, chans, rows < n_rows, chans < C, rows // area, (rows % area) // RW, rows % RW
+def _row_tile(R, RW, C, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    """This program's tile of a channels-last ``(B, R, Rw, C)`` output, shared by all
+    three kernels: the output row (``b * R + i``, int64 scalar), ``b`` and ``i``
+    (scalars, one division per program), the tile's columns ``j`` and channels ``c``
+    and their masks.
+
+    ``j`` and ``c`` are int32 (cheaper address math) unless ``WIDE``: only offsets
+    inside one row of one image are formed from them, and the launcher sets
+    ``WIDE`` when those can pass 2**31. Everything that scales with the batch
+    (row * Rw * C, b * patch batch stride) goes into int64 scalar bases instead.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // R
+    i = row - b * R
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    if WIDE:
+        j = j.to(tl.int64)
+        c = c.to(tl.int64)
+    return row, b, i, j, c, j < RW, c < C
 
 
 @triton.jit
-def _store_tile(out_ptr, value, rows, chans, row_mask, chan_mask, C):
-    """Store a tile; channel is the fastest output axis, so stores are contiguous runs."""
-    tl.store(out_ptr + rows[:, None] * C + chans[None, :], value,
-             mask=row_mask[:, None] & chan_mask[None, :])
+def _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, RW, C):
+    """Store a tile into output row ``row``: the row starts at ``row * Rw * C`` (int64,
+    overflows int32 for large batches) and is one contiguous run, channel fastest."""
+    out_row = out_ptr + row * RW * C
+    tl.store(out_row + (j[:, None] * C + c[None, :]), value,
+             mask=j_mask[:, None] & c_mask[None, :])
 
 
-# Window and patch sizes differ per layer and only enter divisions and compares:
-# not specialising on them saves a compile per layer. Strides and C stay
-# specialised, their divisibility lets loads and stores vectorise.
-@triton.jit(do_not_specialize=["n_rows", "R", "RW", "PATCH_H", "PATCH_W", "stride_tb",
-                               "stride_tk"])
+# Window and patch sizes differ per layer and only enter scalar math and
+# compares: not specialising on them saves a compile per layer. Strides and C
+# stay specialised, their divisibility lets loads and stores vectorise.
+@triton.jit(do_not_specialize=["R", "RW", "PATCH_H", "PATCH_W", "stride_tb", "stride_tk"])
 def _gather_window_kernel(
     out_ptr,        # (B, R, Rw, C) output, contiguous: channels-last (B, C, R, Rw)
     stored_ptr,     # (1, C, Hs, Ws) stored activation, any strides
     patch_ptr,      # (B, C, h, w) incoming patches, any strides; unused without HAS_PATCH
     table_ptr,      # int64 (B, 4) rows [win_y, win_x, off_y, off_x]
-    n_rows,         # B * R * Rw: output spatial elements
     C,              # channels
     R,              # window height
     RW,             # window width
@@ -79,63 +120,108 @@ def _gather_window_kernel(
     stride_tb,      # table stride along B
     stride_tk,      # table stride along its 4 columns
     HAS_PATCH: tl.constexpr,  # False: plain gather, no overlay
-    BLOCK_P: tl.constexpr,    # output spatial elements per program
+    BLOCK_J: tl.constexpr,    # window columns per program
     BLOCK_C: tl.constexpr,    # channels per program
+    WIDE: tl.constexpr,       # int64 in-row offsets (see _row_tile)
 ):
-    rows, chans, row_mask, chan_mask, b, i, j = _tile_coords(n_rows, C, R, RW, BLOCK_P, BLOCK_C)
+    row, b, i, j, c, j_mask, c_mask = _row_tile(R, RW, C, BLOCK_J, BLOCK_C, WIDE)
+    tile_mask = j_mask[:, None] & c_mask[None, :]
 
-    win_y = tl.load(table_ptr + b * stride_tb, mask=row_mask, other=0)
-    win_x = tl.load(table_ptr + b * stride_tb + stride_tk, mask=row_mask, other=0)
+    # The position's table row, once per program, as scalars.
+    entry = table_ptr + b * stride_tb
+    win_y = tl.load(entry)
+    win_x = tl.load(entry + stride_tk)
     if HAS_PATCH:
-        py = i - tl.load(table_ptr + b * stride_tb + 2 * stride_tk, mask=row_mask, other=0)
-        px = j - tl.load(table_ptr + b * stride_tb + 3 * stride_tk, mask=row_mask, other=0)
-        in_patch = (py >= 0) & (py < PATCH_H) & (px >= 0) & (px < PATCH_W) & row_mask
+        py = i - tl.load(entry + 2 * stride_tk)  # row in the patch: one scalar test
+        off_x = tl.load(entry + 3 * stride_tk)
+        px = j - off_x                           # column in the patch: a test per j
+        in_patch = (px >= 0) & (px < PATCH_W) & j_mask & (py >= 0) & (py < PATCH_H)
     else:
-        py = i
-        px = j
-        in_patch = rows < 0  # all False
+        in_patch = j < 0  # all False
 
     # Patch elements win; stored is only read where no patch covers the element.
-    from_stored = (row_mask & ~in_patch)[:, None] & chan_mask[None, :]
-    stored_off = ((win_y + i) * stride_sh + (win_x + j) * stride_sw)[:, None] \
-        + chans[None, :] * stride_sc
-    value = tl.load(stored_ptr + stored_off, mask=from_stored, other=0)
+    # Row bases are int64 scalars; along the row the offsets are j*stride + c*stride.
+    stored_row = stored_ptr + (win_y + i) * stride_sh + win_x * stride_sw
+    value = tl.load(stored_row + (j[:, None] * stride_sw + c[None, :] * stride_sc),
+                    mask=tile_mask & ~in_patch[:, None], other=0)
     if HAS_PATCH:
-        from_patch = in_patch[:, None] & chan_mask[None, :]
-        patch_off = (b * stride_pb + py * stride_ph + px * stride_pw)[:, None] \
-            + chans[None, :] * stride_pc
-        patch_value = tl.load(patch_ptr + patch_off, mask=from_patch, other=0)
+        from_patch = in_patch[:, None] & c_mask[None, :]
+        patch_row = patch_ptr + b * stride_pb + py * stride_ph - off_x * stride_pw
+        patch_value = tl.load(patch_row + (j[:, None] * stride_pw + c[None, :] * stride_pc),
+                              mask=from_patch, other=0)
         value = tl.where(from_patch, patch_value, value)
 
-    _store_tile(out_ptr, value, rows, chans, row_mask, chan_mask, C)
+    _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, RW, C)
 
 
 class _LaunchConfig:
-    """Tile size and warps of all three kernels; one place, so a benchmark can sweep them."""
+    """Tile size, widest channel block and warps of all three kernels; one place,
+    so a benchmark can sweep them."""
 
     tile_elements = _TILE_ELEMENTS
+    max_block_c = _MAX_BLOCK_C
     num_warps = _NUM_WARPS
 
 
 _config = _LaunchConfig()
 
 
-def _tile_launch(batch: int, channels: int, window: tuple[int, int], like: Tensor):
-    """Channels-last ``(B, C, R, Rw)`` output, row count, grid and block sizes of a launch."""
-    r, rw = window
-    out = torch.empty((batch, channels, r, rw), dtype=like.dtype, device=like.device,
-                      memory_format=torch.channels_last)
-    n_rows = batch * r * rw
-    block_p, block_c = _block_sizes(channels)
-    grid = (triton.cdiv(n_rows, block_p), triton.cdiv(channels, block_c))
-    return out, n_rows, grid, block_p, block_c
+class _RowLaunch:
+    """Output, grid and tile of one launch over the rows of a channels-last output."""
+
+    def __init__(self, batch: int, channels: int, window: tuple[int, int], like: Tensor):
+        r, rw = window
+        self.out = torch.empty((batch, channels, r, rw), dtype=like.dtype, device=like.device,
+                               memory_format=torch.channels_last)
+        self.block_j, self.block_c = _block_sizes(channels, rw)
+        self.grid = (batch * r, triton.cdiv(rw, self.block_j), triton.cdiv(channels, self.block_c))
+        self.num_warps = _num_warps(self.block_j, self.block_c)
+        self.empty = self.out.numel() == 0
+
+    def wide(self, *row_strides: tuple[int, int]) -> bool:
+        """Whether an in-row offset ``j * stride_j + c * stride_c`` of some tensor can pass
+        int32 for the tile's largest (masked) ``j`` and ``c``; ``row_strides`` are each read
+        tensor's ``(stride_j, stride_c)``, the output's ``(C, 1)`` is included."""
+        j_max = self.grid[1] * self.block_j - 1
+        c_max = self.grid[2] * self.block_c - 1
+        channels = self.out.shape[1]
+        return any(j_max * sj + c_max * sc > _INT32_MAX
+                   for sj, sc in ((channels, 1), *row_strides))
+
+    def kwargs(self, *row_strides: tuple[int, int]) -> dict:
+        """Block sizes, WIDE and launch options for the kernel call."""
+        return dict(BLOCK_J=self.block_j, BLOCK_C=self.block_c, WIDE=self.wide(*row_strides),
+                    num_warps=self.num_warps)
 
 
-def _block_sizes(channels: int) -> tuple[int, int]:
-    """``(BLOCK_P, BLOCK_C)`` for a copy with ``channels`` channels: all channels in one
-    program up to ``_MAX_BLOCK_C``, the rest of the tile spent on spatial elements."""
-    block_c = min(triton.next_power_of_2(channels), _MAX_BLOCK_C)
-    return max(16, _config.tile_elements // block_c), block_c
+def _tile_launch(batch: int, channels: int, window: tuple[int, int], like: Tensor) -> _RowLaunch:
+    """Channels-last ``(B, C, R, Rw)`` output, grid and block sizes of a launch."""
+    return _RowLaunch(batch, channels, window, like)
+
+
+def _block_sizes(channels: int, width: int) -> tuple[int, int]:
+    """``(BLOCK_J, BLOCK_C)`` for rows of ``width`` columns of ``channels`` channels:
+    channels up to ``_config.max_block_c``, the rest of ``_config.tile_elements`` on
+    columns (no more than the row has), then what a narrow row leaves back to
+    channels. Both are powers of two; grid axes 1 and 2 stay within CUDA's limit."""
+    tile = max(1, _config.tile_elements)
+    c_pow2, j_pow2 = triton.next_power_of_2(max(channels, 1)), triton.next_power_of_2(max(width, 1))
+    block_c = min(c_pow2, _config.max_block_c, tile)
+    block_j = min(j_pow2, max(1, tile // block_c))
+    block_c = min(c_pow2, max(block_c, tile // block_j))
+    # Grid axes 1 and 2 are limited to 65535 programs: only absurd sizes get here.
+    block_j = max(block_j, triton.next_power_of_2(triton.cdiv(width, _MAX_GRID_YZ)))
+    block_c = max(block_c, triton.next_power_of_2(triton.cdiv(channels, _MAX_GRID_YZ)))
+    return block_j, block_c
+
+
+def _num_warps(block_j: int, block_c: int) -> int:
+    """``_config.num_warps``, fewer for a tile too small to give each thread
+    ``_MIN_ELEMENTS_PER_THREAD`` elements (a power of two, at least 1)."""
+    warps = max(1, _config.num_warps)
+    while warps > 1 and block_j * block_c < warps * 32 * _MIN_ELEMENTS_PER_THREAD:
+        warps //= 2
+    return warps
 
 
 def _check_map(name: str, tensor: Tensor) -> None:
@@ -192,9 +278,9 @@ def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
                          window: tuple[int, int]) -> Tensor:
     """Triton gather-with-superimposition; same contract as :func:`gather_window_torch`.
 
-    One program copies a ``(BLOCK_P, BLOCK_C)`` tile of the channels-last output:
-    each element is read from the position's patch if the patch covers it, from
-    ``stored`` otherwise. No host synchronisation: the table stays on the device.
+    One program copies a ``(BLOCK_J, BLOCK_C)`` tile of one output row ``(b, i)``
+    of the channels-last output: each element is read from the position's patch
+    if the patch covers it, from ``stored`` otherwise. No host synchronisation: the table stays on the device.
 
     Args:
         stored: ``(1, C, Hs, Ws)`` activation, float32/float16/bfloat16, any
@@ -225,21 +311,24 @@ def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
     batch, channels = table.shape[0], stored.shape[1]
     if patch is not None:
         patch = _check_patch(patch, batch, channels, stored)
-    out, n_rows, grid, block_p, block_c = _tile_launch(batch, channels, (r, rw), stored)
-    if n_rows == 0 or channels == 0:
-        return out
+    launch = _tile_launch(batch, channels, (r, rw), stored)
+    if launch.empty:
+        return launch.out
     has_patch = patch is not None
     patch_arg = patch if has_patch else stored
     patch_h, patch_w = patch.shape[-2:] if has_patch else (0, 0)
-    _gather_window_kernel[grid](
-        out, stored, patch_arg, table,
-        n_rows, channels, r, rw, patch_h, patch_w,
+    row_strides = [(stored.stride(3), stored.stride(1))]
+    if has_patch:
+        row_strides.append((patch.stride(3), patch.stride(1)))
+    _gather_window_kernel[launch.grid](
+        launch.out, stored, patch_arg, table,
+        channels, r, rw, patch_h, patch_w,
         stored.stride(1), stored.stride(2), stored.stride(3),
         *patch_arg.stride(),
         table.stride(0), table.stride(1),
-        HAS_PATCH=has_patch, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_config.num_warps,
+        HAS_PATCH=has_patch, **launch.kwargs(*row_strides),
     )
-    return out
+    return launch.out
 
 
 def _window_rows(table: Tensor, window: tuple[int, int], width: int) -> Tensor:

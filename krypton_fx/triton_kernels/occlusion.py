@@ -9,22 +9,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import (_tile_launch, _config, _store_tile, _tile_coords,
-                     _check_index, _check_map, _check_window, gather_window_torch)
+from .gather import (_check_index, _check_map, _check_window, _row_tile, _store_row_tile,
+                     _tile_launch, gather_window_torch)
 
 __all__ = ["occlude_window_triton", "occlude_window_torch"]
 
 
-# Window and patch sizes only enter divisions and compares: not specialising on
-# them saves compiles; strides and C stay specialised (vectorisation).
-@triton.jit(do_not_specialize=["n_rows", "R", "RW", "PATCH_H", "PATCH_W", "stride_tb",
-                               "stride_tk"])
+# Same launch geometry as the gather (see gather.py): one program per output row
+# (b, i), a (BLOCK_J, BLOCK_C) tile of its columns and channels. Window and patch
+# sizes only enter scalar math and compares: not specialising on them saves
+# compiles; strides and C stay specialised (vectorisation).
+@triton.jit(do_not_specialize=["R", "RW", "PATCH_H", "PATCH_W", "stride_tb", "stride_tk"])
 def _occlude_window_kernel(
     out_ptr,        # (B, R, Rw, C) output, contiguous: channels-last (B, C, R, Rw)
     image_ptr,      # (1, C, Hs, Ws) image, any strides
     color_ptr,      # (C,) patch colour, contiguous, in the image's dtype
     table_ptr,      # int64 (B, 4) rows [win_y, win_x, off_y, off_x]
-    n_rows,         # B * R * Rw: output spatial elements
     C,              # channels
     R,              # window height
     RW,             # window width
@@ -35,26 +35,29 @@ def _occlude_window_kernel(
     stride_iw,      # image stride along W
     stride_tb,      # table stride along B
     stride_tk,      # table stride along its 4 columns
-    BLOCK_P: tl.constexpr,    # output spatial elements per program
+    BLOCK_J: tl.constexpr,    # window columns per program
     BLOCK_C: tl.constexpr,    # channels per program
+    WIDE: tl.constexpr,       # int64 in-row offsets (see gather._row_tile)
 ):
-    rows, chans, row_mask, chan_mask, b, i, j = _tile_coords(n_rows, C, R, RW, BLOCK_P, BLOCK_C)
+    row, b, i, j, c, j_mask, c_mask = _row_tile(R, RW, C, BLOCK_J, BLOCK_C, WIDE)
+    tile_mask = j_mask[:, None] & c_mask[None, :]
 
-    win_y = tl.load(table_ptr + b * stride_tb, mask=row_mask, other=0)
-    win_x = tl.load(table_ptr + b * stride_tb + stride_tk, mask=row_mask, other=0)
-    py = i - tl.load(table_ptr + b * stride_tb + 2 * stride_tk, mask=row_mask, other=0)
-    px = j - tl.load(table_ptr + b * stride_tb + 3 * stride_tk, mask=row_mask, other=0)
-    in_patch = (py >= 0) & (py < PATCH_H) & (px >= 0) & (px < PATCH_W) & row_mask
+    # The position's table row, once per program, as scalars.
+    entry = table_ptr + b * stride_tb
+    win_y = tl.load(entry)
+    win_x = tl.load(entry + stride_tk)
+    py = i - tl.load(entry + 2 * stride_tk)       # row in the patch: one scalar test
+    px = j - tl.load(entry + 3 * stride_tk)       # column in the patch: a test per j
+    in_patch = (px >= 0) & (px < PATCH_W) & j_mask & (py >= 0) & (py < PATCH_H)
 
     # The image is only read where the patch does not cover the element.
-    from_image = (row_mask & ~in_patch)[:, None] & chan_mask[None, :]
-    image_off = ((win_y + i) * stride_ih + (win_x + j) * stride_iw)[:, None] \
-        + chans[None, :] * stride_ic
-    value = tl.load(image_ptr + image_off, mask=from_image, other=0)
-    color = tl.load(color_ptr + chans, mask=chan_mask, other=0)
+    image_row = image_ptr + (win_y + i) * stride_ih + win_x * stride_iw
+    value = tl.load(image_row + (j[:, None] * stride_iw + c[None, :] * stride_ic),
+                    mask=tile_mask & ~in_patch[:, None], other=0)
+    color = tl.load(color_ptr + c, mask=c_mask, other=0)
     value = tl.where(in_patch[:, None], color[None, :], value)
 
-    _store_tile(out_ptr, value, rows, chans, row_mask, chan_mask, C)
+    _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, RW, C)
 
 
 def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: tuple[int, int],
@@ -99,17 +102,17 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: t
     if color.device != image.device:
         raise ValueError(f"color is on {color.device} but the image is on {image.device}")
     color = color.reshape(channels).to(image.dtype).contiguous()
-    out, n_rows, grid, block_p, block_c = _tile_launch(batch, channels, (r, rw), image)
-    if n_rows == 0 or channels == 0:
-        return out
-    _occlude_window_kernel[grid](
-        out, image, color, table,
-        n_rows, channels, r, rw, patch_h, patch_w,
+    launch = _tile_launch(batch, channels, (r, rw), image)
+    if launch.empty:
+        return launch.out
+    _occlude_window_kernel[launch.grid](
+        launch.out, image, color, table,
+        channels, r, rw, patch_h, patch_w,
         image.stride(1), image.stride(2), image.stride(3),
         table.stride(0), table.stride(1),
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_config.num_warps,
+        **launch.kwargs((image.stride(3), image.stride(1))),
     )
-    return out
+    return launch.out
 
 
 def occlude_window_torch(image: Tensor, color: Tensor, table: Tensor, window: tuple[int, int],

@@ -8,22 +8,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import (_tile_launch, _config, _store_tile, _tile_coords,
-                     _check_index, _check_map, _check_patch, _overlay_rows)
+from .gather import (_check_index, _check_map, _check_patch, _overlay_rows, _row_tile,
+                     _store_row_tile, _tile_launch)
 
 __all__ = ["project_to_full_triton", "project_to_full_torch"]
 
 
-# Map and patch sizes only enter divisions and compares: not specialising on them
-# saves a compile per layer; strides and C stay specialised (vectorisation).
-@triton.jit(do_not_specialize=["n_rows", "H", "W", "PATCH_H", "PATCH_W", "stride_tb",
-                               "stride_tk"])
+# Same launch geometry as the gather (see gather.py): one program per output row
+# (b, i), a (BLOCK_J, BLOCK_C) tile of its columns and channels. Map and patch
+# sizes only enter scalar math and compares: not specialising on them saves a
+# compile per layer; strides and C stay specialised (vectorisation).
+@triton.jit(do_not_specialize=["H", "W", "PATCH_H", "PATCH_W", "stride_tb", "stride_tk"])
 def _project_to_full_kernel(
     out_ptr,        # (B, H, W, C) output, contiguous: channels-last (B, C, H, W)
     stored_ptr,     # (1, C, H, W) stored activation, any strides
     patch_ptr,      # (B, C, h, w) patches, any strides
     starts_ptr,     # int64 (B, 2) patch top-left [y, x] in the map
-    n_rows,         # B * H * W: output spatial elements
     C,              # channels
     H,              # map height
     W,              # map width
@@ -38,35 +38,41 @@ def _project_to_full_kernel(
     stride_pw,      # patch stride along w
     stride_tb,      # starts stride along B
     stride_tk,      # starts stride along its 2 columns
-    BLOCK_P: tl.constexpr,    # output spatial elements per program
+    BLOCK_J: tl.constexpr,    # map columns per program
     BLOCK_C: tl.constexpr,    # channels per program
+    WIDE: tl.constexpr,       # int64 in-row offsets (see gather._row_tile)
 ):
-    rows, chans, row_mask, chan_mask, b, i, j = _tile_coords(n_rows, C, H, W, BLOCK_P, BLOCK_C)
+    row, b, i, j, c, j_mask, c_mask = _row_tile(H, W, C, BLOCK_J, BLOCK_C, WIDE)
+    tile_mask = j_mask[:, None] & c_mask[None, :]
 
-    # The window is the whole map (start 0), so the patch offset is its start.
-    py = i - tl.load(starts_ptr + b * stride_tb, mask=row_mask, other=0)
-    px = j - tl.load(starts_ptr + b * stride_tb + stride_tk, mask=row_mask, other=0)
-    in_patch = (py >= 0) & (py < PATCH_H) & (px >= 0) & (px < PATCH_W) & row_mask
+    # The window is the whole map (start 0), so the patch offset is its start;
+    # read once per program, as scalars.
+    entry = starts_ptr + b * stride_tb
+    py = i - tl.load(entry)                 # row in the patch: one scalar test
+    start_x = tl.load(entry + stride_tk)
+    px = j - start_x                        # column in the patch: a test per j
+    in_patch = (px >= 0) & (px < PATCH_W) & j_mask & (py >= 0) & (py < PATCH_H)
 
-    from_stored = (row_mask & ~in_patch)[:, None] & chan_mask[None, :]
-    stored_off = (i * stride_sh + j * stride_sw)[:, None] + chans[None, :] * stride_sc
-    value = tl.load(stored_ptr + stored_off, mask=from_stored, other=0)
-    from_patch = in_patch[:, None] & chan_mask[None, :]
-    patch_off = (b * stride_pb + py * stride_ph + px * stride_pw)[:, None] \
-        + chans[None, :] * stride_pc
-    patch_value = tl.load(patch_ptr + patch_off, mask=from_patch, other=0)
+    stored_row = stored_ptr + i * stride_sh
+    value = tl.load(stored_row + (j[:, None] * stride_sw + c[None, :] * stride_sc),
+                    mask=tile_mask & ~in_patch[:, None], other=0)
+    from_patch = in_patch[:, None] & c_mask[None, :]
+    patch_row = patch_ptr + b * stride_pb + py * stride_ph - start_x * stride_pw
+    patch_value = tl.load(patch_row + (j[:, None] * stride_pw + c[None, :] * stride_pc),
+                          mask=from_patch, other=0)
     value = tl.where(from_patch, patch_value, value)
 
-    _store_tile(out_ptr, value, rows, chans, row_mask, chan_mask, C)
+    _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, W, C)
 
 
 def project_to_full_triton(stored: Tensor, patch: Tensor, starts: Tensor) -> Tensor:
     """Triton projection to full size; same contract as :func:`project_to_full_torch`.
 
     A gather whose window is the whole map: one program copies a
-    ``(BLOCK_P, BLOCK_C)`` tile of the channels-last output, reading the patch
-    where it covers the element and ``stored`` elsewhere. Patch elements
-    outside the map are dropped, as in the torch version.
+    ``(BLOCK_J, BLOCK_C)`` tile of one output row ``(b, i)`` of the channels-last
+    output, reading the patch where it covers the element and ``stored``
+    elsewhere. Patch elements outside the map are dropped, as in the torch
+    version.
 
     Args:
         stored: ``(1, C, H, W)`` activation, float32/float16/bfloat16, any
@@ -92,18 +98,18 @@ def project_to_full_triton(stored: Tensor, patch: Tensor, starts: Tensor) -> Ten
     _, channels, h_full, w_full = stored.shape
     batch = starts.shape[0]
     patch = _check_patch(patch, batch, channels, stored)
-    out, n_rows, grid, block_p, block_c = _tile_launch(batch, channels, (h_full, w_full), stored)
-    if n_rows == 0 or channels == 0:
-        return out
-    _project_to_full_kernel[grid](
-        out, stored, patch, starts,
-        n_rows, channels, h_full, w_full, patch.shape[2], patch.shape[3],
+    launch = _tile_launch(batch, channels, (h_full, w_full), stored)
+    if launch.empty:
+        return launch.out
+    _project_to_full_kernel[launch.grid](
+        launch.out, stored, patch, starts,
+        channels, h_full, w_full, patch.shape[2], patch.shape[3],
         stored.stride(1), stored.stride(2), stored.stride(3),
         *patch.stride(),
         starts.stride(0), starts.stride(1),
-        BLOCK_P=block_p, BLOCK_C=block_c, num_warps=_config.num_warps,
+        **launch.kwargs((stored.stride(3), stored.stride(1)), (patch.stride(3), patch.stride(1))),
     )
-    return out
+    return launch.out
 
 
 def project_to_full_torch(stored: Tensor, patch: Tensor, starts: Tensor) -> Tensor:
