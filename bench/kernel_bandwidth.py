@@ -35,6 +35,8 @@ class Case:
     shape: str                      # what the shapes are, for the table
     triton_fn: Callable[[], torch.Tensor]
     torch_fn: Callable[[], torch.Tensor]
+    channels: int                   # C and output row width: they pick the kernels'
+    width: int                      # (BLOCK_J, BLOCK_C) tile
 
 
 def _positions(batch: int, full: int, window: int, gen: torch.Generator) -> torch.Tensor:
@@ -59,7 +61,7 @@ def _gather_case(c: int, hw: int, pad: int, batch: int, window: int, patch: int,
     return Case("gather_window", f"stored (1,{c},{full},{full}) B={batch} win {window}^2 "
                 f"patch {patch}^2",
                 lambda: gather_window_triton(stored, patches, table, win),
-                lambda: gather_window_torch(stored, patches, table, win))
+                lambda: gather_window_torch(stored, patches, table, win), c, window)
 
 
 def _projection_case(c: int, hw: int, batch: int, patch: int, dtype: torch.dtype,
@@ -75,7 +77,7 @@ def _projection_case(c: int, hw: int, batch: int, patch: int, dtype: torch.dtype
                          1).cuda()
     return Case("project_to_full", f"stored (1,{c},{hw},{hw}) B={batch} patch {patch}^2",
                 lambda: project_to_full_triton(stored, patches, starts),
-                lambda: project_to_full_torch(stored, patches, starts))
+                lambda: project_to_full_torch(stored, patches, starts), c, hw)
 
 
 def _occlusion_case(hw: int, batch: int, window: int, patch: int, dtype: torch.dtype,
@@ -95,7 +97,7 @@ def _occlusion_case(hw: int, batch: int, window: int, patch: int, dtype: torch.d
     win, phw = (window, window), (patch, patch)
     return Case("occlude_window", f"image (1,3,{hw},{hw}) B={batch} win {window}^2 patch {patch}^2",
                 lambda: occlude_window_triton(image, color, table, win, phw),
-                lambda: occlude_window_torch(image, color, table, win, phw))
+                lambda: occlude_window_torch(image, color, table, win, phw), 3, window)
 
 
 def _cases(dtype: torch.dtype) -> list[Case]:
@@ -130,20 +132,34 @@ def _copy_ms(nbytes: int) -> float:
     return _time_ms(lambda: dst.copy_(src))
 
 
-SWEEP = [(4096, 4), (4096, 8), (16384, 8), (16384, 16)]
+# (tile elements, warps) to try with --sweep. A program copies a (BLOCK_J, BLOCK_C)
+# tile of one output row; _block_sizes splits the tile elements between the
+# row's columns and channels (channels first, up to _config.max_block_c). A tile
+# never spans more than one row, so sizes past a row's (power-of-two) Rw x C give
+# the same shape; the printed [BLOCK_J x BLOCK_C, warps] shows what each case got.
+SWEEP = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]
 
 
-def _best_config(fn) -> tuple[float, tuple[int, int]]:
-    """Fastest (tile elements, warps) of SWEEP for ``fn``; restores the defaults."""
+def _tile_shape(case: Case) -> str:
+    """``BLOCK_J x BLOCK_C, warps`` the current launch config gives ``case``."""
+    from krypton_fx.triton_kernels.gather import _block_sizes, _num_warps
+
+    block_j, block_c = _block_sizes(case.channels, case.width)
+    return f"{block_j}x{block_c}, {_num_warps(block_j, block_c)} warps"
+
+
+def _best_config(case: Case) -> tuple[float, str]:
+    """Fastest launch config of SWEEP for ``case``, as (ms, tile description);
+    restores the defaults."""
     from krypton_fx.triton_kernels.gather import _config
 
     default = (_config.tile_elements, _config.num_warps)
-    best = (float("inf"), default)
+    best = (float("inf"), "")
     try:
         for tile, warps in SWEEP:
             _config.tile_elements, _config.num_warps = tile, warps
-            fn()
-            best = min(best, (_time_ms(fn), (tile, warps)))
+            case.triton_fn()
+            best = min(best, (_time_ms(case.triton_fn), f"tile {tile} = {_tile_shape(case)}"))
     finally:
         _config.tile_elements, _config.num_warps = default
     return best
@@ -179,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         triton_ms = _time_ms(case.triton_fn)
         torch_ms = _time_ms(case.torch_fn)
         copy_ms = _copy_ms(nbytes)
-        best_ms, (tile, warps) = _best_config(case.triton_fn) if args.sweep else (triton_ms, (0, 0))
+        best_ms, best_tile = _best_config(case) if args.sweep else (triton_ms, "")
         gbs = nbytes / (triton_ms * 1e-3) / 1e9
         print(f"{case.kernel:<16} {case.shape:<52} {nbytes / 1e6:>9.1f} {triton_ms:>10.4f} "
               f"{gbs:>8.1f} {100 * copy_ms / triton_ms:>6.1f}% {torch_ms:>9.4f} "
               f"{torch_ms / triton_ms:>11.2f}x"
-              + (f"  best {100 * copy_ms / best_ms:5.1f}% at tile {tile}, {warps} warps" if args.sweep else ""),
+              + (f"  [{_tile_shape(case)}]  best {100 * copy_ms / best_ms:5.1f}% at {best_tile}"
+                 if args.sweep else f"  [{_tile_shape(case)}]"),
               flush=True)
         del out, expected
     print("% copy: device-to-device copy time of the same bytes / kernel time (100% = copy speed); "

@@ -7,6 +7,7 @@ they run under ``TRITON_INTERPRET=1`` (set in ``conftest.py``); with
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -99,6 +100,77 @@ def test_project_to_full_matches_torch(dtype: torch.dtype, layout: str, data) ->
     stored, patch, starts = _on_device(case.stored), _on_device(case.patch), _on_device(case.starts)
     expected = project_to_full_torch(stored, patch, starts)
     assert_same_output(project_to_full_triton(stored, patch, starts), expected)
+
+
+# ---------------------------------------------------------------------------
+# Tiles smaller than a row: several column blocks and channel blocks
+# ---------------------------------------------------------------------------
+# With the default launch config the cases above fit one (BLOCK_J, BLOCK_C) tile
+# per output row (BLOCK_C >= C, BLOCK_J >= Rw). Here 4x4 tiles split rows into
+# several column blocks (grid axis 1) and channels into several channel blocks
+# (grid axis 2); wide=True also forces the int64 in-row offsets (WIDE).
+
+@contextlib.contextmanager
+def _launch_config(tile_elements: int, max_block_c: int, wide: bool):
+    config = gather._config
+    saved = (config.tile_elements, config.max_block_c, gather._INT32_MAX)
+    config.tile_elements, config.max_block_c = tile_elements, max_block_c
+    if wide:
+        gather._INT32_MAX = 0  # every in-row offset "may pass int32": WIDE=True
+    try:
+        yield
+    finally:
+        config.tile_elements, config.max_block_c, gather._INT32_MAX = saved
+
+
+def _run_all_kernels(stored, patch, table, window, patch_hw, color, starts):
+    """(triton, torch) outputs of the three kernels on one problem."""
+    return [
+        (gather_window_triton(stored, patch, table, window),
+         gather_window_torch(stored, patch, table, window)),
+        (gather_window_triton(stored, None, table, window),
+         gather_window_torch(stored, None, table, window)),
+        (occlude_window_triton(stored, color, table, window, patch_hw),
+         occlude_window_torch(stored, color, table, window, patch_hw)),
+        (project_to_full_triton(stored, patch, starts),
+         project_to_full_torch(stored, patch, starts)),
+    ]
+
+
+@pytest.mark.parametrize("wide", [False, True], ids=["int32-offsets", "int64-offsets"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kernels_with_several_column_and_channel_blocks(batch: int, wide: bool) -> None:
+    gen = torch.Generator().manual_seed(batch)
+    channels, window, patch_hw = 11, (5, 10), (3, 4)
+    stored = torch.randn(1, channels, 9, 13, generator=gen).to(DEVICE).contiguous(
+        memory_format=torch.channels_last)
+    patch = torch.randn(batch, channels, *patch_hw, generator=gen).to(DEVICE)
+    # Patch inside, clipped on the right (across a column-block border), outside.
+    table = torch.tensor([[4, 3, 1, 3], [0, 0, 3, 8], [2, 1, -4, 0]][:batch], device=DEVICE)
+    starts = torch.tensor([[2, 3], [6, 11], [0, 0]][:batch], device=DEVICE)
+    color = torch.randn(channels, generator=gen).to(DEVICE)
+    with _launch_config(16, 4, wide):
+        grids = [gather._tile_launch(batch, channels, win, stored).grid
+                 for win in (window, tuple(stored.shape[-2:]))]
+        assert all(grid[1] > 1 and grid[2] > 1 for grid in grids), grids
+        for actual, expected in _run_all_kernels(stored, patch, table, window, patch_hw, color,
+                                                 starts):
+            assert_same_output(actual, expected)
+
+
+@settings(max_examples=6 if NATIVE else 12)
+@given(case=gather_cases(with_patch=True, channels=st.integers(5, 20)),
+       tiles=st.sampled_from([(16, 4), (32, 8), (8, 2)]), wide=st.booleans())
+def test_kernels_with_small_tiles_match_torch(case: GatherCase, tiles: tuple[int, int],
+                                              wide: bool) -> None:
+    stored, patch, table = _on_device(case.stored), _on_device(case.patch), _on_device(case.table)
+    color = _on_device(case.color)
+    # Projection: the same patches at starts inside, clipped or outside the stored map.
+    starts = _on_device(case.table[:, 2:])
+    with _launch_config(*tiles, wide):
+        for actual, expected in _run_all_kernels(stored, patch, table, case.window,
+                                                 case.patch_hw, color, starts):
+            assert_same_output(actual, expected)
 
 
 def test_docstring_examples() -> None:

@@ -53,9 +53,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # tile shape: run `bash bench/gpu_check.sh` (or `python bench/kernel_bandwidth.py
 # --sweep`) on a GPU to measure them and the alternatives in its SWEEP.
 _TILE_ELEMENTS = 4096
-# Widest channel block while the row still has columns to spend the tile on;
-# narrow rows give their unused columns back to channels (see _block_sizes).
+# Widest channel block: the rest of the tile goes to the row's columns.
 _MAX_BLOCK_C = 256
+# Fewest columns per tile (fewer tile shapes, so fewer compiles; see _block_sizes).
+_MIN_BLOCK_J = 8
 _NUM_WARPS = 4
 # Elements per thread below which a small tile gets fewer warps (idle threads
 # in a program only cost occupancy).
@@ -202,13 +203,16 @@ def _tile_launch(batch: int, channels: int, window: tuple[int, int], like: Tenso
 def _block_sizes(channels: int, width: int) -> tuple[int, int]:
     """``(BLOCK_J, BLOCK_C)`` for rows of ``width`` columns of ``channels`` channels:
     channels up to ``_config.max_block_c``, the rest of ``_config.tile_elements`` on
-    columns (no more than the row has), then what a narrow row leaves back to
-    channels. Both are powers of two; grid axes 1 and 2 stay within CUDA's limit."""
+    columns, but no more than the row has. Both are powers of two; grid axes 1
+    and 2 stay within CUDA's limit.
+
+    Each distinct pair is a compile: BLOCK_J is at least ``_MIN_BLOCK_J`` so that
+    narrow rows (small layers, where masked lanes cost little) share one shape.
+    """
     tile = max(1, _config.tile_elements)
-    c_pow2, j_pow2 = triton.next_power_of_2(max(channels, 1)), triton.next_power_of_2(max(width, 1))
-    block_c = min(c_pow2, _config.max_block_c, tile)
-    block_j = min(j_pow2, max(1, tile // block_c))
-    block_c = min(c_pow2, max(block_c, tile // block_j))
+    block_c = min(triton.next_power_of_2(max(channels, 1)), _config.max_block_c, tile)
+    row = max(triton.next_power_of_2(max(width, 1)), _MIN_BLOCK_J)
+    block_j = min(row, max(1, tile // block_c))
     # Grid axes 1 and 2 are limited to 65535 programs: only absurd sizes get here.
     block_j = max(block_j, triton.next_power_of_2(triton.cdiv(width, _MAX_GRID_YZ)))
     block_c = max(block_c, triton.next_power_of_2(triton.cdiv(channels, _MAX_GRID_YZ)))
@@ -280,7 +284,8 @@ def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
 
     One program copies a ``(BLOCK_J, BLOCK_C)`` tile of one output row ``(b, i)``
     of the channels-last output: each element is read from the position's patch
-    if the patch covers it, from ``stored`` otherwise. No host synchronisation: the table stays on the device.
+    if the patch covers it, from ``stored`` otherwise. No host synchronisation:
+    the table stays on the device.
 
     Args:
         stored: ``(1, C, Hs, Ws)`` activation, float32/float16/bfloat16, any
