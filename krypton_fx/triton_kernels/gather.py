@@ -43,8 +43,10 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #
 # Channel blocks are a third grid axis, not a loop inside the program: each
 # program then issues all its loads at once (a runtime loop over channel blocks
-# would serialise one tile's load -> store per iteration, as the compiler does
-# not pipeline it), and the small programs of narrow layers keep the GPU full.
+# would, unless the compiler pipelines it, wait for one tile's loads before the
+# next), all programs are independent, and narrow layers still get many
+# programs to keep the GPU full. The cost, re-reading the table row's four
+# scalars per channel block, is a few cached loads.
 # The axis is short (C / BLOCK_C, 1 for C <= BLOCK_C), well within the 65535
 # limit of grid axes 1 and 2; axis 0 (B * R) may go up to 2**31 - 1.
 #
