@@ -107,6 +107,15 @@ def color_patch(color: Tensor, positions: Tensor, patch_hw: tuple[int, int]) -> 
     return color.view(1, c, 1, 1).expand(positions.shape[0], c, *patch_hw)
 
 
+def _reads_own_box(read: Read) -> bool:
+    """The window is exactly the input's patch box (a 1x1 conv, say): no gather needed."""
+    info: PatchInfo = read.node.meta[META_KEY]
+    if info.state != PATCHED or info.kind is Kind.SOURCE:
+        return False
+    w, box = read.window, info.box
+    return (w.h, w.w) == (box.h, box.w) and torch.equal(w.y, box.y) and torch.equal(w.x, box.x)
+
+
 def _pad_for(read: Read) -> tuple[int, int, int, int]:
     w = read.window
     return (max(0, -int(w.y.min())), max(0, int(w.y.max()) + w.h - w.H),
@@ -130,6 +139,7 @@ class _Emitter:
         self._stored_index: dict[tuple[fx.Node, float], int] = {}
         self._stored_ph: list[fx.Node] = []
         self._n_tables = 0
+        self._reads: dict[tuple, list[tuple[Tensor, Tensor, fx.Node]]] = {}
 
     # --- set-up --------------------------------------------------------------
 
@@ -138,6 +148,8 @@ class _Emitter:
         pads: dict[tuple[fx.Node, float], list[int]] = {}
         for n in self.gm.graph.nodes:
             for read in n.meta[META_KEY].reads:
+                if _reads_own_box(read):
+                    continue
                 key = (read.node, float(read.fill))
                 pad = _pad_for(read)
                 old = pads.setdefault(key, [0, 0, 0, 0])
@@ -160,7 +172,21 @@ class _Emitter:
     # --- reads ---------------------------------------------------------------
 
     def read(self, read: Read) -> fx.Node:
-        """Emit the gather (or projection) node that delivers ``read``'s window."""
+        """The node that delivers ``read``'s window: the input's own patch when the
+        window is its box, else a gather (or projection) node, emitted once per
+        distinct window (Inception's branches read the same window of one input)."""
+        if _reads_own_box(read):
+            return self.env[read.node]
+        w = read.window
+        key = (read.node, float(read.fill), w.h, w.w)
+        for y, x, node in self._reads.setdefault(key, []):
+            if torch.equal(y, w.y) and torch.equal(x, w.x):
+                return node
+        node = self._emit_read(read)
+        self._reads[key].append((w.y, w.x, node))
+        return node
+
+    def _emit_read(self, read: Read) -> fx.Node:
         key = (read.node, float(read.fill))
         index = self._stored_index[key]
         spec = self.stored[index]
