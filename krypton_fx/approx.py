@@ -270,19 +270,29 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
 # --- tuning tau (section 4.4) -------------------------------------------------------------
 
 
-def heatmap_ssim(exact: Tensor, approx: Tensor) -> float:
+def heatmap_ssim(exact: Tensor, approx: Tensor, data_range: Optional[float] = 1.0) -> float:
     """SSIM of an approximate heat map against the exact one.
 
-    ``data_range`` is the exact map's max - min (the span the heat map
-    actually uses; a probability map rarely spans [0, 1]). A constant exact
-    map has no structure: it scores 1 if the approximation equals it and is
-    measured with the approximation's range otherwise. Maps smaller than
-    skimage's default 7x7 window use the largest odd window that fits.
+    Args:
+        exact: the reference heat map.
+        approx: the approximate heat map, same shape.
+        data_range: SSIM's ``L``, the range the values can take (Wang et al.,
+            2004; skimage's ``data_range``). ``1.0`` for probability maps (the
+            default output). ``None``: the exact map's own span, ``max - min``,
+            for logit maps, which have no fixed range; on a probability map this
+            is the stricter reading, the map as drawn on its own colour scale:
+            a nearly flat map (the model barely reacts to any patch) then turns
+            tiny absolute errors into large structural ones.
+
+    A constant exact map measured with ``data_range=None`` has no span: it
+    scores 1 if the approximation equals it and is measured with the
+    approximation's range otherwise. Maps smaller than skimage's default 7x7
+    window use the largest odd window that fits.
 
     Example:
         >>> m = torch.rand(9, 9)
-        >>> heatmap_ssim(m, m)
-        1.0
+        >>> heatmap_ssim(m, m), heatmap_ssim(m, m, data_range=None)
+        (1.0, 1.0)
     """
     from skimage.metrics import structural_similarity
 
@@ -290,11 +300,16 @@ def heatmap_ssim(exact: Tensor, approx: Tensor) -> float:
     b = approx.detach().cpu().double().numpy()
     if a.shape != b.shape:
         raise ValueError(f"heat maps differ in shape: {a.shape} vs {b.shape}")
-    span = float(a.max() - a.min())
-    if span <= 1e-12:
-        span = float(max(a.max(), b.max()) - min(a.min(), b.min()))
+    if data_range is not None:
+        if not data_range > 0:
+            raise ValueError(f"data_range must be > 0 (1.0 for probabilities) or None, got {data_range!r}")
+        span = float(data_range)
+    else:
+        span = float(a.max() - a.min())
         if span <= 1e-12:
-            return 1.0
+            span = float(max(a.max(), b.max()) - min(a.min(), b.min()))
+            if span <= 1e-12:
+                return 1.0
     win = min(7, *a.shape)
     win -= 1 - win % 2
     if win < 3:
@@ -483,6 +498,8 @@ def tune(explainer_or_model: Union[Explainer, nn.Module], sample_images, target_
     if "image_size" not in settings:
         settings["image_size"] = tuple(images[0].shape[-2:])
 
+    # Probabilities take values in [0, 1]; logits have no fixed range (heatmap_ssim).
+    data_range = 1.0 if settings.get("output", "prob") == "prob" else None
     exact_ex = ex if ex is not None and ex.tau == 1.0 and not compile_kwargs else \
         compile_explainer(model, tau=1.0, **settings)
     exact = [exact_ex(img) for img in images]
@@ -491,7 +508,7 @@ def tune(explainer_or_model: Union[Explainer, nn.Module], sample_images, target_
         approx_ex = exact_ex if tau == 1.0 else compile_explainer(model, tau=tau, **settings)
         for i, (img, ref) in enumerate(zip(images, exact)):
             approx = approx_ex(img, label=ref.label)
-            ssims[i, j] = heatmap_ssim(ref.heatmap, approx.heatmap)
+            ssims[i, j] = heatmap_ssim(ref.heatmap, approx.heatmap, data_range)
         if progress:
             print(f"[tune] tau {tau:.2f}: mean SSIM {np.nanmean(ssims[:, j]):.4f}", flush=True)
 

@@ -252,6 +252,29 @@ def test_heatmap_ssim_guards():
         assert math.isfinite(heatmap_ssim(a, torch.rand(shape)))
     with pytest.raises(ValueError, match="shape"):
         heatmap_ssim(torch.rand(4, 4), torch.rand(4, 5))
+    with pytest.raises(ValueError, match="data_range"):
+        heatmap_ssim(m, m, data_range=0.0)
+
+
+def test_heatmap_ssim_data_range():
+    from skimage.metrics import structural_similarity
+    gen = torch.Generator().manual_seed(0)
+    exact = 0.3 + 0.6 * torch.rand(20, 20, generator=gen, dtype=torch.float64)
+    approx = exact + 0.02 * torch.randn(20, 20, generator=gen, dtype=torch.float64)
+    # L = 1 is skimage's SSIM with the range probabilities can take ...
+    assert heatmap_ssim(exact, approx) == pytest.approx(
+        structural_similarity(exact.numpy(), approx.numpy(), data_range=1.0, win_size=7))
+    # ... and None the exact map's own span (here 0.6: a little stricter).
+    span = float(exact.max() - exact.min())
+    assert heatmap_ssim(exact, approx, None) == pytest.approx(
+        structural_similarity(exact.numpy(), approx.numpy(), data_range=span, win_size=7))
+    assert heatmap_ssim(exact, approx, None) < heatmap_ssim(exact, approx)
+    # A nearly flat map (the model barely reacts to any patch): the same absolute
+    # error is invisible on the probability scale, large on the map's own scale.
+    flat = 0.97 + 0.02 * torch.rand(20, 20, generator=gen, dtype=torch.float64)
+    noisy = flat + 0.005 * torch.randn(20, 20, generator=gen, dtype=torch.float64)
+    assert heatmap_ssim(flat, noisy) > 0.95
+    assert heatmap_ssim(flat, noisy, None) < 0.8
 
 
 def _quadratic_curve(taus, width):
@@ -301,7 +324,10 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
     width = 1.6  # crosses SSIM 0.9 at tau = 0.6
     monkeypatch.setattr(approx, "compile_explainer", lambda model, tau, **kw: _FakeExplainer(tau))
 
-    def ssim_of_tau(exact, approximate):  # the fake heat map holds its explainer's tau
+    ranges = []
+
+    def ssim_of_tau(exact, approximate, data_range):  # the fake map holds its explainer's tau
+        ranges.append(data_range)
         return float(_quadratic_curve([approximate[0, 0].item()], width)[0])
 
     monkeypatch.setattr(approx, "heatmap_ssim", ssim_of_tau)
@@ -313,6 +339,11 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
     assert tuned.fitted_ssim == pytest.approx(0.9, abs=2e-3)
     text = str(tuned)
     assert "chosen tau = 0.60" in text and text.count("\n") == 2 + 6
+    # probability maps are compared with SSIM's L = 1; logit maps by their own span
+    assert set(ranges) == {1.0}
+    ranges.clear()
+    krypton_fx.tune(torch.nn.Identity(), torch.zeros(2, 3, 32, 32), output="logit")
+    assert set(ranges) == {None}
 
 
 def test_tune_real_model(tiny, lesion_images, tmp_path):
