@@ -13,7 +13,8 @@
 #      the script goes on),
 # then prints a summary. Exit status: 0 when every step that ran passed.
 # Step limits in seconds can be overridden: TESTS_TIMEOUT, BANDWIDTH_TIMEOUT,
-# SPEED_TIMEOUT. Each step's log is kept in GPU_CHECK_LOG_DIR.
+# SPEED_TIMEOUT, and CPU_TESTS_TIMEOUT for the interpreter run without CUDA.
+# Each step's log is kept in GPU_CHECK_LOG_DIR.
 
 set -uo pipefail
 
@@ -22,6 +23,8 @@ PYTHON=${PYTHON:-python3}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
 BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-90}
 SPEED_TIMEOUT=${SPEED_TIMEOUT:-80}
+# The interpreter runs many small row-tile programs: about 80 s on 2 cores.
+CPU_TESTS_TIMEOUT=${CPU_TESTS_TIMEOUT:-300}
 LOG_DIR=${GPU_CHECK_LOG_DIR:-bench/results/gpu_check}
 mkdir -p "$LOG_DIR"
 
@@ -58,7 +61,7 @@ if ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>
     echo "# No CUDA device (or torch missing): GPU part SKIPPED.     #"
     echo "# Running the kernel tests under TRITON_INTERPRET=1 only.  #"
     echo "############################################################"
-    run_step kernel-tests-cpu "$TESTS_TIMEOUT" \
+    run_step kernel-tests-cpu "$CPU_TESTS_TIMEOUT" \
         env TRITON_INTERPRET=1 "$PYTHON" -m pytest tests/test_kernels.py -q
     SUMMARY+=("GPU steps        SKIPPED (no CUDA device)")
     print_summary
