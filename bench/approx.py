@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import krypton_fx  # noqa: E402
 from krypton_fx import geometry as geo  # noqa: E402
 from krypton_fx import lesions  # noqa: E402
-from krypton_fx.approx import DrillDown, drill_down_speedup, heatmap_ssim  # noqa: E402
+from krypton_fx.approx import DrillDown, drill_down_speedup, drop_kept, guard_tau, heatmap_ssim  # noqa: E402
 from krypton_fx.ops import occlude_window  # noqa: E402
 
 TUNE_SEED, HELD_OUT_SEED = 100, 200
@@ -102,12 +102,14 @@ def run_model(arch: str, args) -> dict:
                             taus=[t for t in args.taus if t < 1.0], progress=True)
     print(tuned)
     print(f"(tuning took {time.perf_counter() - t0:.0f}s)")
+    guarded = guard_tau(tuned.taus, tuned.drop_kept, tuned.tau, args.min_drop_kept)
+    print(f"with the guard min_drop_kept={args.min_drop_kept:g} the same tuning data picks tau {guarded:.3f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         tuned.plot(os.path.join(args.out, f"tune-{arch}.png"))
 
     dd = DrillDown(r=args.r, stage1_stride=args.stage1_stride)
-    taus = sorted(set(args.taus) | {round(tuned.tau, 3)}, reverse=True)
+    taus = sorted(set(args.taus) | {round(tuned.tau, 3), round(guarded, 3)}, reverse=True)
     explainers = {t: exact_ex if t == 1.0 else krypton_fx.compile(model, tau=t, **compile_kw) for t in taus}
     theory = {t: krypton_fx.theoretical_speedup(model, (size, size), args.patch, tau=t) for t in taus}
     configs = [(t, use_dd) for t in taus for use_dd in (False, True)]
@@ -116,7 +118,8 @@ def run_model(arch: str, args) -> dict:
         logits, stored = ex.prepare(held[0])
         ex.run_positions(torch.arange(min(bs, ex.positions)), stored, 0)
 
-    rows = {c: {"seconds": [], "ssim": [], "ssim_span": [], "hit": [], "positions": []} for c in configs}
+    rows = {c: {"seconds": [], "ssim": [], "ssim_span": [], "kept": [], "hit": [], "positions": []}
+            for c in configs}
     naive_pp, exact_hits = [], []
     for i, (image, box) in enumerate(zip(held, boxes)):
         naive_pp.append(naive_seconds_per_position(model, image, exact_ex, args.naive_positions, bs))
@@ -137,6 +140,7 @@ def run_model(arch: str, args) -> dict:
             row["seconds"].append(seconds)
             row["ssim"].append(heatmap_ssim(exact.heatmap, res.heatmap))
             row["ssim_span"].append(heatmap_ssim(exact.heatmap, res.heatmap, data_range=None))
+            row["kept"].append(drop_kept(exact, res.heatmap))
             row["hit"].append(strongest_drop_on_lesion(res.heatmap, box, res.stride, res.patch))
             row["positions"].append(res.stats.get("positions_run", ex.positions))
         print(f"[bench] {arch} image {i + 1}/{len(held)}: label {exact.label} base {exact.base_prob:.3f}, "
@@ -156,7 +160,8 @@ def run_model(arch: str, args) -> dict:
     print(f"exact map's strongest drop on the lesion: {sum(exact_hits)}/{len(exact_hits)}")
     header = (f"{'tau':>6} {'drill':>5} {'positions':>9} {'s/image':>8} {'speedup':>8} {'theory':>7} "
               f"{'SSIM mean':>9} {'min':>6} {'>=' + format(args.target, 'g'):>6} "
-              f"{'span: min':>9} {'>=' + format(args.target, 'g'):>6} {'on lesion':>9}")
+              f"{'span: min':>9} {'>=' + format(args.target, 'g'):>6} {'drop kept':>9} {'min':>5} "
+              f"{'on lesion':>9}")
     print(header)
     print("-" * len(header))
     table = []
@@ -170,20 +175,27 @@ def run_model(arch: str, args) -> dict:
         frac = float((ssim >= args.target - 1e-9).mean())
         strict = np.array(row["ssim_span"])
         strict_frac = float((strict >= args.target - 1e-9).mean())
-        mark = "*" if abs(tau - round(tuned.tau, 3)) < 1e-9 else " "
-        print(f"{tau:5.3f}{mark} {'on' if use_dd else 'off':>5} {statistics.mean(row['positions']):9.0f} "
+        kept = np.array(row["kept"])
+        kept = kept[np.isfinite(kept)] if np.isfinite(kept).any() else np.array([np.nan])
+        mark = ("*" if abs(tau - round(tuned.tau, 3)) < 1e-9 else " ") + \
+            ("g" if abs(tau - round(guarded, 3)) < 1e-9 else " ")
+        print(f"{tau:5.3f}{mark}{'on' if use_dd else 'off':>5} {statistics.mean(row['positions']):9.0f} "
               f"{statistics.mean(row['seconds']):8.2f} {measured:7.1f}x {theo:6.1f}x "
               f"{ssim.mean():9.4f} {ssim.min():6.3f} {frac:6.0%} {strict.min():9.3f} {strict_frac:6.0%} "
+              f"{kept.mean():9.2f} {kept.min():5.2f} "
               f"{sum(row['hit']):>7}/{len(row['hit'])}")
         table.append({"tau": tau, "drill_down": use_dd, "positions_run": statistics.mean(row["positions"]),
                       "seconds_per_image": statistics.mean(row["seconds"]), "speedup": measured,
                       "theoretical": theo, "ssim_mean": float(ssim.mean()), "ssim_min": float(ssim.min()),
                       "frac_ssim_ok": frac, "ssim_span_min": float(strict.min()),
-                      "frac_ssim_span_ok": strict_frac, "on_lesion": sum(row["hit"]) / len(row["hit"])})
-    print("(* = tuned tau; speedup = median over images of extrapolated naive time / measured time; "
+                      "frac_ssim_span_ok": strict_frac, "drop_kept_mean": float(kept.mean()),
+                      "drop_kept_min": float(kept.min()), "on_lesion": sum(row["hit"]) / len(row["hit"])})
+    print("(* = tuned tau (SSIM fit, the paper's rule); g = tau with the drop-kept guard; speedup = median over images of extrapolated naive time / measured time; "
           "theory = theoretical_speedup(tau) x eq. 46 with drill-down; SSIM with L = 1, the range of "
-          "a probability; span: the stricter SSIM with L = the exact map's own max - min)")
+          "a probability; span: the stricter SSIM with L = the exact map's own max - min; drop kept: "
+          "fraction of the exact map's strongest drop the map keeps there, over maps with a drop > 0.02)")
     return {"arch": arch, "size": size, "accuracy": info.get("accuracy"), "tuned_tau": tuned.tau,
+            "guarded_tau": guarded, "tune_drop_kept": tuned.drop_kept.tolist(),
             "tune_ssims": tuned.ssims.tolist(), "tune_taus": list(tuned.taus),
             "naive_ms_per_position": statistics.mean(naive_pp) * 1e3,
             "exact_on_lesion": sum(exact_hits) / len(exact_hits), "rows": table}
@@ -198,6 +210,8 @@ def main(argv=None) -> int:
                    help="positions naive occlusion is timed on per image (extrapolated)")
     p.add_argument("--taus", default="1.0,0.9,0.8,0.7,0.6,0.5,0.4")
     p.add_argument("--target", type=float, default=0.9, help="target SSIM")
+    p.add_argument("--min-drop-kept", type=float, default=0.8,
+                   help="guard reported next to the SSIM-tuned tau (krypton_fx.tune(min_drop_kept=))")
     p.add_argument("--r", type=float, default=0.1, help="drill-down fraction")
     p.add_argument("--stage1-stride", type=int, default=8,
                    help="stage-one stride in pixels (16 misses lesions smaller than the patch)")

@@ -37,8 +37,8 @@ from .explainer import compile as compile_explainer
 from .report import theoretical_speedup
 
 __all__ = ["DrillDown", "drill_down_speedup", "stage1_stride", "max_drill_down_speedup",
-           "stage1_grid", "upsample_matrix", "run_drill_down", "heatmap_ssim", "select_tau",
-           "TuneResult", "tune"]
+           "stage1_grid", "upsample_matrix", "run_drill_down", "heatmap_ssim", "drop_kept",
+           "select_tau", "guard_tau", "TuneResult", "tune"]
 
 Number = Union[int, float]
 Pair = Union[Number, Sequence[Number]]
@@ -319,6 +319,36 @@ def heatmap_ssim(exact: Tensor, approx: Tensor, data_range: Optional[float] = 1.
     return float(structural_similarity(a, b, data_range=span, win_size=win))
 
 
+def drop_kept(exact: OcclusionResult, approx: Tensor, min_drop: float = 0.02) -> float:
+    """How much of the exact map's strongest drop the approximate map keeps.
+
+    ``(base - approx[k]) / (base - exact[k])`` at the exact map's minimum
+    ``k``: 1 when the approximation shows the same drop there, near 0 when it
+    has lost it. SSIM can miss this: a strong drop over a few cells of a
+    large, otherwise flat map barely moves a mean over 7x7 windows, yet it is
+    the one thing a reader looks for (measured: an InceptionV3-shaped lesion
+    model at tau 0.4 keeps SSIM 0.98 while the lesion's drop from 0.99 to
+    0.10 shrinks to 0.99 to 0.97).
+
+    Args:
+        exact: the exact result (its ``heatmap`` and ``base_prob``).
+        approx: the approximate heat map, same shape.
+        min_drop: an exact drop smaller than this is no evidence of anything
+            (a nearly flat map): the result is NaN.
+
+    Example:
+        >>> ex = OcclusionResult(torch.tensor([[0.9, 0.2], [0.9, 0.9]]), 0, 0.9, (1, 1), (1, 1))
+        >>> round(drop_kept(ex, torch.tensor([[0.9, 0.55], [0.9, 0.9]])), 3)
+        0.5
+    """
+    flat = exact.heatmap.reshape(-1).double()
+    k = int(flat.argmin())
+    drop = exact.base_prob - float(flat[k])
+    if not drop > min_drop:
+        return float("nan")
+    return (exact.base_prob - float(approx.reshape(-1)[k])) / drop
+
+
 def select_tau(taus: Sequence[float], ssims, target: float, resolution: int = 1001
                ) -> tuple[float, np.ndarray]:
     """Fit SSIM against tau with a degree-2 curve and pick the smallest safe tau.
@@ -379,6 +409,11 @@ class TuneResult:
         expected_speedup: ``theoretical_speedup`` at ``tau`` (eqs. 16-20).
         speedups: ``theoretical_speedup`` at each of ``taus``.
         seconds: wall-clock time of the tuning run.
+        drop_kept: ``(images, len(taus))`` :func:`drop_kept` of each
+            approximate map (NaN where the exact map has no real drop).
+        min_drop_kept: the guard asked for (None: SSIM alone, the paper's rule).
+        ssim_tau: the tau the SSIM fit alone picks; ``tau`` is larger when the
+            ``min_drop_kept`` guard raised it.
     """
 
     tau: float
@@ -389,6 +424,9 @@ class TuneResult:
     expected_speedup: float
     speedups: tuple[float, ...] = ()
     seconds: float = 0.0
+    drop_kept: Optional[np.ndarray] = None
+    min_drop_kept: Optional[float] = None
+    ssim_tau: Optional[float] = None
 
     @property
     def fitted_ssim(self) -> float:
@@ -396,15 +434,19 @@ class TuneResult:
         return float(np.polyval(self.coeffs, self.tau))
 
     def __str__(self) -> str:
-        lines = [f"tau tuning: target SSIM {self.target_ssim:g}, {self.ssims.shape[0]} images",
-                 f"{'tau':>5} {'mean SSIM':>10} {'min SSIM':>9} {'fitted':>7} {'theor. speedup':>15}"]
+        guard = f", drop kept >= {self.min_drop_kept:g}" if self.min_drop_kept is not None else ""
+        lines = [f"tau tuning: target SSIM {self.target_ssim:g}{guard}, {self.ssims.shape[0]} images",
+                 f"{'tau':>5} {'mean SSIM':>10} {'min SSIM':>9} {'fitted':>7} {'drop kept':>10} "
+                 f"{'theor. speedup':>15}"]
         for j, tau in enumerate(self.taus):
             col = self.ssims[:, j]
             sp = f"{self.speedups[j]:.2f}x" if self.speedups else "-"
             lines.append(f"{tau:5.2f} {np.nanmean(col):10.4f} {np.nanmin(col):9.4f} "
-                         f"{np.polyval(self.coeffs, tau):7.4f} {sp:>15}")
+                         f"{np.polyval(self.coeffs, tau):7.4f} {_nanmean(self.drop_kept, j):10.3f} {sp:>15}")
+        raised = (f"; the SSIM fit alone picks {self.ssim_tau:.3f}"
+                  if self.ssim_tau is not None and self.ssim_tau != self.tau else "")
         lines.append(f"chosen tau = {self.tau:.3f} (fitted SSIM {self.fitted_ssim:.4f}), "
-                     f"theoretical speedup {self.expected_speedup:.2f}x")
+                     f"theoretical speedup {self.expected_speedup:.2f}x{raised}")
         return "\n".join(lines)
 
     def plot(self, path) -> None:
@@ -428,6 +470,36 @@ class TuneResult:
         fig.savefig(path, dpi=120)
 
 
+def _nanmean(values: Optional[np.ndarray], column: int) -> float:
+    """Mean of a column ignoring NaN; NaN when there is nothing to average."""
+    if values is None:
+        return float("nan")
+    col = values[:, column]
+    col = col[np.isfinite(col)]
+    return float(col.mean()) if len(col) else float("nan")
+
+
+def guard_tau(taus: Sequence[float], kept: np.ndarray, tau: float, min_drop_kept: float) -> float:
+    """Raise ``tau`` until every measured tau from it up to 1 keeps, on average over
+    the images, at least ``min_drop_kept`` of the exact maps' strongest drop.
+
+    Images whose exact map has no real drop (NaN) do not vote; a tau no image
+    votes on passes.
+
+    Example:
+        >>> guard_tau([0.8, 0.6, 0.4], np.array([[1.0, 0.9, 0.3]]), 0.4, 0.8)
+        0.6
+    """
+    order = sorted(range(len(taus)), key=lambda j: -taus[j])
+    chosen = 1.0
+    for j in order:  # walking down from the largest tau
+        mean = _nanmean(kept, j)
+        if np.isfinite(mean) and mean < min_drop_kept:
+            break
+        chosen = taus[j]
+    return max(tau, chosen)
+
+
 def _images(sample_images) -> list[Tensor]:
     if isinstance(sample_images, Tensor):
         if sample_images.dim() == 3:
@@ -444,7 +516,7 @@ def _images(sample_images) -> list[Tensor]:
 
 def tune(explainer_or_model: Union[Explainer, nn.Module], sample_images, target_ssim: float = 0.9,
          taus: Sequence[float] = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4), progress: bool = False,
-         **compile_kwargs) -> TuneResult:
+         min_drop_kept: Optional[float] = None, **compile_kwargs) -> TuneResult:
     """Pick the projective-field threshold tau for a target heat-map SSIM (section 4.4).
 
     For every sample image, the exact heat map (tau = 1) and one approximate
@@ -462,6 +534,10 @@ def tune(explainer_or_model: Union[Explainer, nn.Module], sample_images, target_
         taus: values to measure (the paper's defaults); each is compiled
             anew, which is cheap.
         progress: print one line per tau.
+        min_drop_kept: also require that every tau from the chosen one up to 1
+            keeps, on average, this fraction of the exact maps' strongest drop
+            (:func:`drop_kept`; 0.8, say). None (default) is the paper's rule,
+            SSIM alone; the fractions are measured and reported either way.
         compile_kwargs: arguments of :func:`krypton_fx.compile`
             (override those of the explainer).
 
@@ -481,6 +557,8 @@ def tune(explainer_or_model: Union[Explainer, nn.Module], sample_images, target_
         raise ValueError(f"taus must be values in (0, 1], got {taus!r}")
     if not 0.0 < target_ssim <= 1.0:
         raise ValueError(f"target_ssim must be in (0, 1], got {target_ssim!r}")
+    if min_drop_kept is not None and not 0.0 < min_drop_kept <= 1.0:
+        raise ValueError(f"min_drop_kept must be in (0, 1] or None, got {min_drop_kept!r}")
     if isinstance(explainer_or_model, Explainer):
         ex = explainer_or_model
         settings = {"patch": ex.patch, "stride": ex.stride, "color": ex.color.cpu().tolist(),
@@ -504,20 +582,23 @@ def tune(explainer_or_model: Union[Explainer, nn.Module], sample_images, target_
         compile_explainer(model, tau=1.0, **settings)
     exact = [exact_ex(img) for img in images]
     ssims = np.full((len(images), len(taus)), np.nan)
+    kept = np.full((len(images), len(taus)), np.nan)
     for j, tau in enumerate(taus):
         approx_ex = exact_ex if tau == 1.0 else compile_explainer(model, tau=tau, **settings)
         for i, (img, ref) in enumerate(zip(images, exact)):
             approx = approx_ex(img, label=ref.label)
             ssims[i, j] = heatmap_ssim(ref.heatmap, approx.heatmap, data_range)
+            kept[i, j] = drop_kept(ref, approx.heatmap, 0.02 if data_range == 1.0 else 0.0)
         if progress:
             print(f"[tune] tau {tau:.2f}: mean SSIM {np.nanmean(ssims[:, j]):.4f}", flush=True)
 
     fit_taus = taus if 1.0 in taus else taus + (1.0,)
     fit_ssims = ssims if 1.0 in taus else np.concatenate([ssims, np.ones((len(images), 1))], 1)
-    tau, coeffs = select_tau(fit_taus, fit_ssims, target_ssim)
+    ssim_tau, coeffs = select_tau(fit_taus, fit_ssims, target_ssim)
+    tau = ssim_tau if min_drop_kept is None else guard_tau(taus, kept, ssim_tau, min_drop_kept)
     size, patch = settings["image_size"], settings.get("patch", 16)
     channels = settings.get("channels", 3)
     speedups = tuple(theoretical_speedup(model, size, patch, tau=t, channels=channels) for t in taus)
     chosen = theoretical_speedup(model, size, patch, tau=tau, channels=channels)
     return TuneResult(tau, float(target_ssim), taus, ssims, coeffs, chosen, speedups,
-                      time.perf_counter() - start)
+                      time.perf_counter() - start, kept, min_drop_kept, ssim_tau)

@@ -20,8 +20,9 @@ from hypothesis import strategies as st
 
 import krypton_fx
 from krypton_fx import approx, lesions
-from krypton_fx.approx import (DrillDown, drill_down_speedup, heatmap_ssim, max_drill_down_speedup,
-                               select_tau, stage1_grid, stage1_stride, upsample_matrix)
+from krypton_fx.approx import (DrillDown, drill_down_speedup, drop_kept, heatmap_ssim,
+                               max_drill_down_speedup, select_tau, stage1_grid, stage1_stride,
+                               upsample_matrix)
 from krypton_fx.explainer import OcclusionResult
 from krypton_fx.report import conv_macs
 
@@ -344,6 +345,50 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
     ranges.clear()
     krypton_fx.tune(torch.nn.Identity(), torch.zeros(2, 3, 32, 32), output="logit")
     assert set(ranges) == {None}
+
+
+def test_tune_drop_kept_guard_raises_tau(monkeypatch):
+    width = 1.6  # the SSIM fit alone picks tau = 0.6
+    monkeypatch.setattr(approx, "compile_explainer", lambda model, tau, **kw: _FakeExplainer(tau))
+    monkeypatch.setattr(approx, "heatmap_ssim", lambda exact, approximate, data_range: float(
+        _quadratic_curve([approximate[0, 0].item()], width)[0]))
+    # the approximate maps keep a fraction tau of the strongest drop
+    monkeypatch.setattr(approx, "drop_kept", lambda exact, approximate, min_drop: approximate[0, 0].item())
+    monkeypatch.setattr(approx, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
+    images = torch.zeros(3, 3, 32, 32)
+    plain = krypton_fx.tune(torch.nn.Identity(), images)
+    assert plain.tau == pytest.approx(0.6, abs=2e-3) and plain.ssim_tau == plain.tau
+    assert plain.drop_kept.shape == (3, 6)
+    np.testing.assert_allclose(plain.drop_kept[0], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    guarded = krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=0.75)
+    assert guarded.tau == pytest.approx(0.8) and guarded.ssim_tau == pytest.approx(0.6, abs=2e-3)
+    assert guarded.expected_speedup == pytest.approx(1 / 0.8)
+    assert "the SSIM fit alone picks 0.60" in str(guarded)
+    with pytest.raises(ValueError, match="min_drop_kept"):
+        krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=1.5)
+
+
+def test_drop_kept_closed_form():
+    exact = OcclusionResult(torch.tensor([[0.95, 0.30], [0.90, 0.95]]), 0, 0.95, (1, 1), (1, 1))
+    # the strongest exact drop is 0.95 -> 0.30 at (0, 1)
+    assert drop_kept(exact, exact.heatmap) == pytest.approx(1.0)
+    assert drop_kept(exact, torch.tensor([[0.0, 0.95], [0.0, 0.0]])) == pytest.approx(0.0, abs=1e-6)
+    assert drop_kept(exact, torch.tensor([[0.9, 0.625], [0.9, 0.9]])) == pytest.approx(0.5)
+    flat = OcclusionResult(torch.full((2, 2), 0.94), 0, 0.95, (1, 1), (1, 1))
+    assert math.isnan(drop_kept(flat, flat.heatmap))  # a 0.01 drop is no evidence
+    assert drop_kept(flat, flat.heatmap, min_drop=0.0) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("kept, tau, expected", [
+    ([[1.0, 0.9, 0.3]], 0.4, 0.6),           # 0.4 loses the drop
+    ([[1.0, 0.9, 0.9]], 0.4, 0.4),           # nothing to guard against
+    ([[1.0, 0.9, 0.9]], 0.7, 0.7),           # never lowers the SSIM choice
+    ([[0.5, 0.9, 0.9]], 0.4, 1.0),           # the largest measured tau already fails
+    # NaN does not vote: 0.8 and 0.6 pass, 0.4's mean (0.2 + 0.9) / 2 fails
+    ([[np.nan, np.nan, 0.2], [0.9, np.nan, 0.9]], 0.4, 0.6),
+])
+def test_guard_tau(kept, tau, expected):
+    assert approx.guard_tau([0.8, 0.6, 0.4], np.array(kept), tau, 0.8) == pytest.approx(expected)
 
 
 def test_tune_real_model(tiny, lesion_images, tmp_path):
