@@ -98,14 +98,33 @@ def _int_or_pair(text: str) -> Union[int, tuple[int, int]]:
     return values[0] if len(values) == 1 else values  # type: ignore[return-value]
 
 
-def _tau(text: str) -> float:
+def _fraction(text: str, note: str = "") -> float:
+    """argparse type: a number in (0, 1]."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]{note}, got {text!r}") from None
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 is exact), got {value}")
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]{note}, got {value}")
     return value
+
+
+_tau = functools.partial(_fraction, note=" (1 is exact)")
+
+
+def _drill_down(r: Optional[float], stage1: Optional[int], stride: tuple[int, int]):
+    """The DrillDown of --drill-down / --stage1-stride, or None."""
+    if r is None:
+        if stage1 is not None:
+            raise CLIError("--stage1-stride needs --drill-down R (the fraction of cells to refine)")
+        return None
+    from .approx import DrillDown
+    if stage1 is None:
+        stage1 = (2 * stride[0], 2 * stride[1])
+    elif stage1 < max(stride):
+        raise CLIError(f"--stage1-stride {stage1} is finer than --stride {stride[0]}x{stride[1]}; "
+                       "give a coarser stage-one stride")
+    return DrillDown(r=r, stage1_stride=stage1)
 
 
 def _color(text: str) -> Union[str, float]:
@@ -722,6 +741,7 @@ def _cmd_explain(args) -> int:
     patch, stride = _pair(args.patch), _pair(args.stride)
     if args.size is not None:
         _check_patch(patch, (args.size, args.size))
+    drill = _drill_down(args.drill_down, args.stage1_stride, stride)
     out_png = _output_file(args.out, "--out", _PICTURE_FORMATS)
     out_npy = _output_file(args.npy, "--npy") if args.npy else None
     if out_npy is not None and out_npy.resolve() == out_png.resolve():
@@ -759,7 +779,7 @@ def _cmd_explain(args) -> int:
     if loaded.warning:
         print(f"{PROG}: warning: {loaded.warning}", file=sys.stderr)
     start = time.perf_counter()
-    res = ex(x, label=args.label, progress=True)
+    res = ex(x, label=args.label, drill_down=drill, progress=True)
     seconds = time.perf_counter() - start
 
     from .viz import heatmap_figure
@@ -767,7 +787,11 @@ def _cmd_explain(args) -> int:
     heat = res.heatmap.numpy()
     cats = loaded.categories
     label_name = cats[res.label] if cats and res.label < len(cats) else None
-    exact = "exact" if args.tau == 1.0 else f"tau={args.tau:g}, approximate"
+    approx = [f"tau={args.tau:g}"] if args.tau < 1.0 else []
+    if drill is not None:
+        s1 = res.stats["stage1_stride"]
+        approx.append(f"drill-down r={drill.r:g} from stride {s1[0]}x{s1[1]}")
+    exact = ", ".join(approx + ["approximate"]) if approx else "exact"
     fig = heatmap_figure(prep.display(x), heat, res.patch, res.stride, res.label, res.base_prob,
                          label_name=label_name, output=res.output,
                          subtitle=(f"{loaded.name}, {Path(args.image).name}: patch {patch[0]}x{patch[1]}, "
@@ -782,7 +806,9 @@ def _cmd_explain(args) -> int:
     name = f" '{label_name}'" if label_name else ""
     print(f"{loaded.name} on {args.image} ({prep.description}): class {res.label}{name}, "
           f"P = {res.base_prob:.4f}")
-    print(f"heat map {heat.shape[0]}x{heat.shape[1]} ({ex.positions} positions, batch {ex.batch_size}) "
+    run = res.stats.get("positions_run", ex.positions)
+    ran = f"{run} of {ex.positions} positions run" if run != ex.positions else f"{ex.positions} positions"
+    print(f"heat map {heat.shape[0]}x{heat.shape[1]} ({ran}, batch {ex.batch_size}) "
           f"in {seconds:.2f} s on {device}; lowest P {heat.min():.4f}")
     for path in writers:
         print(f"wrote {path}")
@@ -1030,6 +1056,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=_non_negative_int, metavar="N",
                    help="class to explain (default: the predicted class)")
     p.add_argument("--tau", type=_tau, default=1.0, help="projective-field threshold; 1 is exact")
+    p.add_argument("--drill-down", type=_fraction, metavar="R",
+                   help="adaptive drill-down: a coarse pass at --stage1-stride, then --stride only on "
+                        "the fraction R of cells with the largest drop (approximate; default off)")
+    p.add_argument("--stage1-stride", type=_positive_int, metavar="N",
+                   help="coarse stride of --drill-down in pixels (default: 2 x --stride)")
     p.add_argument("--device", metavar="cpu|cuda", help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=_positive_int, metavar="N",
                    help="positions per batch (default: what fits in memory)")

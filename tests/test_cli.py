@@ -78,6 +78,25 @@ def test_explain_writes_picture_and_heatmap_equal_to_the_api(tmp_path):
     np.testing.assert_allclose(heat, expected, rtol=0, atol=1e-5)
 
 
+def test_explain_drill_down_equals_the_api(tmp_path):
+    image = tmp_path / "scan.png"
+    write_test_image(image)
+    args = ["--model", "resnet18", "--weights", "none", "--size", "64", "--patch", "16", "--stride", "4",
+            "--device", "cpu", "--color", "black", "--drill-down", "0.25"]
+    proc = run_cli("explain", image, *args, "--out", "map.png", "--npy", "map.npy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"heat map 13x13 \((\d+) of 169 positions run", proc.stdout), proc.stdout
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("resnet18", weights=None)
+    black = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    ex = krypton_fx.compile(model, patch=16, stride=4, color=black, image_size=(64, 64))
+    # --stage1-stride defaults to twice --stride
+    expected = ex(model_input(image), drill_down=krypton_fx.DrillDown(r=0.25, stage1_stride=8))
+    run = int(re.search(r"\((\d+) of 169", proc.stdout).group(1))
+    assert run == expected.stats["positions_run"] < 169
+    np.testing.assert_allclose(np.load(tmp_path / "map.npy"), expected.heatmap.numpy(), rtol=0, atol=1e-5)
+
+
 def test_speedup_prints_the_theoretical_speedup_and_the_report(tmp_path):
     proc = run_cli("speedup", "--model", "resnet18", "--size", "64", "--patch", "16", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -124,6 +143,10 @@ BAD_INPUTS = {
     "cuda without cuda": ["explain", "in/scan.png", *EXPLAIN, "--device", "cuda"],
     "output directory missing": ["explain", "in/scan.png", *EXPLAIN, "--out", "no/such/dir/map.png"],
     "bench unknown model": ["bench", "--models", "resnet18,not_a_model", "--out", "bench"],
+    "drill-down fraction above 1": ["explain", "in/scan.png", *EXPLAIN, "--drill-down", "1.5"],
+    "stage-one stride without drill-down": ["explain", "in/scan.png", *EXPLAIN, "--stage1-stride", "32"],
+    "stage-one stride finer than stride": ["explain", "in/scan.png", *EXPLAIN, "--drill-down", "0.2",
+                                           "--stage1-stride", "8"],
 }
 
 
