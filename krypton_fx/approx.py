@@ -465,7 +465,21 @@ class TuneResult:
         ax.axvline(self.tau, color="tab:red", lw=1, label=f"tau = {self.tau:.2f}")
         ax.set_xlabel("tau")
         ax.set_ylabel("SSIM to exact heat map")
-        ax.legend(loc="lower right", fontsize=8)
+        handles, labels = ax.get_legend_handles_labels()
+        if self.drop_kept is not None and np.isfinite(self.drop_kept).any():
+            # What SSIM can hide: how much of the strongest drop the maps keep.
+            right = ax.twinx()
+            kept = [_nanmean(self.drop_kept, j) for j in range(len(self.taus))]
+            taus = list(self.taus)
+            if 1.0 not in taus:  # the exact map keeps all of it
+                taus, kept = taus + [1.0], kept + [1.0]
+            taus, kept = zip(*sorted(zip(taus, kept)))
+            right.plot(taus, kept, "s--", color="tab:green", ms=4, label="drop kept (mean)")
+            right.set_ylabel("drop kept", color="tab:green")
+            right.set_ylim(min(0.0, np.nanmin(kept)), 1.05)
+            h, lab = right.get_legend_handles_labels()
+            handles, labels = handles + h, labels + lab
+        ax.legend(handles, labels, loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
 
