@@ -150,7 +150,7 @@ def test_kernels_with_several_column_and_channel_blocks(batch: int, wide: bool) 
     starts = torch.tensor([[2, 3], [6, 11], [0, 0]][:batch], device=DEVICE)
     color = torch.randn(channels, generator=gen).to(DEVICE)
     with _launch_config(16, 4, wide):
-        grids = [gather._tile_launch(batch, channels, win, stored).grid
+        grids = [gather._RowLaunch(batch, channels, win, stored).grid
                  for win in (window, tuple(stored.shape[-2:]))]
         assert all(grid[1] > 1 and grid[2] > 1 for grid in grids), grids
         for actual, expected in _run_all_kernels(stored, patch, table, window, patch_hw, color,

@@ -91,6 +91,20 @@ def _row_tile(R, RW, C, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.c
 
 
 @triton.jit
+def _in_patch(py, px, j_mask, PATCH_H, PATCH_W):
+    """Which columns ``j`` of this row the position's patch covers: ``py`` is the
+    row's row in the patch (a scalar), ``px`` each column's column in it."""
+    return (px >= 0) & (px < PATCH_W) & j_mask & (py >= 0) & (py < PATCH_H)
+
+
+@triton.jit
+def _load_row_tile(row_ptr, j, c, stride_j, stride_c, mask):
+    """Load a ``(BLOCK_J, BLOCK_C)`` tile of one map row that starts at ``row_ptr``
+    (an int64 scalar base); in-row offsets are ``j * stride_j + c * stride_c``."""
+    return tl.load(row_ptr + (j[:, None] * stride_j + c[None, :] * stride_c), mask=mask, other=0)
+
+
+@triton.jit
 def _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, RW, C):
     """Store a tile into output row ``row``: the row starts at ``row * Rw * C`` (int64,
     overflows int32 for large batches) and is one contiguous run, channel fastest."""
@@ -138,20 +152,18 @@ def _gather_window_kernel(
         py = i - tl.load(entry + 2 * stride_tk)  # row in the patch: one scalar test
         off_x = tl.load(entry + 3 * stride_tk)
         px = j - off_x                           # column in the patch: a test per j
-        in_patch = (px >= 0) & (px < PATCH_W) & j_mask & (py >= 0) & (py < PATCH_H)
+        in_patch = _in_patch(py, px, j_mask, PATCH_H, PATCH_W)
     else:
         in_patch = j < 0  # all False
 
     # Patch elements win; stored is only read where no patch covers the element.
     # Row bases are int64 scalars; along the row the offsets are j*stride + c*stride.
     stored_row = stored_ptr + (win_y + i) * stride_sh + win_x * stride_sw
-    value = tl.load(stored_row + (j[:, None] * stride_sw + c[None, :] * stride_sc),
-                    mask=tile_mask & ~in_patch[:, None], other=0)
+    value = _load_row_tile(stored_row, j, c, stride_sw, stride_sc, tile_mask & ~in_patch[:, None])
     if HAS_PATCH:
         from_patch = in_patch[:, None] & c_mask[None, :]
         patch_row = patch_ptr + b * stride_pb + py * stride_ph - off_x * stride_pw
-        patch_value = tl.load(patch_row + (j[:, None] * stride_pw + c[None, :] * stride_pc),
-                              mask=from_patch, other=0)
+        patch_value = _load_row_tile(patch_row, j, c, stride_pw, stride_pc, from_patch)
         value = tl.where(from_patch, patch_value, value)
 
     _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, RW, C)
@@ -195,11 +207,6 @@ class _RowLaunch:
         """Block sizes, WIDE and launch options for the kernel call."""
         return dict(BLOCK_J=self.block_j, BLOCK_C=self.block_c, WIDE=self.wide(*row_strides),
                     num_warps=self.num_warps)
-
-
-def _tile_launch(batch: int, channels: int, window: tuple[int, int], like: Tensor) -> _RowLaunch:
-    """Channels-last ``(B, C, R, Rw)`` output, grid and block sizes of a launch."""
-    return _RowLaunch(batch, channels, window, like)
 
 
 def _block_sizes(channels: int, width: int) -> tuple[int, int]:
@@ -318,7 +325,7 @@ def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
     batch, channels = table.shape[0], stored.shape[1]
     if patch is not None:
         patch = _check_patch(patch, batch, channels, stored)
-    launch = _tile_launch(batch, channels, (r, rw), stored)
+    launch = _RowLaunch(batch, channels, (r, rw), stored)
     if launch.empty:
         return launch.out
     has_patch = patch is not None

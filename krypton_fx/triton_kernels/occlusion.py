@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import (_check_index, _check_map, _check_window, _row_tile, _store_row_tile,
-                     _tile_launch, gather_window_torch)
+from .gather import (_RowLaunch, _check_index, _check_map, _check_window, _in_patch,
+                     _load_row_tile, _row_tile, _store_row_tile, gather_window_torch)
 
 __all__ = ["occlude_window_triton", "occlude_window_torch"]
 
@@ -48,12 +48,11 @@ def _occlude_window_kernel(
     win_x = tl.load(entry + stride_tk)
     py = i - tl.load(entry + 2 * stride_tk)       # row in the patch: one scalar test
     px = j - tl.load(entry + 3 * stride_tk)       # column in the patch: a test per j
-    in_patch = (px >= 0) & (px < PATCH_W) & j_mask & (py >= 0) & (py < PATCH_H)
+    in_patch = _in_patch(py, px, j_mask, PATCH_H, PATCH_W)
 
     # The image is only read where the patch does not cover the element.
     image_row = image_ptr + (win_y + i) * stride_ih + win_x * stride_iw
-    value = tl.load(image_row + (j[:, None] * stride_iw + c[None, :] * stride_ic),
-                    mask=tile_mask & ~in_patch[:, None], other=0)
+    value = _load_row_tile(image_row, j, c, stride_iw, stride_ic, tile_mask & ~in_patch[:, None])
     color = tl.load(color_ptr + c, mask=c_mask, other=0)
     value = tl.where(in_patch[:, None], color[None, :], value)
 
@@ -102,7 +101,7 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: t
     if color.device != image.device:
         raise ValueError(f"color is on {color.device} but the image is on {image.device}")
     color = color.reshape(channels).to(image.dtype).contiguous()
-    launch = _tile_launch(batch, channels, (r, rw), image)
+    launch = _RowLaunch(batch, channels, (r, rw), image)
     if launch.empty:
         return launch.out
     _occlude_window_kernel[launch.grid](

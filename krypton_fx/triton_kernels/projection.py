@@ -8,8 +8,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import (_check_index, _check_map, _check_patch, _overlay_rows, _row_tile,
-                     _store_row_tile, _tile_launch)
+from .gather import (_RowLaunch, _check_index, _check_map, _check_patch, _in_patch,
+                     _load_row_tile, _overlay_rows, _row_tile, _store_row_tile)
 
 __all__ = ["project_to_full_triton", "project_to_full_torch"]
 
@@ -51,15 +51,13 @@ def _project_to_full_kernel(
     py = i - tl.load(entry)                 # row in the patch: one scalar test
     start_x = tl.load(entry + stride_tk)
     px = j - start_x                        # column in the patch: a test per j
-    in_patch = (px >= 0) & (px < PATCH_W) & j_mask & (py >= 0) & (py < PATCH_H)
+    in_patch = _in_patch(py, px, j_mask, PATCH_H, PATCH_W)
 
     stored_row = stored_ptr + i * stride_sh
-    value = tl.load(stored_row + (j[:, None] * stride_sw + c[None, :] * stride_sc),
-                    mask=tile_mask & ~in_patch[:, None], other=0)
+    value = _load_row_tile(stored_row, j, c, stride_sw, stride_sc, tile_mask & ~in_patch[:, None])
     from_patch = in_patch[:, None] & c_mask[None, :]
     patch_row = patch_ptr + b * stride_pb + py * stride_ph - start_x * stride_pw
-    patch_value = tl.load(patch_row + (j[:, None] * stride_pw + c[None, :] * stride_pc),
-                          mask=from_patch, other=0)
+    patch_value = _load_row_tile(patch_row, j, c, stride_pw, stride_pc, from_patch)
     value = tl.where(from_patch, patch_value, value)
 
     _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, W, C)
@@ -98,7 +96,7 @@ def project_to_full_triton(stored: Tensor, patch: Tensor, starts: Tensor) -> Ten
     _, channels, h_full, w_full = stored.shape
     batch = starts.shape[0]
     patch = _check_patch(patch, batch, channels, stored)
-    launch = _tile_launch(batch, channels, (h_full, w_full), stored)
+    launch = _RowLaunch(batch, channels, (h_full, w_full), stored)
     if launch.empty:
         return launch.out
     _project_to_full_kernel[launch.grid](
