@@ -319,7 +319,11 @@ def heatmap_ssim(exact: Tensor, approx: Tensor, data_range: Optional[float] = 1.
     return float(structural_similarity(a, b, data_range=span, win_size=win))
 
 
-def drop_kept(exact: OcclusionResult, approx: Tensor, min_drop: float = 0.02) -> float:
+# A drop in probability smaller than this is no evidence of anything (drop_kept).
+MIN_PROB_DROP = 0.02
+
+
+def drop_kept(exact: OcclusionResult, approx: Tensor, min_drop: float = MIN_PROB_DROP) -> float:
     """How much of the exact map's strongest drop the approximate map keeps.
 
     ``(base - approx[k]) / (base - exact[k])`` at the exact map's minimum
@@ -590,8 +594,10 @@ def tune(explainer_or_model: Union[Explainer, nn.Module], sample_images, target_
     if "image_size" not in settings:
         settings["image_size"] = tuple(images[0].shape[-2:])
 
-    # Probabilities take values in [0, 1]; logits have no fixed range (heatmap_ssim).
-    data_range = 1.0 if settings.get("output", "prob") == "prob" else None
+    # Probabilities take values in [0, 1]; logits have no fixed range (heatmap_ssim)
+    # and no scale on which a drop is too small to count (drop_kept).
+    prob = settings.get("output", "prob") == "prob"
+    data_range, min_drop = (1.0, MIN_PROB_DROP) if prob else (None, 0.0)
     exact_ex = ex if ex is not None and ex.tau == 1.0 and not compile_kwargs else \
         compile_explainer(model, tau=1.0, **settings)
     exact = [exact_ex(img) for img in images]
@@ -602,7 +608,7 @@ def tune(explainer_or_model: Union[Explainer, nn.Module], sample_images, target_
         for i, (img, ref) in enumerate(zip(images, exact)):
             approx = approx_ex(img, label=ref.label)
             ssims[i, j] = heatmap_ssim(ref.heatmap, approx.heatmap, data_range)
-            kept[i, j] = drop_kept(ref, approx.heatmap, 0.02 if data_range == 1.0 else 0.0)
+            kept[i, j] = drop_kept(ref, approx.heatmap, min_drop)
         if progress:
             print(f"[tune] tau {tau:.2f}: mean SSIM {np.nanmean(ssims[:, j]):.4f}", flush=True)
 
