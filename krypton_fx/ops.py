@@ -34,8 +34,6 @@ def use_triton(backend: str, tensor: Tensor) -> bool:
     return backend == "auto" and tensor.is_cuda
 
 
-
-
 @fx.wrap
 def gather_window(stored: Tensor, patch: Optional[Tensor], table: Tensor, window: tuple[int, int],
                   backend: str = "auto") -> Tensor:

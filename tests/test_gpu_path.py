@@ -1,0 +1,207 @@
+"""The GPU path's contract, checked without a GPU.
+
+Issue 3 asks that the incremental graph keep everything on the device: stored
+activations and per-position coordinates live there, no batch synchronises with
+the host, there is no Python loop over positions, the batch size comes from
+free device memory, and half-precision models work. Each is checked here on
+the CPU:
+
+- a *fake* CUDA device (``FakeTensorMode``: shapes, dtypes and devices without
+  data) runs the whole incremental graph; a tensor left on the CPU inside it
+  would meet a CUDA tensor and fail, and the Triton entry points must be what
+  ``backend="auto"`` calls there;
+- a dispatch mode records every aten op: none of those that make the host wait
+  for the device may appear, and one batch's ops may not depend on how many
+  positions it holds.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+import torchvision
+from strategies import RandomNet
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import krypton_fx
+from krypton_fx import explainer
+from krypton_fx.triton_kernels import gather, occlusion, projection
+
+# Aten ops that block the host until the device catches up: a scalar read
+# (.item(), int(), float(), bool(), .tolist()), and ops whose output size
+# depends on the data (boolean-mask indexing runs nonzero).
+HOST_SYNC_OPS = {
+    "aten._local_scalar_dense", "aten.item", "aten.is_nonzero", "aten.equal", "aten.nonzero",
+    "aten.nonzero_static", "aten.masked_select", "aten.unique", "aten._unique", "aten._unique2",
+    "aten.unique_dim", "aten.unique_consecutive", "aten.repeat_interleave",
+    "boolean-mask indexing",  # aten.index/index_put with a bool index: a nonzero inside
+}
+_INDEX_OPS = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
+
+# Residual adds, a concat, strided and ceil-mode pools: every kind of node.
+BLOCKS = [
+    {"op": "conv", "out": 4, "kernel": (3, 3), "stride": 1, "pad": (1, 1), "dilation": 1,
+     "groups": 1, "bias": True},
+    {"op": "max", "kernel": 3, "stride": 2, "pad": 1, "dilation": 1, "ceil": True},
+    {"op": "residual", "stride": 2, "out": 5, "kernel": 3},
+    {"op": "concat", "out_a": 2, "out_b": 3, "kernel_b": 5, "pool_branch": True},
+    {"op": "avg", "kernel": 3, "stride": 1, "pad": 1, "ceil": False, "count_include_pad": False},
+]
+
+
+def _dag_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return RandomNet(BLOCKS, 3).eval()
+
+
+class OpLog(TorchDispatchMode):
+    """Counts every aten op (by overload packet) and the devices of the tensors it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.off_device: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        if name in _INDEX_OPS and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                      for i in args[1]):
+            self.ops["boolean-mask indexing"] += 1
+        # 0-dim CPU tensors are scalars (torch wraps Python numbers so); anything
+        # larger on the CPU would be host data inside the graph.
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.device.type != "cuda" and t.dim() > 0:
+                self.off_device[name] += 1
+        return out
+
+
+class _Spy:
+    """Stands in for a Triton entry point: counts calls, runs the torch reference."""
+
+    def __init__(self, reference) -> None:
+        self.reference, self.calls = reference, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.reference(*args)
+
+
+def _run_on_fake_cuda(ex: krypton_fx.Explainer, image: torch.Tensor, batch: int) -> OpLog:
+    """One batch of ``ex``'s incremental graph with its weights, tables and stored
+    activations on a fake CUDA device; returns the op log."""
+    _, stored = ex.prepare(image)
+    module = ex.program.module
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    with FakeTensorMode() as fake:
+        on_device = {k: fake.from_tensor(v).to("cuda") for k, v in state.items()}
+        stored = [fake.from_tensor(s).to("cuda") for s in stored]
+        positions = torch.arange(batch, device="cuda") % ex.positions
+        with OpLog() as log:
+            out = functional_call(module, on_device, (positions, *stored))
+        assert out.device.type == "cuda" and out.shape[0] == batch
+    return log
+
+
+@pytest.mark.parametrize("model_name", ["dag", "resnet18"])
+def test_incremental_graph_stays_on_a_cuda_device(model_name, monkeypatch):
+    if model_name == "dag":
+        model, size, patch, stride = _dag_model(), (21, 19), (5, 4), (4, 3)
+    else:
+        torch.manual_seed(0)
+        model, size, patch, stride = torchvision.models.resnet18(num_classes=7).eval(), (64, 64), 8, 8
+    spies = {"gather_window_triton": _Spy(gather.gather_window_torch),
+             "project_to_full_triton": _Spy(projection.project_to_full_torch),
+             "occlude_window_triton": _Spy(occlusion.occlude_window_torch)}
+    for module in (gather, projection, occlusion):
+        for name, spy in spies.items():
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, spy)
+    # backend="auto": Triton because the data is on CUDA (the spies stand in for it).
+    ex = krypton_fx.compile(model, patch=patch, stride=stride, image_size=size, backend="auto")
+    image = torch.randn(3, *size, generator=torch.Generator().manual_seed(1))
+
+    small, large = _run_on_fake_cuda(ex, image, 3), _run_on_fake_cuda(ex, image, 11)
+
+    for log in (small, large):
+        assert not log.off_device, f"host tensors inside the graph: {dict(log.off_device)}"
+        assert not HOST_SYNC_OPS & set(log.ops), sorted(HOST_SYNC_OPS & set(log.ops))
+    # No Python loop over positions: a batch of 11 runs exactly the ops of a batch of 3.
+    assert small.ops == large.ops
+    graph = ex.program.module.graph
+    calls = Counter(n.target.__name__ for n in graph.nodes if n.op == "call_function")
+    assert spies["occlude_window_triton"].calls == 2 * calls["occlude_window"] == 2
+    assert spies["gather_window_triton"].calls == 2 * calls["gather_window"] > 0
+    assert spies["project_to_full_triton"].calls == 2 * calls["project_to_full"] > 0
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_running_positions_never_waits_for_the_device(backend):
+    """Many batches, and not one host synchronisation among them."""
+    model = _dag_model()
+    ex = krypton_fx.compile(model, patch=(5, 4), stride=(4, 3), image_size=(21, 19),
+                            backend=backend, batch_size=4)
+    image = torch.randn(3, 21, 19, generator=torch.Generator().manual_seed(2))
+    logits, stored = ex.prepare(image)
+    with OpLog() as log:
+        scores = ex.run_positions(torch.arange(ex.positions), stored, label=1)
+    assert ex.positions > 3 * 4  # several batches ran
+    assert not HOST_SYNC_OPS & set(log.ops), sorted(HOST_SYNC_OPS & set(log.ops))
+    want = krypton_fx.naive_occlusion(model, image, patch=(5, 4), stride=(4, 3), label=1)
+    torch.testing.assert_close(scores, want.heatmap.flatten(), atol=1e-5, rtol=0)
+
+
+def test_op_log_sees_a_host_synchronisation():
+    """The check above can fail: ``.item()`` and boolean masks are seen."""
+    x = torch.arange(6.0)
+    with OpLog() as log:
+        x.sum().item()
+        x[x > 2].sum()
+    assert set(log.ops) & HOST_SYNC_OPS == {"aten._local_scalar_dense", "boolean-mask indexing"}
+
+
+@pytest.mark.parametrize("free_gib, per_position, expected", [
+    (30, 100 << 20, 102),     # a third of the free memory: 10 GiB / 100 MiB
+    (0.25, 100 << 20, 1),     # less than one position fits: still 1
+    (80, 1 << 20, 512),       # capped
+])
+def test_cuda_batch_size_comes_from_free_device_memory(monkeypatch, free_gib, per_position,
+                                                        expected):
+    free = int(free_gib * (1 << 30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    assert explainer._default_batch_size(torch.device("cuda"), per_position) == expected
+
+
+@pytest.mark.parametrize("model_name, dtype, backend", [
+    ("dag", torch.float16, "torch"), ("dag", torch.float16, "triton"),
+    ("dag", torch.bfloat16, "torch"), ("dag", torch.bfloat16, "triton"),
+    ("resnet18", torch.bfloat16, "torch"),
+], ids=lambda v: str(v)[6:] if isinstance(v, torch.dtype) else str(v))
+def test_half_precision_model_matches_naive_in_its_dtype(model_name, dtype, backend):
+    """A half-precision model gives naive occlusion's map computed in the same dtype, to a
+    few units of that dtype's rounding at the map's largest value; the map is float32.
+
+    Logits and a bright patch (colour 3): the map spans far more than the tolerance,
+    so a map that ignored the patches would fail.
+    """
+    if model_name == "dag":
+        model, size, patch, stride = _dag_model(), (21, 19), (5, 4), (4, 3)
+    else:
+        torch.manual_seed(0)
+        model, size, patch, stride = torchvision.models.resnet18(num_classes=7).eval(), (64, 64), 8, 8
+    model = model.to(dtype)
+    image = torch.randn(3, *size, generator=torch.Generator().manual_seed(4)).to(dtype)
+    ex = krypton_fx.compile(model, patch=patch, stride=stride, image_size=size, backend=backend,
+                            output="logit", color=3.0)
+    got = ex(image)
+    want = krypton_fx.naive_occlusion(model, image, patch=patch, stride=stride, output="logit",
+                                      color=3.0)
+    tolerance = 4 * torch.finfo(dtype).eps * float(want.heatmap.abs().max())
+    assert got.heatmap.dtype == torch.float32 and got.label == want.label
+    assert float(want.heatmap.max() - want.heatmap.min()) > 10 * tolerance
+    torch.testing.assert_close(got.heatmap, want.heatmap, atol=tolerance, rtol=0)
