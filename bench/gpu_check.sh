@@ -7,12 +7,14 @@
 # Without CUDA it says so, runs the kernel tests under TRITON_INTERPRET=1 and
 # exits with their status (0 when they pass). With CUDA it runs, each step
 # bounded by `timeout` (the whole script stays under 8 minutes):
-#   1. the kernel tests natively on the GPU (KRYPTON_TRITON_NATIVE=1),
+#   1. the kernel tests natively on the GPU (KRYPTON_TRITON_NATIVE=1), the GPU
+#      path's tests (no host synchronisation per batch, half precision) and
+#      the zoo's exactness on CUDA,
 #   2. bench/kernel_bandwidth.py (GB/s against a device copy, and torch),
 #   3. bench/speed.py on vgg16, resnet18, inception_v3 (a failure is reported,
 #      the script goes on),
 # then prints a summary. Exit status: 0 when every step that ran passed.
-# Step limits in seconds can be overridden: TESTS_TIMEOUT, BANDWIDTH_TIMEOUT,
+# Step limits in seconds can be overridden: TESTS_TIMEOUT, GPU_PATH_TIMEOUT, BANDWIDTH_TIMEOUT,
 # SPEED_TIMEOUT, and CPU_TESTS_TIMEOUT for the interpreter run without CUDA.
 # Each step's log is kept in GPU_CHECK_LOG_DIR.
 
@@ -21,6 +23,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
 PYTHON=${PYTHON:-python3}
 TESTS_TIMEOUT=${TESTS_TIMEOUT:-120}
+GPU_PATH_TIMEOUT=${GPU_PATH_TIMEOUT:-60}
 BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-90}
 SPEED_TIMEOUT=${SPEED_TIMEOUT:-80}
 # The interpreter runs many small row-tile programs: about 80 s on 2 cores.
@@ -62,7 +65,7 @@ if ! "$PYTHON" -c "import torch; assert torch.cuda.is_available()" >/dev/null 2>
     echo "# Running the kernel tests under TRITON_INTERPRET=1 only.  #"
     echo "############################################################"
     run_step kernel-tests-cpu "$CPU_TESTS_TIMEOUT" \
-        env TRITON_INTERPRET=1 "$PYTHON" -m pytest tests/test_kernels.py -q
+        env TRITON_INTERPRET=1 "$PYTHON" -m pytest tests/test_kernels.py tests/test_gpu_path.py -q
     SUMMARY+=("GPU steps        SKIPPED (no CUDA device)")
     print_summary
     exit "$FAILED"
@@ -74,6 +77,9 @@ if [[ -z ${SKIP_KERNEL_TESTS:-} ]]; then
     run_step kernel-tests-gpu "$TESTS_TIMEOUT" \
         env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 "$PYTHON" -m pytest tests/test_kernels.py -q -x
 fi
+
+run_step gpu-path "$GPU_PATH_TIMEOUT" \
+    env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 "$PYTHON" -m pytest tests/test_gpu_path.py -q
 
 run_step zoo-exact-gpu "$TESTS_TIMEOUT" \
     env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 KRYPTON_TEST_DEVICE=cuda "$PYTHON" -m pytest tests/test_models.py -q -x \

@@ -312,6 +312,26 @@ class RandomNet(_nn.Module):
         return self.head(torch.flatten(_F.adaptive_avg_pool2d(x, 1), 1))
 
 
+# One fixed DAG with every kind of node: a padded conv, a ceil-mode strided max
+# pool, a residual add across a stride, a concat with a pooling branch, an
+# average pool without padded counts. Tests that need one small model that
+# exercises everything (the Triton backend, the GPU path) use it.
+DAG_BLOCKS = [
+    {"op": "conv", "out": 4, "kernel": (3, 3), "stride": 1, "pad": (1, 1), "dilation": 1,
+     "groups": 1, "bias": True},
+    {"op": "max", "kernel": 3, "stride": 2, "pad": 1, "dilation": 1, "ceil": True},
+    {"op": "residual", "stride": 2, "out": 5, "kernel": 3},
+    {"op": "concat", "out_a": 2, "out_b": 3, "kernel_b": 5, "pool_branch": True},
+    {"op": "avg", "kernel": 3, "stride": 1, "pad": 1, "ceil": False, "count_include_pad": False},
+]
+
+
+def dag_model(seed: int = 0) -> RandomNet:
+    """:data:`DAG_BLOCKS` on 3-channel images, seeded, in eval mode."""
+    torch.manual_seed(seed)
+    return RandomNet(DAG_BLOCKS, 3).eval()
+
+
 @st.composite
 def occlusion_settings(draw, channels: int):
     """Image size, patch, stride and colour for a small occlusion experiment."""

@@ -13,16 +13,22 @@ the CPU:
 - a dispatch mode records every aten op: none of those that make the host wait
   for the device may appear, and one batch's ops may not depend on how many
   positions it holds.
+
+With ``KRYPTON_TRITON_NATIVE=1`` on a CUDA machine (``bench/gpu_check.sh``) the
+runs that need data go to the GPU, and CUDA's own sync debug mode counts the
+host synchronisations of a real run.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections import Counter
 
 import pytest
 import torch
 import torchvision
-from strategies import RandomNet
+from strategies import dag_model
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,6 +36,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import krypton_fx
 from krypton_fx import explainer
 from krypton_fx.triton_kernels import gather, occlusion, projection
+
+NATIVE = bool(os.environ.get("KRYPTON_TRITON_NATIVE"))
+if NATIVE and not torch.cuda.is_available():
+    pytest.skip("KRYPTON_TRITON_NATIVE=1 needs a CUDA device", allow_module_level=True)
+DEVICE = torch.device("cuda" if NATIVE else "cpu")
+if NATIVE:  # float32 exactness is meaningless under TF32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 # Aten ops that block the host until the device catches up: a scalar read
 # (.item(), int(), float(), bool(), .tolist()), and ops whose output size
@@ -41,22 +55,6 @@ HOST_SYNC_OPS = {
     "boolean-mask indexing",  # aten.index/index_put with a bool index: a nonzero inside
 }
 _INDEX_OPS = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
-
-# Residual adds, a concat, strided and ceil-mode pools: every kind of node.
-BLOCKS = [
-    {"op": "conv", "out": 4, "kernel": (3, 3), "stride": 1, "pad": (1, 1), "dilation": 1,
-     "groups": 1, "bias": True},
-    {"op": "max", "kernel": 3, "stride": 2, "pad": 1, "dilation": 1, "ceil": True},
-    {"op": "residual", "stride": 2, "out": 5, "kernel": 3},
-    {"op": "concat", "out_a": 2, "out_b": 3, "kernel_b": 5, "pool_branch": True},
-    {"op": "avg", "kernel": 3, "stride": 1, "pad": 1, "ceil": False, "count_include_pad": False},
-]
-
-
-def _dag_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return RandomNet(BLOCKS, 3).eval()
-
 
 class OpLog(TorchDispatchMode):
     """Counts every aten op (by overload packet) and the devices of the tensors it returns."""
@@ -111,7 +109,7 @@ def _run_on_fake_cuda(ex: krypton_fx.Explainer, image: torch.Tensor, batch: int)
 @pytest.mark.parametrize("model_name", ["dag", "resnet18"])
 def test_incremental_graph_stays_on_a_cuda_device(model_name, monkeypatch):
     if model_name == "dag":
-        model, size, patch, stride = _dag_model(), (21, 19), (5, 4), (4, 3)
+        model, size, patch, stride = dag_model(), (21, 19), (5, 4), (4, 3)
     else:
         torch.manual_seed(0)
         model, size, patch, stride = torchvision.models.resnet18(num_classes=7).eval(), (64, 64), 8, 8
@@ -143,17 +141,37 @@ def test_incremental_graph_stays_on_a_cuda_device(model_name, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_running_positions_never_waits_for_the_device(backend):
     """Many batches, and not one host synchronisation among them."""
-    model = _dag_model()
+    model = dag_model().to(DEVICE)
     ex = krypton_fx.compile(model, patch=(5, 4), stride=(4, 3), image_size=(21, 19),
                             backend=backend, batch_size=4)
-    image = torch.randn(3, 21, 19, generator=torch.Generator().manual_seed(2))
+    image = torch.randn(3, 21, 19, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     logits, stored = ex.prepare(image)
+    positions = torch.arange(ex.positions)
+    assert ex.positions > 3 * 4  # several batches run
     with OpLog() as log:
-        scores = ex.run_positions(torch.arange(ex.positions), stored, label=1)
-    assert ex.positions > 3 * 4  # several batches ran
+        scores = ex.run_positions(positions, stored, label=1)
     assert not HOST_SYNC_OPS & set(log.ops), sorted(HOST_SYNC_OPS & set(log.ops))
     want = krypton_fx.naive_occlusion(model, image, patch=(5, 4), stride=(4, 3), label=1)
     torch.testing.assert_close(scores, want.heatmap.flatten(), atol=1e-5, rtol=0)
+    if DEVICE.type == "cuda":
+        # Synchronisations of a warm run (graphs captured): the positions' upload and
+        # the scores' download, the same for one batch as for many.
+        assert _cuda_syncs(ex, positions, stored, batch_size=4) == \
+            _cuda_syncs(ex, positions, stored, batch_size=ex.positions)
+
+
+def _cuda_syncs(ex, positions, stored, batch_size: int) -> int:
+    """Host synchronisations CUDA's sync debug mode reports for a warm ``run_positions``."""
+    ex.run_positions(positions, stored, label=1, batch_size=batch_size)  # capture, compile
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            ex.run_positions(positions, stored, label=1, batch_size=batch_size)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def test_op_log_sees_a_host_synchronisation():
@@ -190,12 +208,12 @@ def test_half_precision_model_matches_naive_in_its_dtype(model_name, dtype, back
     so a map that ignored the patches would fail.
     """
     if model_name == "dag":
-        model, size, patch, stride = _dag_model(), (21, 19), (5, 4), (4, 3)
+        model, size, patch, stride = dag_model(), (21, 19), (5, 4), (4, 3)
     else:
         torch.manual_seed(0)
         model, size, patch, stride = torchvision.models.resnet18(num_classes=7).eval(), (64, 64), 8, 8
-    model = model.to(dtype)
-    image = torch.randn(3, *size, generator=torch.Generator().manual_seed(4)).to(dtype)
+    model = model.to(DEVICE, dtype)
+    image = torch.randn(3, *size, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     ex = krypton_fx.compile(model, patch=patch, stride=stride, image_size=size, backend=backend,
                             output="logit", color=3.0)
     got = ex(image)

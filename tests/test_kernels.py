@@ -307,20 +307,11 @@ def test_dispatcher_triton_backend_runs_kernels(monkeypatch) -> None:
 
 def test_residual_and_concat_model_on_the_triton_backend() -> None:
     """The whole incremental graph on Triton kernels (interpreted here) equals naive."""
-    from strategies import RandomNet
+    from strategies import dag_model
 
     import krypton_fx
 
-    blocks = [
-        {"op": "conv", "out": 4, "kernel": (3, 3), "stride": 1, "pad": (1, 1), "dilation": 1,
-         "groups": 1, "bias": True},
-        {"op": "max", "kernel": 3, "stride": 2, "pad": 1, "dilation": 1, "ceil": True},
-        {"op": "residual", "stride": 2, "out": 5, "kernel": 3},
-        {"op": "concat", "out_a": 2, "out_b": 3, "kernel_b": 5, "pool_branch": True},
-        {"op": "avg", "kernel": 3, "stride": 1, "pad": 1, "ceil": False, "count_include_pad": False},
-    ]
-    torch.manual_seed(0)
-    model = RandomNet(blocks, 3).eval()
+    model = dag_model()
     image = torch.randn(3, 21, 19)
     ex = krypton_fx.compile(model, patch=(5, 4), stride=(4, 3), image_size=(21, 19),
                             color=[0.1, -0.2, 0.3], backend="triton", batch_size=7)
