@@ -10,7 +10,9 @@
 #   1. the kernel tests natively on the GPU (KRYPTON_TRITON_NATIVE=1), the GPU
 #      path's tests (no host synchronisation per batch, half precision) and
 #      the zoo's exactness on CUDA,
-#   2. bench/kernel_bandwidth.py (GB/s against a device copy, and torch),
+#   2. what the kernels compile to for this GPU (registers, vector widths:
+#      python -m krypton_fx.triton_kernels.codegen), then
+#      bench/kernel_bandwidth.py (GB/s against a device copy, and torch),
 #   3. bench/speed.py on vgg16, resnet18, inception_v3 (a failure is reported,
 #      the script goes on),
 # then prints a summary. Exit status: 0 when every step that ran passed.
@@ -84,6 +86,10 @@ run_step gpu-path "$GPU_PATH_TIMEOUT" \
 run_step zoo-exact-gpu "$TESTS_TIMEOUT" \
     env -u TRITON_INTERPRET KRYPTON_TRITON_NATIVE=1 KRYPTON_TEST_DEVICE=cuda "$PYTHON" -m pytest tests/test_models.py -q -x \
     -k "resnet18 or inception_v3 or mobilenet_v3_large or vgg11_bn or densenet121 or efficientnet_b0"
+
+ARCH=$("$PYTHON" -c "import torch; major, minor = torch.cuda.get_device_capability(); print(10 * major + minor)")
+run_step codegen "$TESTS_TIMEOUT" \
+    env -u TRITON_INTERPRET "$PYTHON" -m krypton_fx.triton_kernels.codegen --arch "$ARCH"
 
 run_step bandwidth "$BANDWIDTH_TIMEOUT" \
     env -u TRITON_INTERPRET "$PYTHON" bench/kernel_bandwidth.py --sweep

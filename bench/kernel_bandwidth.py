@@ -137,7 +137,7 @@ def _copy_ms(nbytes: int) -> float:
 # row's columns and channels (channels first, up to _config.max_block_c). A tile
 # never spans more than one row, so sizes past a row's (power-of-two) Rw x C give
 # the same shape; the printed [BLOCK_J x BLOCK_C, warps] shows what each case got.
-SWEEP = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]
+SWEEP = [(1024, 4), (2048, 4), (4096, 4), (2048, 8), (4096, 8), (8192, 8)]
 
 
 def _tile_shape(case: Case) -> str:

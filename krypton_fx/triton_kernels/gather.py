@@ -50,16 +50,21 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The axis is short (C / BLOCK_C, 1 for C <= BLOCK_C), well within the 65535
 # limit of grid axes 1 and 2; axis 0 (B * R) may go up to 2**31 - 1.
 #
-# Defaults below are a copy kernel's usual choice (4096 elements = 16 KiB of
-# float32 per program, 32 per thread with 4 warps), UNMEASURED on a GPU for this
-# tile shape: run `bash bench/gpu_check.sh` (or `python bench/kernel_bandwidth.py
-# --sweep`) on a GPU to measure them and the alternatives in its SWEEP.
+# Defaults: 4096 elements (16 KiB of float32) per program, 8 warps (16 elements,
+# four 128-bit vectors of float32, per thread). Why 8 warps: compiled for sm_90
+# (`python -m krypton_fx.triton_kernels.codegen`), a 16x256 tile with 4 warps
+# takes 64 registers in float32 (half the SM's warp slots) and spills 24 bytes in
+# float16/bfloat16; with 8 warps every kernel needs 26-32 registers, fills all
+# 64 warp slots and spills nothing. And on an H200 the earlier, flat kernels ran
+# fastest with 8 warps in all five bandwidth cases. These kernels' bandwidth is
+# UNMEASURED on a GPU: `bash bench/gpu_check.sh` (or `python
+# bench/kernel_bandwidth.py --sweep`) measures it and the alternatives in SWEEP.
 _TILE_ELEMENTS = 4096
 # Widest channel block: the rest of the tile goes to the row's columns.
 _MAX_BLOCK_C = 256
 # Fewest columns per tile (fewer tile shapes, so fewer compiles; see _block_sizes).
 _MIN_BLOCK_J = 8
-_NUM_WARPS = 4
+_NUM_WARPS = 8
 # Elements per thread below which a small tile gets fewer warps (idle threads
 # in a program only cost occupancy).
 _MIN_ELEMENTS_PER_THREAD = 8
