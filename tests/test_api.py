@@ -44,7 +44,8 @@ def test_non_square_patches_and_strides(resnet, image, patch, stride):
 def test_per_channel_color_and_logit_output(resnet, image):
     got, want = _both(resnet, image, patch=10, stride=7, color=[0.5, -1.0, 2.0], output="logit")
     torch.testing.assert_close(got.heatmap, want.heatmap, atol=1e-4, rtol=1e-4)
-    logits = resnet(image[None])
+    with torch.no_grad():
+        logits = resnet(image[None])
     assert got.base_prob == pytest.approx(float(logits[0, got.label]), rel=1e-5)
 
 
