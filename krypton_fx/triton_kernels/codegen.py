@@ -48,7 +48,7 @@ class KernelCode:
 
     @property
     def occupancy(self) -> float:
-        """Warp slots of an SM the register use leaves fillable (see :func:`occupancy`)."""
+        """Warp slots of an SM these programs can fill (see :func:`occupancy`)."""
         return occupancy(self.registers, self.warps)
 
     def problems(self, vectorised: bool) -> list[str]:
@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{code.divisions:>4} {code.registers:>5} {code.stack:>6} {code.occupancy:>6.0%}  "
               f"{'; '.join(problems) or 'none'}")
     print(f"sm_{args.arch}. data bits: widths of the data loads/stores; div: integer div/rem "
-          "instructions; regs, stack: per thread, from the cubin; occup.: warp slots per SM "
-          "the registers allow")
+          "instructions; regs, stack: per thread, from the cubin; occup.: warp slots of an SM "
+          "that programs of these warps and registers can fill (at most 32 programs an SM)")
     return 1 if args.check and failures else 0
 
 
