@@ -35,8 +35,9 @@ class Case:
     shape: str                      # what the shapes are, for the table
     triton_fn: Callable[[], torch.Tensor]
     torch_fn: Callable[[], torch.Tensor]
-    channels: int                   # C and output row width: they pick the kernels'
-    width: int                      # (BLOCK_J, BLOCK_C) tile
+    channels: int                   # C, output row width and height: they pick the
+    width: int                      # kernels' (ROWS, BLOCK_J, BLOCK_C) tile
+    height: int
 
 
 def _positions(batch: int, full: int, window: int, gen: torch.Generator) -> torch.Tensor:
@@ -61,7 +62,7 @@ def _gather_case(c: int, hw: int, pad: int, batch: int, window: int, patch: int,
     return Case("gather_window", f"stored (1,{c},{full},{full}) B={batch} win {window}^2 "
                 f"patch {patch}^2",
                 lambda: gather_window_triton(stored, patches, table, win),
-                lambda: gather_window_torch(stored, patches, table, win), c, window)
+                lambda: gather_window_torch(stored, patches, table, win), c, window, window)
 
 
 def _projection_case(c: int, hw: int, batch: int, patch: int, dtype: torch.dtype,
@@ -77,7 +78,7 @@ def _projection_case(c: int, hw: int, batch: int, patch: int, dtype: torch.dtype
                          1).cuda()
     return Case("project_to_full", f"stored (1,{c},{hw},{hw}) B={batch} patch {patch}^2",
                 lambda: project_to_full_triton(stored, patches, starts),
-                lambda: project_to_full_torch(stored, patches, starts), c, hw)
+                lambda: project_to_full_torch(stored, patches, starts), c, hw, hw)
 
 
 def _occlusion_case(hw: int, batch: int, window: int, patch: int, dtype: torch.dtype,
@@ -97,7 +98,8 @@ def _occlusion_case(hw: int, batch: int, window: int, patch: int, dtype: torch.d
     win, phw = (window, window), (patch, patch)
     return Case("occlude_window", f"image (1,3,{hw},{hw}) B={batch} win {window}^2 patch {patch}^2",
                 lambda: occlude_window_triton(image, color, table, win, phw),
-                lambda: occlude_window_torch(image, color, table, win, phw), 3, window)
+                lambda: occlude_window_torch(image, color, table, win, phw), 3, window,
+                window)
 
 
 def _cases(dtype: torch.dtype) -> list[Case]:
@@ -132,20 +134,23 @@ def _copy_ms(nbytes: int) -> float:
     return _time_ms(lambda: dst.copy_(src))
 
 
-# (tile elements, warps) to try with --sweep. A program copies a (BLOCK_J, BLOCK_C)
-# tile of one output row; _block_sizes splits the tile elements between the
-# row's columns and channels (channels first, up to _config.max_block_c). A tile
-# never spans more than one row, so sizes past a row's (power-of-two) Rw x C give
-# the same shape; the printed [BLOCK_J x BLOCK_C, warps] shows what each case got.
-SWEEP = [(1024, 4), (2048, 4), (4096, 4), (2048, 8), (4096, 8), (8192, 8)]
+# (tile elements, warps, most rows per program) to try with --sweep. A program
+# copies a (BLOCK_J, BLOCK_C) tile of each of ROWS output rows of one position;
+# _block_sizes splits the tile elements between a row's columns and channels
+# (channels first, up to _config.max_block_c), and rows fill what a short row
+# leaves of the budget, up to the given most. The printed
+# [ROWS x BLOCK_J x BLOCK_C, warps] shows what each case got.
+SWEEP = [(2048, 4, 1), (4096, 4, 1), (2048, 8, 1), (4096, 8, 1), (8192, 8, 1),
+         (8192, 8, 4), (16384, 8, 8), (16384, 16, 8)]
 
 
 def _tile_shape(case: Case) -> str:
-    """``BLOCK_J x BLOCK_C, warps`` the current launch config gives ``case``."""
-    from krypton_fx.triton_kernels.gather import _block_sizes, _num_warps
+    """``ROWS x BLOCK_J x BLOCK_C, warps`` the current launch config gives ``case``."""
+    from krypton_fx.triton_kernels.gather import _block_sizes, _num_warps, _rows_per_program
 
     block_j, block_c = _block_sizes(case.channels, case.width)
-    return f"{block_j}x{block_c}, {_num_warps(block_j, block_c)} warps"
+    rows = _rows_per_program(case.height, block_j, block_c)
+    return f"{rows}x{block_j}x{block_c}, {_num_warps(block_j, block_c)} warps"
 
 
 def _best_config(case: Case) -> tuple[float, str]:
@@ -153,15 +158,15 @@ def _best_config(case: Case) -> tuple[float, str]:
     restores the defaults."""
     from krypton_fx.triton_kernels.gather import _config
 
-    default = (_config.tile_elements, _config.num_warps)
+    default = (_config.tile_elements, _config.num_warps, _config.max_rows)
     best = (float("inf"), "")
     try:
-        for tile, warps in SWEEP:
-            _config.tile_elements, _config.num_warps = tile, warps
+        for tile, warps, rows in SWEEP:
+            _config.tile_elements, _config.num_warps, _config.max_rows = tile, warps, rows
             case.triton_fn()
             best = min(best, (_time_ms(case.triton_fn), f"tile {tile} = {_tile_shape(case)}"))
     finally:
-        _config.tile_elements, _config.num_warps = default
+        _config.tile_elements, _config.num_warps, _config.max_rows = default
     return best
 
 

@@ -73,18 +73,24 @@ def test_problems_name_each_broken_property():
     assert len(bad.problems(vectorised=True)) == 3
 
 
-def test_kernels_compile_to_vectorised_division_free_code_for_sm90(tmp_path):
+@pytest.mark.parametrize("options, first_tile", [
+    ([], "1x32x64"),                                  # the default launch config
+    (["--max-rows", "4", "--tile", "16384"], "4x32x64"),  # several rows per program
+])
+def test_kernels_compile_to_vectorised_division_free_code_for_sm90(tmp_path, options,
+                                                                    first_tile):
     """Every kernel variant of a realistic launch: 128-bit data accesses on channels-last
     maps, one integer division (the row decode), no spills (``--check``)."""
-    result = _run_compiled("""
+    result = _run_compiled(f"""
         import sys
         from krypton_fx.triton_kernels import codegen
-        sys.exit(codegen.main(["--check"]))
+        sys.exit(codegen.main(["--check", *{options!r}]))
     """, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines()
             if line.startswith(("gather", "project", "occlude"))]
     assert len(rows) == 18 and all(row.endswith("none") for row in rows), result.stdout
+    assert rows[0].split()[5] == first_tile, rows[0]
 
 
 def test_codegen_check_sees_per_element_division_and_scalar_access(tmp_path):

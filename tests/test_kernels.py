@@ -111,16 +111,16 @@ def test_project_to_full_matches_torch(dtype: torch.dtype, layout: str, data) ->
 # (grid axis 2); wide=True also forces the int64 in-row offsets (WIDE).
 
 @contextlib.contextmanager
-def _launch_config(tile_elements: int, max_block_c: int, wide: bool):
+def _launch_config(tile_elements: int, max_block_c: int, wide: bool, max_rows: int = 1):
     config = gather._config
-    saved = (config.tile_elements, config.max_block_c, gather._INT32_MAX)
-    config.tile_elements, config.max_block_c = tile_elements, max_block_c
+    saved = (config.tile_elements, config.max_block_c, config.max_rows, gather._INT32_MAX)
+    config.tile_elements, config.max_block_c, config.max_rows = tile_elements, max_block_c, max_rows
     if wide:
         gather._INT32_MAX = 0  # every in-row offset "may pass int32": WIDE=True
     try:
         yield
     finally:
-        config.tile_elements, config.max_block_c, gather._INT32_MAX = saved
+        config.tile_elements, config.max_block_c, config.max_rows, gather._INT32_MAX = saved
 
 
 def _run_all_kernels(stored, patch, table, window, patch_hw, color, starts):
@@ -171,6 +171,40 @@ def test_kernels_with_small_tiles_match_torch(case: GatherCase, tiles: tuple[int
         for actual, expected in _run_all_kernels(stored, patch, table, case.window,
                                                  case.patch_hw, color, starts):
             assert_same_output(actual, expected)
+
+
+# ---------------------------------------------------------------------------
+# Several rows per program
+# ---------------------------------------------------------------------------
+# With max_rows > 1 a program copies up to that many rows of one position; the
+# last group of a window whose height is not a multiple is short (masked).
+
+@settings(max_examples=6 if NATIVE else 12)
+@given(case=gather_cases(with_patch=True), max_rows=st.sampled_from([2, 4, 8]),
+       wide=st.booleans())
+def test_kernels_with_several_rows_per_program_match_torch(case: GatherCase, max_rows: int,
+                                                           wide: bool) -> None:
+    stored, patch, table = _on_device(case.stored), _on_device(case.patch), _on_device(case.table)
+    starts = _on_device(case.table[:, 2:])
+    with _launch_config(4096, 256, wide, max_rows):
+        launch = gather._RowLaunch(table.shape[0], stored.shape[1], case.window, stored)
+        assert launch.rows == min(max_rows, 1 << (case.window[0].bit_length() - 1))
+        for actual, expected in _run_all_kernels(stored, patch, table, case.window,
+                                                 case.patch_hw, _on_device(case.color), starts):
+            assert_same_output(actual, expected)
+
+
+@pytest.mark.parametrize("height, block_j, block_c, max_rows, tile, rows", [
+    (20, 32, 64, 1, 4096, 1),     # the default: one row per program
+    (20, 32, 64, 4, 4096, 2),     # the tile budget holds two 32x64 rows
+    (20, 32, 64, 4, 16384, 4),    # ... eight, capped at max_rows
+    (3, 8, 4, 8, 4096, 2),        # a 3-row window: a power of two at most 3
+    (20, 16, 256, 8, 4096, 1),    # a full tile already: one row
+    (20, 16, 256, 8, 1024, 1),    # a row bigger than the budget: still one
+])
+def test_rows_per_program(height, block_j, block_c, max_rows, tile, rows) -> None:
+    with _launch_config(tile, 256, False, max_rows):
+        assert gather._rows_per_program(height, block_j, block_c) == rows
 
 
 def test_docstring_examples() -> None:

@@ -38,7 +38,7 @@ class KernelCode:
     """One compiled kernel variant and what its code does."""
 
     case: str               # kernel, dtype and shape
-    tile: str               # BLOCK_J x BLOCK_C, warps
+    tile: str               # ROWS x BLOCK_J x BLOCK_C
     vector_bits: frozenset  # widths of the data loads and stores, in bits
     scalar_data: int        # data loads/stores narrower than 128 bits
     divisions: int          # integer div/rem instructions in the whole kernel
@@ -210,7 +210,7 @@ def compile_cases(arch: int = 90) -> list[tuple[KernelCode, bool]]:
         ptx = compiled.asm["ptx"]
         bits, scalar, divisions = ptx_stats(ptx)
         registers, stack = _resources(compiled.asm["cubin"])
-        tile = f"{kwargs['BLOCK_J']}x{kwargs['BLOCK_C']}"
+        tile = f"{kwargs['ROWS']}x{kwargs['BLOCK_J']}x{kwargs['BLOCK_C']}"
         results.append((KernelCode(description, tile, bits, scalar, divisions, kwargs["num_warps"],
                                    registers, stack), vectorised))
     return results
@@ -220,19 +220,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 unless every kernel keeps its two properties")
+                        help="exit 1 unless every kernel keeps its properties")
+    parser.add_argument("--max-rows", type=int, default=None,
+                        help="rows per program at most (default: the kernels' own setting)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="elements per program (default: the kernels' own setting)")
+    parser.add_argument("--warps", type=int, default=None,
+                        help="warps per program (default: the kernels' own setting)")
     args = parser.parse_args(argv)
+    from .gather import _config
+
+    for name, value in (("max_rows", args.max_rows), ("tile_elements", args.tile),
+                        ("num_warps", args.warps)):
+        if value is not None:
+            if value < 1:
+                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            setattr(_config, name, value)
     failures = 0
-    print(f"{'kernel':<34} {'tile':<8} {'warps':>5} {'data bits':<10} {'<128':>5} {'div':>4} "
+    print(f"{'kernel':<34} {'tile':<10} {'warps':>5} {'data bits':<10} {'<128':>5} {'div':>4} "
           f"{'regs':>5} {'stack':>6} {'occup.':>7}  problems")
     for code, vectorised in compile_cases(args.arch):
         problems = code.problems(vectorised)
         failures += bool(problems)
         bits = ",".join(str(b) for b in sorted(code.vector_bits))
-        print(f"{code.case:<34} {code.tile:<8} {code.warps:>5} {bits:<10} {code.scalar_data:>5} "
+        print(f"{code.case:<34} {code.tile:<10} {code.warps:>5} {bits:<10} {code.scalar_data:>5} "
               f"{code.divisions:>4} {code.registers:>5} {code.stack:>6} {code.occupancy:>6.0%}  "
               f"{'; '.join(problems) or 'none'}")
-    print(f"sm_{args.arch}. data bits: widths of the data loads/stores; div: integer div/rem "
+    print(f"sm_{args.arch}. tile: rows x columns x channels a program copies; data bits: widths of the data loads/stores; div: integer div/rem "
           "instructions; regs, stack: per thread, from the cubin; occup.: warp slots of an SM "
           "that programs of these warps and registers can fill (at most 32 programs an SM)")
     return 1 if args.check and failures else 0

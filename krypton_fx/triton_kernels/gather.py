@@ -33,13 +33,17 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # One output row ``(b, i)`` of a channels-last ``(B, R, Rw, C)`` output is one
 # contiguous run of ``Rw * C`` elements. The grid is
 #
-#     axis 0: b * R + i            one program per output row (decoded once, as scalars)
-#     axis 1: blocks of BLOCK_J    columns j of that row
-#     axis 2: blocks of BLOCK_C    channels c
+#     axis 0: b * cdiv(R, ROWS) + g   ROWS rows i = g*ROWS .. g*ROWS + ROWS-1 of position b
+#                                     (decoded once, as scalars)
+#     axis 1: blocks of BLOCK_J       columns j of those rows
+#     axis 2: blocks of BLOCK_C       channels c
 #
-# and a program copies a ``(BLOCK_J, BLOCK_C)`` tile built from two aranges: no
-# per-element integer division, the position's table row is read once as
-# scalars, and the overlay test is a scalar row test plus a per-j column test.
+# and a program copies, row after row (an unrolled loop), a ``(BLOCK_J, BLOCK_C)``
+# tile built from two aranges: no per-element integer division, the position's
+# table row is read once as scalars, and the overlay test is a scalar row test
+# plus a per-j column test. ROWS is 1 by default (one program per row); more
+# rows fill a program whose row tile is small, at the cost of registers
+# (`_config.max_rows`, swept by bench/kernel_bandwidth.py).
 #
 # Channel blocks are a third grid axis, not a loop inside the program: each
 # program then issues all its loads at once (a runtime loop over channel blocks
@@ -48,7 +52,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # programs to keep the GPU full. The cost, re-reading the table row's four
 # scalars per channel block, is a few cached loads.
 # The axis is short (C / BLOCK_C, 1 for C <= BLOCK_C), well within the 65535
-# limit of grid axes 1 and 2; axis 0 (B * R) may go up to 2**31 - 1.
+# limit of grid axes 1 and 2; axis 0 (about B * R) may go up to 2**31 - 1.
 #
 # Defaults: 4096 elements (16 KiB of float32) per program, 8 warps (16 elements,
 # four 128-bit vectors of float32, per thread). Why 8 warps: compiled for sm_90
@@ -65,6 +69,9 @@ _MAX_BLOCK_C = 256
 # Fewest columns per tile (fewer tile shapes, so fewer compiles; see _block_sizes).
 _MIN_BLOCK_J = 8
 _NUM_WARPS = 8
+# Most rows of one position per program (a power of two); the tile budget and
+# the window's height may give fewer. 1: one program per row, as measured so far.
+_MAX_ROWS = 1
 # Elements per thread below which a small tile gets fewer warps (idle threads
 # in a program only cost occupancy).
 _MIN_ELEMENTS_PER_THREAD = 8
@@ -73,26 +80,37 @@ _INT32_MAX = 2**31 - 1
 
 
 @triton.jit
-def _row_tile(R, RW, C, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
-    """This program's tile of a channels-last ``(B, R, Rw, C)`` output, shared by all
-    three kernels: the output row (``b * R + i``, int64 scalar), ``b`` and ``i``
-    (scalars, one division per program), the tile's columns ``j`` and channels ``c``
-    and their masks.
+def _row_tile(R, RW, C, ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.constexpr,
+              WIDE: tl.constexpr):
+    """This program's tiles of a channels-last ``(B, R, Rw, C)`` output, shared by all
+    three kernels: the position ``b`` and its first row ``i0`` (int64 scalars, one
+    division per program; the program copies rows ``i0 .. i0 + ROWS - 1``), the
+    tile's columns ``j`` and channels ``c`` and their masks.
 
     ``j`` and ``c`` are int32 (cheaper address math) unless ``WIDE``: only offsets
     inside one row of one image are formed from them, and the launcher sets
     ``WIDE`` when those can pass 2**31. Everything that scales with the batch
     (row * Rw * C, b * patch batch stride) goes into int64 scalar bases instead.
     """
-    row = tl.program_id(0).to(tl.int64)
-    b = row // R
-    i = row - b * R
+    group = tl.program_id(0).to(tl.int64)
+    groups = tl.cdiv(R, ROWS)  # row groups of one position; R itself when ROWS == 1
+    b = group // groups
+    i0 = (group - b * groups) * ROWS
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     if WIDE:
         j = j.to(tl.int64)
         c = c.to(tl.int64)
-    return row, b, i, j, c, j < RW, c < C
+    return b, i0, j, c, j < RW, c < C
+
+
+@triton.jit
+def _row_mask(i, R, j_mask, ROWS: tl.constexpr):
+    """``j_mask`` for row ``i``, off past the last row when a program copies several
+    rows (the last group may be short); with one row the row always exists."""
+    if ROWS > 1:
+        return j_mask & (i < R)
+    return j_mask
 
 
 @triton.jit
@@ -144,34 +162,42 @@ def _gather_window_kernel(
     HAS_PATCH: tl.constexpr,  # False: plain gather, no overlay
     BLOCK_J: tl.constexpr,    # window columns per program
     BLOCK_C: tl.constexpr,    # channels per program
+    ROWS: tl.constexpr,       # rows per program
     WIDE: tl.constexpr,       # int64 in-row offsets (see _row_tile)
 ):
-    row, b, i, j, c, j_mask, c_mask = _row_tile(R, RW, C, BLOCK_J, BLOCK_C, WIDE)
-    tile_mask = j_mask[:, None] & c_mask[None, :]
+    b, i0, j, c, j_mask, c_mask = _row_tile(R, RW, C, ROWS, BLOCK_J, BLOCK_C, WIDE)
 
     # The position's table row, once per program, as scalars.
     entry = table_ptr + b * stride_tb
     win_y = tl.load(entry)
     win_x = tl.load(entry + stride_tk)
     if HAS_PATCH:
-        py = i - tl.load(entry + 2 * stride_tk)  # row in the patch: one scalar test
+        off_y = tl.load(entry + 2 * stride_tk)
         off_x = tl.load(entry + 3 * stride_tk)
         px = j - off_x                           # column in the patch: a test per j
-        in_patch = _in_patch(py, px, j_mask, PATCH_H, PATCH_W)
-    else:
-        in_patch = j < 0  # all False
 
-    # Patch elements win; stored is only read where no patch covers the element.
-    # Row bases are int64 scalars; along the row the offsets are j*stride + c*stride.
-    stored_row = stored_ptr + (win_y + i) * stride_sh + win_x * stride_sw
-    value = _load_row_tile(stored_row, j, c, stride_sw, stride_sc, tile_mask & ~in_patch[:, None])
-    if HAS_PATCH:
-        from_patch = in_patch[:, None] & c_mask[None, :]
-        patch_row = patch_ptr + b * stride_pb + py * stride_ph - off_x * stride_pw
-        patch_value = _load_row_tile(patch_row, j, c, stride_pw, stride_pc, from_patch)
-        value = tl.where(from_patch, patch_value, value)
+    for r in tl.static_range(ROWS):
+        i = i0 + r
+        row_mask = _row_mask(i, R, j_mask, ROWS)
+        tile_mask = row_mask[:, None] & c_mask[None, :]
+        if HAS_PATCH:
+            py = i - off_y                       # row in the patch: one scalar test
+            in_patch = _in_patch(py, px, row_mask, PATCH_H, PATCH_W)
+        else:
+            in_patch = j < 0  # all False
 
-    _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, RW, C)
+        # Patch elements win; stored is only read where no patch covers the element.
+        # Row bases are int64 scalars; along the row the offsets are j*stride + c*stride.
+        stored_row = stored_ptr + (win_y + i) * stride_sh + win_x * stride_sw
+        value = _load_row_tile(stored_row, j, c, stride_sw, stride_sc,
+                               tile_mask & ~in_patch[:, None])
+        if HAS_PATCH:
+            from_patch = in_patch[:, None] & c_mask[None, :]
+            patch_row = patch_ptr + b * stride_pb + py * stride_ph - off_x * stride_pw
+            patch_value = _load_row_tile(patch_row, j, c, stride_pw, stride_pc, from_patch)
+            value = tl.where(from_patch, patch_value, value)
+
+        _store_row_tile(out_ptr, value, b * R + i, j, c, row_mask, c_mask, RW, C)
 
 
 class _LaunchConfig:
@@ -181,6 +207,7 @@ class _LaunchConfig:
     tile_elements = _TILE_ELEMENTS
     max_block_c = _MAX_BLOCK_C
     num_warps = _NUM_WARPS
+    max_rows = _MAX_ROWS
 
 
 _config = _LaunchConfig()
@@ -194,7 +221,9 @@ class _RowLaunch:
         self.out = torch.empty((batch, channels, r, rw), dtype=like.dtype, device=like.device,
                                memory_format=torch.channels_last)
         self.block_j, self.block_c = _block_sizes(channels, rw)
-        self.grid = (batch * r, triton.cdiv(rw, self.block_j), triton.cdiv(channels, self.block_c))
+        self.rows = _rows_per_program(r, self.block_j, self.block_c)
+        self.grid = (batch * triton.cdiv(r, self.rows), triton.cdiv(rw, self.block_j),
+                     triton.cdiv(channels, self.block_c))
         self.num_warps = _num_warps(self.block_j, self.block_c)
         self.empty = self.out.numel() == 0
 
@@ -210,8 +239,8 @@ class _RowLaunch:
 
     def kwargs(self, *row_strides: tuple[int, int]) -> dict:
         """Block sizes, WIDE and launch options for the kernel call."""
-        return dict(BLOCK_J=self.block_j, BLOCK_C=self.block_c, WIDE=self.wide(*row_strides),
-                    num_warps=self.num_warps)
+        return dict(ROWS=self.rows, BLOCK_J=self.block_j, BLOCK_C=self.block_c,
+                    WIDE=self.wide(*row_strides), num_warps=self.num_warps)
 
 
 def _block_sizes(channels: int, width: int) -> tuple[int, int]:
@@ -231,6 +260,14 @@ def _block_sizes(channels: int, width: int) -> tuple[int, int]:
     block_j = max(block_j, triton.next_power_of_2(triton.cdiv(width, _MAX_GRID_YZ)))
     block_c = max(block_c, triton.next_power_of_2(triton.cdiv(channels, _MAX_GRID_YZ)))
     return block_j, block_c
+
+
+def _rows_per_program(height: int, block_j: int, block_c: int) -> int:
+    """Rows of one position per program: as many as ``_config.max_rows`` allows, the
+    tile budget ``_config.tile_elements`` holds and the window has, rounded down to a
+    power of two (each value is a compile)."""
+    rows = min(_config.max_rows, _config.tile_elements // (block_j * block_c), height)
+    return 1 << (max(1, rows).bit_length() - 1)
 
 
 def _num_warps(block_j: int, block_c: int) -> int:

@@ -10,13 +10,13 @@ import triton.language as tl
 from torch import Tensor
 
 from .gather import (_RowLaunch, _check_index, _check_map, _check_window, _in_patch,
-                     _load_row_tile, _row_tile, _store_row_tile, gather_window_torch)
+                     _load_row_tile, _row_mask, _row_tile, _store_row_tile, gather_window_torch)
 
 __all__ = ["occlude_window_triton", "occlude_window_torch"]
 
 
-# Same launch geometry as the gather (see gather.py): one program per output row
-# (b, i), a (BLOCK_J, BLOCK_C) tile of its columns and channels. Window and patch
+# Same launch geometry as the gather (see gather.py): one program per ROWS output
+# rows of one position, a (BLOCK_J, BLOCK_C) tile of each row's columns and channels. Window and patch
 # sizes only enter scalar math and compares: not specialising on them saves
 # compiles; strides and C stay specialised (vectorisation).
 @triton.jit(do_not_specialize=["R", "RW", "PATCH_H", "PATCH_W", "stride_tb", "stride_tk"])
@@ -37,26 +37,33 @@ def _occlude_window_kernel(
     stride_tk,      # table stride along its 4 columns
     BLOCK_J: tl.constexpr,    # window columns per program
     BLOCK_C: tl.constexpr,    # channels per program
+    ROWS: tl.constexpr,       # rows per program
     WIDE: tl.constexpr,       # int64 in-row offsets (see gather._row_tile)
 ):
-    row, b, i, j, c, j_mask, c_mask = _row_tile(R, RW, C, BLOCK_J, BLOCK_C, WIDE)
-    tile_mask = j_mask[:, None] & c_mask[None, :]
+    b, i0, j, c, j_mask, c_mask = _row_tile(R, RW, C, ROWS, BLOCK_J, BLOCK_C, WIDE)
 
     # The position's table row, once per program, as scalars.
     entry = table_ptr + b * stride_tb
     win_y = tl.load(entry)
     win_x = tl.load(entry + stride_tk)
-    py = i - tl.load(entry + 2 * stride_tk)       # row in the patch: one scalar test
+    off_y = tl.load(entry + 2 * stride_tk)
     px = j - tl.load(entry + 3 * stride_tk)       # column in the patch: a test per j
-    in_patch = _in_patch(py, px, j_mask, PATCH_H, PATCH_W)
-
-    # The image is only read where the patch does not cover the element.
-    image_row = image_ptr + (win_y + i) * stride_ih + win_x * stride_iw
-    value = _load_row_tile(image_row, j, c, stride_iw, stride_ic, tile_mask & ~in_patch[:, None])
     color = tl.load(color_ptr + c, mask=c_mask, other=0)
-    value = tl.where(in_patch[:, None], color[None, :], value)
 
-    _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, RW, C)
+    for r in tl.static_range(ROWS):
+        i = i0 + r
+        row_mask = _row_mask(i, R, j_mask, ROWS)
+        tile_mask = row_mask[:, None] & c_mask[None, :]
+        py = i - off_y                            # row in the patch: one scalar test
+        in_patch = _in_patch(py, px, row_mask, PATCH_H, PATCH_W)
+
+        # The image is only read where the patch does not cover the element.
+        image_row = image_ptr + (win_y + i) * stride_ih + win_x * stride_iw
+        value = _load_row_tile(image_row, j, c, stride_iw, stride_ic,
+                               tile_mask & ~in_patch[:, None])
+        value = tl.where(in_patch[:, None], color[None, :], value)
+
+        _store_row_tile(out_ptr, value, b * R + i, j, c, row_mask, c_mask, RW, C)
 
 
 def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: tuple[int, int],

@@ -9,13 +9,13 @@ import triton.language as tl
 from torch import Tensor
 
 from .gather import (_RowLaunch, _check_index, _check_map, _check_patch, _in_patch,
-                     _load_row_tile, _overlay_rows, _row_tile, _store_row_tile)
+                     _load_row_tile, _overlay_rows, _row_mask, _row_tile, _store_row_tile)
 
 __all__ = ["project_to_full_triton", "project_to_full_torch"]
 
 
-# Same launch geometry as the gather (see gather.py): one program per output row
-# (b, i), a (BLOCK_J, BLOCK_C) tile of its columns and channels. Map and patch
+# Same launch geometry as the gather (see gather.py): one program per ROWS output
+# rows of one position, a (BLOCK_J, BLOCK_C) tile of each row's columns and channels. Map and patch
 # sizes only enter scalar math and compares: not specialising on them saves a
 # compile per layer; strides and C stay specialised (vectorisation).
 @triton.jit(do_not_specialize=["H", "W", "PATCH_H", "PATCH_W", "stride_tb", "stride_tk"])
@@ -40,27 +40,34 @@ def _project_to_full_kernel(
     stride_tk,      # starts stride along its 2 columns
     BLOCK_J: tl.constexpr,    # map columns per program
     BLOCK_C: tl.constexpr,    # channels per program
+    ROWS: tl.constexpr,       # rows per program
     WIDE: tl.constexpr,       # int64 in-row offsets (see gather._row_tile)
 ):
-    row, b, i, j, c, j_mask, c_mask = _row_tile(H, W, C, BLOCK_J, BLOCK_C, WIDE)
-    tile_mask = j_mask[:, None] & c_mask[None, :]
+    b, i0, j, c, j_mask, c_mask = _row_tile(H, W, C, ROWS, BLOCK_J, BLOCK_C, WIDE)
 
     # The window is the whole map (start 0), so the patch offset is its start;
     # read once per program, as scalars.
     entry = starts_ptr + b * stride_tb
-    py = i - tl.load(entry)                 # row in the patch: one scalar test
+    start_y = tl.load(entry)
     start_x = tl.load(entry + stride_tk)
     px = j - start_x                        # column in the patch: a test per j
-    in_patch = _in_patch(py, px, j_mask, PATCH_H, PATCH_W)
 
-    stored_row = stored_ptr + i * stride_sh
-    value = _load_row_tile(stored_row, j, c, stride_sw, stride_sc, tile_mask & ~in_patch[:, None])
-    from_patch = in_patch[:, None] & c_mask[None, :]
-    patch_row = patch_ptr + b * stride_pb + py * stride_ph - start_x * stride_pw
-    patch_value = _load_row_tile(patch_row, j, c, stride_pw, stride_pc, from_patch)
-    value = tl.where(from_patch, patch_value, value)
+    for r in tl.static_range(ROWS):
+        i = i0 + r
+        row_mask = _row_mask(i, H, j_mask, ROWS)
+        tile_mask = row_mask[:, None] & c_mask[None, :]
+        py = i - start_y                    # row in the patch: one scalar test
+        in_patch = _in_patch(py, px, row_mask, PATCH_H, PATCH_W)
 
-    _store_row_tile(out_ptr, value, row, j, c, j_mask, c_mask, W, C)
+        stored_row = stored_ptr + i * stride_sh
+        value = _load_row_tile(stored_row, j, c, stride_sw, stride_sc,
+                               tile_mask & ~in_patch[:, None])
+        from_patch = in_patch[:, None] & c_mask[None, :]
+        patch_row = patch_ptr + b * stride_pb + py * stride_ph - start_x * stride_pw
+        patch_value = _load_row_tile(patch_row, j, c, stride_pw, stride_pc, from_patch)
+        value = tl.where(from_patch, patch_value, value)
+
+        _store_row_tile(out_ptr, value, b * H + i, j, c, row_mask, c_mask, W, C)
 
 
 def project_to_full_triton(stored: Tensor, patch: Tensor, starts: Tensor) -> Tensor:
