@@ -34,7 +34,7 @@ GPU_PATH_TIMEOUT=${GPU_PATH_TIMEOUT:-60}
 # 5 cases x 8 swept launch configs, each a compile and a CUDA-graph timing.
 BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-150}
 SPEED_TIMEOUT=${SPEED_TIMEOUT:-80}
-# The interpreter runs many small row-tile programs: about 80 s on 2 cores.
+# The interpreter runs many small row-tile programs: about 135 s on 2 cores.
 CPU_TESTS_TIMEOUT=${CPU_TESTS_TIMEOUT:-300}
 LOG_DIR=${GPU_CHECK_LOG_DIR:-bench/results/gpu_check}
 mkdir -p "$LOG_DIR"
