@@ -56,6 +56,15 @@ HOST_SYNC_OPS = {
 }
 _INDEX_OPS = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
 
+def _model(name: str):
+    """``(model, image size, patch, stride)``: the shared DAG (every kind of node, a
+    small odd image) or a random-init ResNet18 at 64 px."""
+    if name == "dag":
+        return dag_model(), (21, 19), (5, 4), (4, 3)
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=7).eval(), (64, 64), 8, 8
+
+
 class OpLog(TorchDispatchMode):
     """Counts every aten op (by overload packet) and the devices of the tensors it returns."""
 
@@ -108,11 +117,7 @@ def _run_on_fake_cuda(ex: krypton_fx.Explainer, image: torch.Tensor, batch: int)
 
 @pytest.mark.parametrize("model_name", ["dag", "resnet18"])
 def test_incremental_graph_stays_on_a_cuda_device(model_name, monkeypatch):
-    if model_name == "dag":
-        model, size, patch, stride = dag_model(), (21, 19), (5, 4), (4, 3)
-    else:
-        torch.manual_seed(0)
-        model, size, patch, stride = torchvision.models.resnet18(num_classes=7).eval(), (64, 64), 8, 8
+    model, size, patch, stride = _model(model_name)
     spies = {"gather_window_triton": _Spy(gather.gather_window_torch),
              "project_to_full_triton": _Spy(projection.project_to_full_torch),
              "occlude_window_triton": _Spy(occlusion.occlude_window_torch)}
@@ -141,17 +146,18 @@ def test_incremental_graph_stays_on_a_cuda_device(model_name, monkeypatch):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_running_positions_never_waits_for_the_device(backend):
     """Many batches, and not one host synchronisation among them."""
-    model = dag_model().to(DEVICE)
-    ex = krypton_fx.compile(model, patch=(5, 4), stride=(4, 3), image_size=(21, 19),
+    model, size, patch, stride = _model("dag")
+    model = model.to(DEVICE)
+    ex = krypton_fx.compile(model, patch=patch, stride=stride, image_size=size,
                             backend=backend, batch_size=4)
-    image = torch.randn(3, 21, 19, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    image = torch.randn(3, *size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     logits, stored = ex.prepare(image)
     positions = torch.arange(ex.positions)
     assert ex.positions > 3 * 4  # several batches run
     with OpLog() as log:
         scores = ex.run_positions(positions, stored, label=1)
     assert not HOST_SYNC_OPS & set(log.ops), sorted(HOST_SYNC_OPS & set(log.ops))
-    want = krypton_fx.naive_occlusion(model, image, patch=(5, 4), stride=(4, 3), label=1)
+    want = krypton_fx.naive_occlusion(model, image, patch=patch, stride=stride, label=1)
     torch.testing.assert_close(scores, want.heatmap.flatten(), atol=1e-5, rtol=0)
     if DEVICE.type == "cuda":
         # Synchronisations of a warm run (graphs captured): the positions' upload and
@@ -207,11 +213,7 @@ def test_half_precision_model_matches_naive_in_its_dtype(model_name, dtype, back
     Logits and a bright patch (colour 3): the map spans far more than the tolerance,
     so a map that ignored the patches would fail.
     """
-    if model_name == "dag":
-        model, size, patch, stride = dag_model(), (21, 19), (5, 4), (4, 3)
-    else:
-        torch.manual_seed(0)
-        model, size, patch, stride = torchvision.models.resnet18(num_classes=7).eval(), (64, 64), 8, 8
+    model, size, patch, stride = _model(model_name)
     model = model.to(DEVICE, dtype)
     image = torch.randn(3, *size, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype)
     ex = krypton_fx.compile(model, patch=patch, stride=stride, image_size=size, backend=backend,

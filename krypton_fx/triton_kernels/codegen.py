@@ -163,10 +163,10 @@ def _cases() -> list[tuple[str, bool, Callable[[], object]]]:
     from .projection import project_to_full_triton
 
     def maps(batch, c, hw, patch, dtype):
-        stored = torch.zeros(1, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
-        patches = torch.zeros(batch, c, patch, patch, dtype=dtype).contiguous(
-            memory_format=torch.channels_last)
-        return stored, patches
+        stored = torch.zeros(1, c, hw, hw, dtype=dtype)
+        patches = torch.zeros(batch, c, patch, patch, dtype=dtype)
+        return (stored.contiguous(memory_format=torch.channels_last),
+                patches.contiguous(memory_format=torch.channels_last))
 
     table = torch.zeros(8, 4, dtype=torch.int64)
     starts = torch.zeros(8, 2, dtype=torch.int64)
@@ -178,7 +178,8 @@ def _cases() -> list[tuple[str, bool, Callable[[], object]]]:
         for c, hw, window, patch in ((64, 226, 20, 18), (256, 58, 14, 12), (512, 16, 6, 4)):
             stored, patches = maps(8, c, hw, patch, dtype)
             cases.append((f"gather {name} C={c} window {window}", True,
-                          lambda s=stored, p=patches, w=window: gather_window_triton(s, p, table, (w, w))))
+                          lambda s=stored, p=patches, w=window:
+                              gather_window_triton(s, p, table, (w, w))))
         stored, _ = maps(8, 64, 58, 1, dtype)
         cases.append((f"gather {name} C=64 no patch", True,
                       lambda s=stored: gather_window_triton(s, None, table, (14, 14))))
@@ -187,7 +188,8 @@ def _cases() -> list[tuple[str, bool, Callable[[], object]]]:
                       lambda s=stored, p=patches: project_to_full_triton(s, p, starts)))
         image = torch.zeros(1, 3, 224, 224, dtype=dtype)
         cases.append((f"occlude {name} NCHW C=3", False,
-                      lambda i=image: occlude_window_triton(i, torch.zeros(3), table, (18, 18), (16, 16))))
+                      lambda i=image:
+                          occlude_window_triton(i, torch.zeros(3), table, (18, 18), (16, 16))))
     return cases
 
 
@@ -199,11 +201,11 @@ def compile_cases(arch: int = 90) -> list[tuple[KernelCode, bool]]:
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
+    kernels = (_gather_window_kernel, _project_to_full_kernel, _occlude_window_kernel)
     results = []
     for description, vectorised, launch in _cases():
-        kernels = (_gather_window_kernel, _project_to_full_kernel, _occlude_window_kernel)
-        with contextlib.ExitStack() as stack:
-            recorded = [stack.enter_context(_intercepted(k)) for k in kernels]
+        with contextlib.ExitStack() as exits:
+            recorded = [exits.enter_context(_intercepted(k)) for k in kernels]
             launch()
         (kernel, (args, kwargs)), = [(k, calls[0]) for k, calls in zip(kernels, recorded) if calls]
         compiled = _compile(kernel, args, kwargs, arch)
@@ -218,7 +220,8 @@ def compile_cases(arch: int = 90) -> list[tuple[KernelCode, bool]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100/H200)")
+    parser.add_argument("--arch", type=int, default=90,
+                        help="compute capability x10 (90: H100/H200)")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless every kernel keeps its properties")
     parser.add_argument("--max-rows", type=int, default=None,
@@ -246,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{code.case:<34} {code.tile:<10} {code.warps:>5} {bits:<10} {code.scalar_data:>5} "
               f"{code.divisions:>4} {code.registers:>5} {code.stack:>6} {code.occupancy:>6.0%}  "
               f"{'; '.join(problems) or 'none'}")
-    print(f"sm_{args.arch}. tile: rows x columns x channels a program copies; data bits: widths of the data loads/stores; div: integer div/rem "
-          "instructions; regs, stack: per thread, from the cubin; occup.: warp slots of an SM "
-          "that programs of these warps and registers can fill (at most 32 programs an SM)")
+    print(f"sm_{args.arch}. tile: rows x columns x channels a program copies; data bits: "
+          "widths of the data loads/stores; div: integer div/rem instructions; regs, stack: "
+          "per thread, from the cubin; occup.: warp slots of an SM that programs of these "
+          "warps and registers can fill (at most 32 programs an SM)")
     return 1 if args.check and failures else 0
 
 

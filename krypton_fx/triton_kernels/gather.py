@@ -105,12 +105,14 @@ def _row_tile(R, RW, C, ROWS: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_C: tl.c
 
 
 @triton.jit
-def _row_mask(i, R, j_mask, ROWS: tl.constexpr):
-    """``j_mask`` for row ``i``, off past the last row when a program copies several
-    rows (the last group may be short); with one row the row always exists."""
+def _row_masks(i, R, j_mask, c_mask, ROWS: tl.constexpr):
+    """Row ``i``'s column mask and ``(BLOCK_J, BLOCK_C)`` tile mask: ``j_mask``, off past
+    the last row when a program copies several rows (the last group may be short;
+    with one row the row always exists)."""
+    row_mask = j_mask
     if ROWS > 1:
-        return j_mask & (i < R)
-    return j_mask
+        row_mask = j_mask & (i < R)
+    return row_mask, row_mask[:, None] & c_mask[None, :]
 
 
 @triton.jit
@@ -178,8 +180,7 @@ def _gather_window_kernel(
 
     for r in tl.static_range(ROWS):
         i = i0 + r
-        row_mask = _row_mask(i, R, j_mask, ROWS)
-        tile_mask = row_mask[:, None] & c_mask[None, :]
+        row_mask, tile_mask = _row_masks(i, R, j_mask, c_mask, ROWS)
         if HAS_PATCH:
             py = i - off_y                       # row in the patch: one scalar test
             in_patch = _in_patch(py, px, row_mask, PATCH_H, PATCH_W)

@@ -10,15 +10,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .gather import (_RowLaunch, _check_index, _check_map, _check_window, _in_patch,
-                     _load_row_tile, _row_mask, _row_tile, _store_row_tile, gather_window_torch)
+                     _load_row_tile, _row_masks, _row_tile, _store_row_tile, gather_window_torch)
 
 __all__ = ["occlude_window_triton", "occlude_window_torch"]
 
 
 # Same launch geometry as the gather (see gather.py): one program per ROWS output
-# rows of one position, a (BLOCK_J, BLOCK_C) tile of each row's columns and channels. Window and patch
-# sizes only enter scalar math and compares: not specialising on them saves
-# compiles; strides and C stay specialised (vectorisation).
+# rows of one position, a (BLOCK_J, BLOCK_C) tile of each row's columns and
+# channels. Window and patch sizes only enter scalar math and compares: not
+# specialising on them saves compiles; strides and C stay specialised
+# (vectorisation).
 @triton.jit(do_not_specialize=["R", "RW", "PATCH_H", "PATCH_W", "stride_tb", "stride_tk"])
 def _occlude_window_kernel(
     out_ptr,        # (B, R, Rw, C) output, contiguous: channels-last (B, C, R, Rw)
@@ -52,8 +53,7 @@ def _occlude_window_kernel(
 
     for r in tl.static_range(ROWS):
         i = i0 + r
-        row_mask = _row_mask(i, R, j_mask, ROWS)
-        tile_mask = row_mask[:, None] & c_mask[None, :]
+        row_mask, tile_mask = _row_masks(i, R, j_mask, c_mask, ROWS)
         py = i - off_y                            # row in the patch: one scalar test
         in_patch = _in_patch(py, px, row_mask, PATCH_H, PATCH_W)
 

@@ -9,15 +9,16 @@ import triton.language as tl
 from torch import Tensor
 
 from .gather import (_RowLaunch, _check_index, _check_map, _check_patch, _in_patch,
-                     _load_row_tile, _overlay_rows, _row_mask, _row_tile, _store_row_tile)
+                     _load_row_tile, _overlay_rows, _row_masks, _row_tile, _store_row_tile)
 
 __all__ = ["project_to_full_triton", "project_to_full_torch"]
 
 
 # Same launch geometry as the gather (see gather.py): one program per ROWS output
-# rows of one position, a (BLOCK_J, BLOCK_C) tile of each row's columns and channels. Map and patch
-# sizes only enter scalar math and compares: not specialising on them saves a
-# compile per layer; strides and C stay specialised (vectorisation).
+# rows of one position, a (BLOCK_J, BLOCK_C) tile of each row's columns and
+# channels. Map and patch sizes only enter scalar math and compares: not
+# specialising on them saves a compile per layer; strides and C stay specialised
+# (vectorisation).
 @triton.jit(do_not_specialize=["H", "W", "PATCH_H", "PATCH_W", "stride_tb", "stride_tk"])
 def _project_to_full_kernel(
     out_ptr,        # (B, H, W, C) output, contiguous: channels-last (B, C, H, W)
@@ -54,8 +55,7 @@ def _project_to_full_kernel(
 
     for r in tl.static_range(ROWS):
         i = i0 + r
-        row_mask = _row_mask(i, H, j_mask, ROWS)
-        tile_mask = row_mask[:, None] & c_mask[None, :]
+        row_mask, tile_mask = _row_masks(i, H, j_mask, c_mask, ROWS)
         py = i - start_y                    # row in the patch: one scalar test
         in_patch = _in_patch(py, px, row_mask, PATCH_H, PATCH_W)
 
