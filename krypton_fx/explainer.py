@@ -4,20 +4,26 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import numbers
+import os
+import threading
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import geometry as geo
 from .ops import BACKENDS, occlude_window
+from .passes.functionalize import functionalize
 from .passes.patch_prop import DENSE, META_KEY, PATCHED, PatchInfo, PatchProp
 from .passes.rewrite import IncrementalProgram, rewrite
-from .tracing import eval_mode, trace
+from .tracing import describe_change, eval_mode, model_signature, trace
 
-__all__ = ["OcclusionResult", "Explainer", "compile", "naive_occlusion"]
+__all__ = ["OcclusionResult", "Explainer", "Settings", "compile", "naive_occlusion", "annotate"]
+
+logger = logging.getLogger(__name__)
 
 IntPair = Union[int, Sequence[int]]
 
@@ -61,7 +67,8 @@ def _pair(value: IntPair, name: str) -> tuple[int, int]:
     return pair  # type: ignore[return-value]
 
 
-def _color(color: Union[float, Sequence[float], Tensor], channels: int, dtype) -> Tensor:
+def _color(color: Union[float, Sequence[float], Tensor], channels: int, dtype: torch.dtype) -> Tensor:
+    """The patch colour, one value per channel, in the model's dtype."""
     t = torch.as_tensor(color, dtype=torch.float64).flatten()
     if t.numel() == 1:
         t = t.expand(channels)
@@ -70,7 +77,11 @@ def _color(color: Union[float, Sequence[float], Tensor], channels: int, dtype) -
                          "give one float or one value per channel")
     if not torch.isfinite(t).all():
         raise ValueError("color must be finite")
-    return t.to(dtype)
+    converted = t.to(dtype)
+    if not torch.isfinite(converted).all():  # 1e300 is finite in float64, not in float32
+        raise ValueError(f"color {color!r} is out of range for the model's {str(dtype)[6:]}: "
+                         "give a value the model's dtype can hold")
+    return converted
 
 
 def _output_kind(output: str) -> str:
@@ -79,7 +90,16 @@ def _output_kind(output: str) -> str:
     return output
 
 
-def _image_batch(image: Tensor, expect_chw: Optional[tuple[int, int, int]] = None) -> Tensor:
+def _batch_size(value, name: str = "batch_size") -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+    return int(value)
+
+
+def _image_batch(image: Tensor, expect_chw: Optional[tuple[int, int, int]] = None,
+                 dtype: Optional[torch.dtype] = None) -> Tensor:
     if not isinstance(image, Tensor):
         raise TypeError(f"image must be a torch.Tensor (C, H, W) or (1, C, H, W), got {type(image).__name__}")
     if image.dim() == 3:
@@ -88,6 +108,9 @@ def _image_batch(image: Tensor, expect_chw: Optional[tuple[int, int, int]] = Non
         raise ValueError(f"image must have shape (C, H, W) or (1, C, H, W), got {tuple(image.shape)}")
     if not image.is_floating_point():
         raise TypeError(f"image must be a floating-point tensor (model-ready), got {image.dtype}")
+    if dtype is not None and image.dtype != dtype:
+        raise TypeError(f"image is {str(image.dtype)[6:]} but the model computes in {str(dtype)[6:]}; "
+                        f"convert it first: image.to(torch.{str(dtype)[6:]})")
     if expect_chw is not None and tuple(image.shape[1:]) != expect_chw:
         raise ValueError(f"image has shape {tuple(image.shape[1:])} but the explainer was compiled for "
                          f"{expect_chw}; resize the image or compile with image_size={expect_chw[1:]}")
@@ -104,9 +127,26 @@ def _scores(logits: Tensor, label: int, output: str) -> Tensor:
     return logits[:, label].float()
 
 
-def _check_label(label: Optional[int], classes: int) -> None:
-    if label is not None and not (isinstance(label, int) and 0 <= label < classes):
-        raise ValueError(f"label {label!r} is out of range: the model has {classes} classes (0..{classes - 1})")
+def _label(label, classes: int) -> Optional[int]:
+    """``label`` as an int class index (numpy and 0-d tensor integers too), or None."""
+    if label is None:
+        return None
+    if isinstance(label, Tensor):
+        if label.numel() != 1 or label.dtype.is_floating_point or label.dtype.is_complex \
+                or label.dtype == torch.bool:
+            raise TypeError(f"label must be an integer class index, got a {str(label.dtype)[6:]} tensor "
+                            f"of shape {tuple(label.shape)}")
+        label = int(label.item())
+    elif isinstance(label, bool) or not isinstance(label, numbers.Integral):
+        raise TypeError(f"label must be an integer class index, got {type(label).__name__} {label!r}")
+    label = int(label)
+    if not 0 <= label < classes:
+        raise ValueError(f"label {label} is out of range: the model has {classes} classes (0..{classes - 1})")
+    return label
+
+
+def _check_label(label, classes: int) -> None:
+    _label(label, classes)
 
 
 def _default_batch_size(device: torch.device, bytes_per_position: int) -> int:
@@ -122,10 +162,34 @@ def _resolve_device(device, model: nn.Module) -> torch.device:
     if device is None:
         p = next(model.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available; use device='cpu'")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but CUDA is not available; use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s); use cuda:0")
+    elif device.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError("device='mps' was requested but Apple's MPS is not available here; use 'cpu'")
+    elif device.type != "cpu":
+        raise ValueError(f"device type {device.type!r} is not supported; use 'cpu', 'cuda' or 'mps'")
     return device
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+    return tqdm(it, desc=desc, unit="batch")
 
 
 # --- naive baseline ---------------------------------------------------------------
@@ -148,7 +212,9 @@ def naive_occlusion(model: nn.Module, image: Tensor, patch: IntPair = 16, stride
         (4, 4)
     """
     output = _output_kind(output)
-    image = _image_batch(image)
+    batch_size = _batch_size(batch_size)
+    dtype = _model_dtype(model)
+    image = _image_batch(image, dtype=dtype)
     patch_hw, stride_hw = _pair(patch, "patch"), _pair(stride, "stride")
     h, w = image.shape[-2:]
     if patch_hw[0] > h or patch_hw[1] > w:
@@ -158,12 +224,11 @@ def naive_occlusion(model: nn.Module, image: Tensor, patch: IntPair = 16, stride
     image = image.to(device)
     col = _color(color, image.shape[1], image.dtype).to(device)
     with eval_mode(model):
-        logits = model(image)
-        classes = logits.shape[-1]
-        _check_label(label, classes)
+        logits = model(image.clone())  # a model that edits its input in place must not edit ours
+        label = _label(label, logits.shape[-1])
         label = int(logits.argmax(1)) if label is None else label
         base = float(_scores(logits, label, output))
-        batch = batch_size or _default_batch_size(device, 4 * image[0].numel() * 8)
+        batch = min(batch_size or _default_batch_size(device, 4 * image[0].numel() * 8), len(ys))
         out = torch.empty(len(ys), dtype=torch.float32)
         starts = torch.stack([torch.zeros_like(ys), torch.zeros_like(xs), ys, xs], 1).to(device)
         for lo in _progress(range(0, len(ys), batch), progress, "naive occlusion"):
@@ -174,48 +239,150 @@ def naive_occlusion(model: nn.Module, image: Tensor, patch: IntPair = 16, stride
                            {"positions": len(ys), "batch_size": batch})
 
 
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, unit="batch")
+# --- annotation ------------------------------------------------------------------------
+
+
+def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, int], starts_y: Tensor,
+             starts_x: Tensor, tau: float = 1.0, what: str = "the model") -> PatchProp:
+    """Run PatchProp on ``gm`` with ``example``; a model that cannot run on it is a ValueError.
+
+    Shared by :func:`compile` and :func:`krypton_fx.theoretical_speedup` so
+    both fail the same way.
+    """
+    prop = PatchProp(gm, patch, starts_y, starts_x, tau=tau)
+    with torch.no_grad():
+        try:
+            out = prop.run(example)
+        except RuntimeError as e:
+            cause = e.__cause__ or e
+            detail = " ".join(str(cause).split()) or type(cause).__name__
+            raise ValueError(f"{what} cannot run on a {tuple(example.shape)} input: {type(cause).__name__}: "
+                             f"{detail}. Hint: check image_size and channels.") from e
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise ValueError("the model must return class scores of shape (N, classes); got "
+                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+    return prop
 
 
 # --- the compiled explainer ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What :func:`compile` was given, checked and normalised.
+
+    Attributes:
+        patch: occlusion patch ``(h, w)``.
+        stride: ``(sy, sx)`` between positions.
+        color: patch colour, one float per channel, in the model's input space.
+        image_size: ``(H, W)`` of the images the explainer takes.
+        channels: image channels.
+        tau: projective-field threshold; 1.0 is exact.
+        batch_size: positions per batch, or None to size batches from memory.
+        device: where the graphs run.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the gather nodes.
+        output: ``"prob"`` or ``"logit"``.
+        cuda_graphs: replay batches from CUDA graphs.
+        leaf_modules: module types kept opaque when tracing.
+        autowrap_functions: functions kept opaque when tracing.
+    """
+
+    patch: tuple[int, int]
+    stride: tuple[int, int]
+    color: tuple[float, ...]
+    image_size: tuple[int, int]
+    channels: int
+    tau: float
+    batch_size: Optional[int]
+    device: torch.device
+    backend: str
+    output: str
+    cuda_graphs: bool
+    leaf_modules: tuple[type, ...] = ()
+    autowrap_functions: tuple[Callable, ...] = ()
+
+
+@dataclasses.dataclass
+class _Build:
+    """Everything compiled from the model as it was at one moment."""
+
+    graph_module: fx.GraphModule
+    program: IncrementalProgram
+    dtype: torch.dtype
+    color: Tensor
+    bytes_per_position: int
+    signature: tuple
+    verified: bool = False
 
 
 class Explainer:
     """A model compiled for incremental occlusion at one image size, patch and stride.
 
     Create with :func:`krypton_fx.compile`; call with an image to get an
-    :class:`OcclusionResult`.
+    :class:`OcclusionResult`. Every call uses the model as it is at call time:
+    in-place edits of its weights are read directly, and a replaced
+    parameter, buffer or submodule (or a change of dtype or device) makes the
+    explainer compile itself again. Calls from several threads are safe (they
+    run one at a time) and leave the model's train/eval modes as they were.
     """
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, program: IncrementalProgram,
-                 image_chw: tuple[int, int, int], patch: tuple[int, int], stride: tuple[int, int],
-                 grid: tuple[int, int], tau: float, batch_size: Optional[int], device: torch.device,
-                 backend: str, output: str, color: Tensor, bytes_per_position: int,
-                 cuda_graphs: Optional[bool] = None):
+    def __init__(self, model: nn.Module, settings: Settings):
         self.model = model
-        self.graph_module = gm
-        self.program = program
-        self.image_chw = image_chw
-        self.patch = patch
-        self.stride = stride
-        self.grid = grid
-        self.tau = tau
-        self.device = device
-        self.backend = backend
-        self.output = output
-        self.color = color
-        self.bytes_per_position = bytes_per_position
-        self.batch_size = batch_size or _default_batch_size(device, bytes_per_position)
-        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.settings = settings
+        ys, xs, self.grid = geo.occlusion_grid(settings.image_size, settings.patch, settings.stride)
+        self._starts = (ys, xs)
+        self._lock = threading.RLock()
         self._graphs: dict = {}
+        self._build = self._compile()
+
+    # Settings, by their old names.
+    patch = property(lambda self: self.settings.patch)
+    stride = property(lambda self: self.settings.stride)
+    tau = property(lambda self: self.settings.tau)
+    device = property(lambda self: self.settings.device)
+    backend = property(lambda self: self.settings.backend)
+    output = property(lambda self: self.settings.output)
+    cuda_graphs = property(lambda self: self.settings.cuda_graphs)
+    image_chw = property(lambda self: (self.settings.channels, *self.settings.image_size))
+    # What the current build holds.
+    graph_module = property(lambda self: self._build.graph_module)
+    program = property(lambda self: self._build.program)
+    color = property(lambda self: self._build.color)
+    bytes_per_position = property(lambda self: self._build.bytes_per_position)
+
+    @property
+    def batch_size(self) -> int:
+        """Positions per batch: the compiled ``batch_size`` or what fits in memory."""
+        return self.settings.batch_size or _default_batch_size(self.device, self.bytes_per_position)
 
     @property
     def positions(self) -> int:
         return self.grid[0] * self.grid[1]
+
+    def _compile(self) -> _Build:
+        """Trace, functionalize, annotate and rewrite the model as it is now."""
+        s, model = self.settings, self.model
+        signature = model_signature(model)
+        dtype = _model_dtype(model)
+        color = _color(s.color, s.channels, dtype).to(s.device)
+        gm = trace(model, s.leaf_modules, s.autowrap_functions)
+        example = torch.zeros(1, s.channels, *s.image_size, dtype=dtype, device=s.device)
+        with eval_mode(model):
+            gm = functionalize(gm, example)
+            prop = annotate(gm, example, s.patch, *self._starts, tau=s.tau, what=type(model).__name__)
+        program = rewrite(gm, backend=s.backend, color=color)
+        program.module.to(s.device)
+        self._graphs.clear()
+        return _Build(gm, program, dtype, color, _bytes_per_position(prop), signature)
+
+    def _current(self) -> _Build:
+        """The build for the model as it is now: compiled again if anything was replaced."""
+        signature = model_signature(self.model)
+        if signature != self._build.signature:
+            logger.info("%s changed since it was compiled (%s): compiling again",
+                        type(self.model).__name__, describe_change(self._build.signature, signature))
+            self._build = self._compile()
+        return self._build
 
     def infos(self) -> list[tuple[fx.Node, PatchInfo]]:
         """Every node of the traced graph with its PatchProp annotation."""
@@ -223,22 +390,32 @@ class Explainer:
 
     @torch.no_grad()
     def prepare(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Run the unoccluded image once: its output and the stored activations."""
-        image = _image_batch(image, self.image_chw).to(self.device)
-        self.program.refresh_weights()
-        with eval_mode(self.model):
-            logits, raw = self.program.capture(image)
-        stored = [spec.prepare(v) for spec, v in zip(self.program.stored, raw)]
-        return logits, stored
+        """Run the unoccluded image once: its output and the stored activations.
+
+        The first image of each build is also run through the model itself:
+        a traced graph that does not reproduce the model (Python-side state
+        that tracing cannot see) raises instead of giving a wrong map.
+        """
+        with self._lock:
+            build = self._current()
+            image = _image_batch(image, self.image_chw, build.dtype).to(self.device)
+            build.program.refresh_weights()
+            with eval_mode(self.model):
+                logits, raw = build.program.capture(image)
+                if not build.verified:
+                    _check_same_output(self.model, image, logits)
+                    build.verified = True
+            stored = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
+            return logits, stored
 
     @torch.no_grad()
     def run_positions(self, positions: Tensor, stored: list[Tensor], label: int,
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """Scores of ``label`` for the given occlusion position indices (any subset, any order)."""
-        batch = max(1, min(batch_size or self.batch_size, len(positions)))
+        batch = max(1, min(_batch_size(batch_size) or self.batch_size, len(positions)))
         positions = positions.to(self.device)
         scores = []
-        with eval_mode(self.model):
+        with self._lock, eval_mode(self.model):
             run = self._batch_runner(batch, stored) if len(positions) else None
             for lo in _progress(range(0, len(positions), batch), progress, "krypton_fx"):
                 logits = run(positions[lo:lo + batch])
@@ -247,17 +424,23 @@ class Explainer:
         return torch.cat(scores).cpu() if scores else torch.empty(0)
 
     def _batch_runner(self, batch: int, stored: list[Tensor]) -> Callable[[Tensor], Tensor]:
-        """The incremental graph for this batch size: CUDA-graph replay where enabled."""
+        """The incremental graph for this batch size: CUDA-graph replay where enabled.
+
+        One captured graph is kept per batch size in use (a short last batch
+        is padded to its graph's size, never captured anew).
+        """
+        module = self.program.module
         if not self.cuda_graphs:
-            return lambda pos: self.program.module(pos, *stored)
+            return lambda pos: module(pos, *stored)
         from .cuda_graphs import GraphedBatch
-        # A graph holds raw pointers: re-capture if parameters were replaced
+        # A graph holds raw pointers: capture again if parameters were replaced
         # (model.to(...), say) since it was captured.
-        key = (batch, tuple(t.data_ptr() for t in self.program.module.state_dict().values()))
-        runner = self._graphs.get(key)
+        pointers = tuple(t.data_ptr() for t in module.state_dict().values())
+        for key in [k for k in self._graphs if k[1] != pointers]:
+            del self._graphs[key]
+        runner = self._graphs.get((batch, pointers))
         if runner is None:
-            self._graphs.clear()
-            runner = self._graphs[key] = GraphedBatch(self.program.module, batch, stored)
+            runner = self._graphs[(batch, pointers)] = GraphedBatch(module, batch, stored)
         runner.load(stored)
         return runner
 
@@ -267,23 +450,26 @@ class Explainer:
 
         Args:
             image: ``(C, H, W)`` or ``(1, C, H, W)``, preprocessed for the model.
-            label: class to explain; defaults to the unoccluded prediction.
+            label: class to explain (an int, a numpy integer or a 0-d integer
+                tensor); defaults to the unoccluded prediction.
             drill_down: adaptive drill-down settings (approximate), or None.
             batch_size: positions per batch; defaults to the compiled one.
             progress: show a progress bar.
         """
+        batch_size = _batch_size(batch_size)
         if drill_down is not None:
             from .approx import run_drill_down
             return run_drill_down(self, image, drill_down, label=label, batch_size=batch_size,
                                   progress=progress)
-        logits, stored = self.prepare(image)
-        _check_label(label, logits.shape[-1])
-        label = int(logits.argmax(1)) if label is None else label
-        base = float(_scores(logits, label, self.output))
-        scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size, progress)
+        with self._lock:
+            logits, stored = self.prepare(image)
+            label = _label(label, logits.shape[-1])
+            label = int(logits.argmax(1)) if label is None else label
+            base = float(_scores(logits, label, self.output))
+            scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size, progress)
+        batch = min(batch_size or self.batch_size, self.positions)
         return OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch,
-                               self.output, {"positions": self.positions,
-                                             "batch_size": batch_size or self.batch_size})
+                               self.output, {"positions": self.positions, "batch_size": batch})
 
     def report(self) -> str:
         """A per-node table: kind, state, patch size, and where savings stop."""
@@ -294,6 +480,23 @@ class Explainer:
         return (f"Explainer({type(self.model).__name__}, image={self.image_chw}, patch={self.patch}, "
                 f"stride={self.stride}, positions={self.positions}, tau={self.tau}, "
                 f"backend={self.backend!r}, device={self.device})")
+
+
+def _check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:
+    """Raise if the traced graph's output differs from the model's own on ``image``."""
+    eager = model(image.clone())
+    if not isinstance(eager, Tensor) or eager.shape != traced.shape:
+        raise ValueError(f"the traced graph of {type(model).__name__} returns {tuple(traced.shape)} but the "
+                         f"model returns {tuple(getattr(eager, 'shape', ()))}; krypton_fx cannot explain it")
+    eps = torch.finfo(eager.dtype).eps
+    scale = max(1.0, float(eager.abs().max()))
+    diff = float((eager.float() - traced.float()).abs().max())
+    if diff > 64 * eps * scale:
+        raise ValueError(
+            f"the traced graph of {type(model).__name__} does not reproduce the model's output "
+            f"(they differ by {diff:.3g}): its forward has effects that torch.fx cannot record, such "
+            "as an in-place update (y += ...) of a tensor that is read again later, Python-side state or "
+            "randomness. Hint: write such updates out of place (y = y + ...)")
 
 
 def _bytes_per_position(prop: PatchProp) -> int:
@@ -309,6 +512,15 @@ def _bytes_per_position(prop: PatchProp) -> int:
             sizes.append(shape[1] * read.window.h * read.window.w if len(shape) == 4 else 0)
     sizes.sort(reverse=True)
     return 4 * 2 * sum(sizes[:3]) if sizes else 1 << 20
+
+
+def _check_backend(backend: str, device: torch.device) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs a CUDA device (this explainer runs on {device.type}); "
+                         "use backend='auto' or 'torch', or set TRITON_INTERPRET=1 to run the kernels "
+                         "slowly on the CPU (for tests)")
 
 
 def compile(model: nn.Module, patch: IntPair = 16, stride: IntPair = 4,
@@ -350,34 +562,18 @@ def compile(model: nn.Module, patch: IntPair = 16, stride: IntPair = 4,
     if patch_hw[0] > size_hw[0] or patch_hw[1] > size_hw[1]:
         raise ValueError(f"patch {patch_hw} is larger than the image {size_hw}; use a smaller patch "
                          "or a larger image_size")
-    if not (isinstance(tau, (int, float)) and 0.0 < tau <= 1.0):
+    if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and 0.0 < tau <= 1.0):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     output = _output_kind(output)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    batch_size = _batch_size(batch_size)
     dev = _resolve_device(device, model)
+    _check_backend(backend, dev)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError("cuda_graphs=True needs a CUDA device; leave it None on the CPU")
+    color_values = tuple(float(v) for v in _color(color, channels, torch.float64))
+    _color(color, channels, _model_dtype(model))  # fails now, not at the first call
     model.to(dev)
-    gm = trace(model, leaf_modules, autowrap_functions)
-    ys, xs, grid = geo.occlusion_grid(size_hw, patch_hw, stride_hw)
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    example = torch.zeros(1, channels, *size_hw, dtype=dtype, device=dev)
-    prop = PatchProp(gm, patch_hw, ys, xs, tau=float(tau))
-    with eval_mode(model), torch.no_grad():
-        try:
-            example_out = prop.run(example)
-        except RuntimeError as e:
-            raise ValueError(f"{type(model).__name__} cannot run on a {(1, channels, *size_hw)} image: "
-                             f"{e.__cause__ or e}. Hint: check image_size and channels.") from e
-    if not isinstance(example_out, Tensor) or example_out.dim() != 2:
-        raise ValueError("the model must return class scores of shape (N, classes); got "
-                         f"{type(example_out).__name__} {getattr(example_out, 'shape', '')}")
-    col = _color(color, channels, dtype).to(dev)
-    program = rewrite(gm, backend=backend, color=col)
-    program.module.to(dev)
-    return Explainer(model, gm, program, (channels, *size_hw), patch_hw, stride_hw, grid, float(tau),
-                     batch_size, dev, backend, output, col, _bytes_per_position(prop), cuda_graphs)
+    settings = Settings(patch_hw, stride_hw, color_values, size_hw, int(channels), float(tau), batch_size,
+                        dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
+                        tuple(leaf_modules), tuple(autowrap_functions))
+    return Explainer(model, settings)

@@ -8,7 +8,8 @@ import torch
 from torch import fx, nn
 
 from . import geometry as geo
-from .passes.patch_prop import CLEAN, DENSE, META_KEY, PATCHED, PatchInfo, PatchProp
+from .passes.functionalize import functionalize
+from .passes.patch_prop import CLEAN, META_KEY, PATCHED, PatchInfo
 from .tracing import eval_mode, trace
 
 __all__ = ["theoretical_speedup", "conv_macs", "format_report"]
@@ -16,14 +17,17 @@ __all__ = ["theoretical_speedup", "conv_macs", "format_report"]
 
 def _annotate_centre(model: nn.Module, image_size: tuple[int, int], patch: tuple[int, int],
                      tau: float, channels: int) -> fx.GraphModule:
+    from .explainer import annotate
+
     gm = trace(model)
     ys = torch.tensor([(image_size[0] - patch[0]) // 2])
     xs = torch.tensor([(image_size[1] - patch[1]) // 2])
     p = next(model.parameters(), None)
     example = torch.zeros(1, channels, *image_size, dtype=p.dtype if p is not None else torch.float32,
                           device=p.device if p is not None else "cpu")
-    with eval_mode(model), torch.no_grad():
-        PatchProp(gm, patch, ys, xs, tau=tau).run(example)
+    with eval_mode(model):
+        gm = functionalize(gm, example)
+        annotate(gm, example, patch, ys, xs, tau=tau, what=type(model).__name__)
     return gm
 
 

@@ -10,12 +10,13 @@ clear error saying why and what to do.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Optional
+import threading
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import fx, nn
 
-__all__ = ["trace", "eval_mode", "TraceError"]
+__all__ = ["trace", "eval_mode", "TraceError", "model_signature", "describe_change"]
 
 
 class TraceError(ValueError):
@@ -33,16 +34,93 @@ class _KryptonTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+# Calls from several threads may overlap on one model: the first to enter
+# saves every submodule's mode and switches to eval, the last to leave
+# restores them. (A save/restore per call would let one thread restore
+# train mode under another that is still running.)
+_MODES_LOCK = threading.Lock()
+_MODES: dict[int, tuple[int, list]] = {}  # id(model) -> (calls inside, saved modes)
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` and all submodules in eval mode, restoring each one's mode after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    """Put ``model`` and all submodules in eval mode, restoring each one's mode after.
+
+    Safe when calls from several threads overlap: the model stays in eval mode
+    until the last of them leaves, then every submodule gets its own mode back.
+    """
+    key = id(model)
+    with _MODES_LOCK:
+        depth, modes = _MODES.get(key, (0, []))
+        if depth == 0:
+            modes = [(m, m.training) for m in model.modules()]
+            model.eval()
+        _MODES[key] = (depth + 1, modes)
     try:
         yield model
     finally:
-        for m, training in modes:
-            m.training = training
+        with _MODES_LOCK:
+            depth, modes = _MODES.pop(key)
+            if depth > 1:
+                _MODES[key] = (depth - 1, modes)
+            else:
+                for m, training in modes:
+                    m.training = training
+
+
+def model_signature(model: nn.Module) -> tuple:
+    """What a compiled graph depends on: every submodule, parameter and buffer object,
+    with the dtype, device and shape of the tensors.
+
+    Two signatures compare equal (``==`` compares the objects by identity) when
+    nothing was replaced; an in-place edit of a weight keeps the signature
+    (the graphs read the tensors themselves). The signature holds references,
+    so a replaced object's id cannot be reused by a new one.
+    """
+    modules = tuple((name, _Same(m)) for name, m in model.named_modules(remove_duplicate=False))
+    tensors = tuple((name, _Same(t), t.dtype, t.device, tuple(t.shape))
+                    for name, t in list(model.named_parameters(remove_duplicate=False))
+                    + list(model.named_buffers(remove_duplicate=False)))
+    return modules + tensors
+
+
+def describe_change(old: tuple, new: tuple) -> str:
+    """The first entry in which two :func:`model_signature` results differ, for messages."""
+    old_d, new_d = {e[0]: e for e in old}, {e[0]: e for e in new}
+    for name in list(new_d) + list(old_d):
+        if old_d.get(name) != new_d.get(name):
+            if name not in old_d:
+                return f"{name or 'the model'} was added"
+            if name not in new_d:
+                return f"{name or 'the model'} was removed"
+            return f"{name or 'the model'} was replaced or changed dtype, device or shape"
+    return "nothing"
+
+
+class _Same:
+    """Compares the wrapped object by identity (and keeps it alive)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+def _trace_hint(message: str) -> str:
+    """How to fix the usual reasons a forward does not trace."""
+    if "does not support item assignment" in message:
+        return ("in-place item assignment (y[...] = v) cannot be traced; write it out of place "
+                "(torch.where, masked_fill, torch.cat) or pass the submodule that does it as "
+                "leaf_modules=...")
+    return ("data-dependent Python control flow cannot be traced; pass the offending submodule "
+            "types as leaf_modules=... or functions as autowrap_functions=..., or rewrite the "
+            "branch with tensor ops.")
 
 
 def trace(model: nn.Module, leaf_modules: Iterable[type] = (),
@@ -77,8 +155,6 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (),
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TraceError(
                 f"{type(model).__name__} does not trace symbolically with torch.fx: {first}. "
-                "Hint: data-dependent Python control flow cannot be traced; pass the offending "
-                "submodule types as leaf_modules=... or functions as autowrap_functions=..., "
-                "or rewrite the branch with tensor ops.") from e
+                f"Hint: {_trace_hint(first)}") from e
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)

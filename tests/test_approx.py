@@ -204,7 +204,9 @@ def test_drill_down_r1_equals_exact(tiny, lesion_images, tau, stage1):
     for image in lesion_images[:2]:
         exact = ex(image)
         res = ex(image, drill_down=DrillDown(r=1.0, stage1_stride=stage1))
-        assert torch.equal(res.heatmap, exact.heatmap)
+        # The same positions in other batches: CPU convolutions may round differently
+        # for another batch size (seen with tau 0.6, stage-one step 4: 6e-8).
+        torch.testing.assert_close(res.heatmap, exact.heatmap, atol=1e-6, rtol=0)
         assert res.stats["positions_run"] == ex.positions
         assert (res.label, res.base_prob) == (exact.label, exact.base_prob)
 

@@ -107,6 +107,9 @@ def color_patch(color: Tensor, positions: Tensor, patch_hw: tuple[int, int]) -> 
     return color.view(1, c, 1, 1).expand(positions.shape[0], c, *patch_hw)
 
 
+_VIEW_TO_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
+
+
 def _reads_own_box(read: Read) -> bool:
     """The window is exactly the input's patch box (a 1x1 conv, say): no gather needed."""
     info: PatchInfo = read.node.meta[META_KEY]
@@ -243,7 +246,11 @@ class _Emitter:
                 F.conv2d, (args[0], weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups))
             return
         # clean, point, merge and dense nodes run as written, on their new inputs.
-        self.env[n] = self.graph.node_copy(n, lookup)
+        self.env[n] = new = self.graph.node_copy(n, lookup)
+        if info.state == DENSE and new.op == "call_method" and new.target in _VIEW_TO_RESHAPE:
+            # A projected map is channels-last, which .view() refuses (x.view(x.size(0), -1)
+            # after a conv); the graph is functional, so reshape gives the same values.
+            new.target = _VIEW_TO_RESHAPE[new.target]
 
     def _conv_params(self, n: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
         """Weight and bias nodes of a Conv2d module, the weight as a channels-last copy.
