@@ -116,9 +116,13 @@ class OcclusionSensitivity:
             ``x``'s dtype, as MONAI) and ``(1, 1, *spatial)``
             (int64, ``occ_map.argmax(1, keepdim=True)``), cropped to ``b_box``.
 
+        Afterwards ``last_path`` (``"plain"`` or ``"incremental"``) and
+        ``last_path_reason`` say which engine inferred the windows and why.
+
         Raises:
             ValueError: ``x`` holds more than one image, ``mask_size`` is
                 larger than the image, or ``overlap`` is outside ``[0, 1)``.
+            TypeError: ``mode`` is not a string, a float or a callable.
         """
         if x.shape[0] > 1:
             raise ValueError(f"Expected batch size of 1, got x of shape {tuple(x.shape)}: "
@@ -139,7 +143,8 @@ class OcclusionSensitivity:
                 outputs = self.plain_outputs(x, grid, rule, kwargs)
         self.last_path, self.last_path_reason = path, reason
 
-        # MONAI blends in x's dtype, then returns the dtype of an empty MetaTensor: the default dtype
+        # MONAI blends in x's dtype but returns the dtype of an empty MetaTensor
+        # (the default dtype); blending in float64 stays within its rounding
         region_map = blend_windows(outputs.to(torch.float64), grid, self.blend_weights(x, grid))
         region_map = region_map.to(torch.get_default_dtype())
         if b_box is None:
@@ -162,7 +167,9 @@ class OcclusionSensitivity:
         """Which engine infers the windows, and why: ``("plain" | "incremental", reason)``.
 
         Called before the model is put in eval mode, so ``self.nn_module.training``
-        is still the caller's.
+        is still the caller's. An incremental engine adds its own conditions
+        (the model traces, ...) before the last line and returns
+        ``("incremental", reason)`` when they hold.
         """
         if rule.fn is not None:
             return "plain", "mode is a callable, which may write anything into a window"
