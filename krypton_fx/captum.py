@@ -548,12 +548,18 @@ class Occlusion:
                 tensors are repeated along dimension 0 with the inputs.
             perturbations_per_eval: windows evaluated in one forward call (each
                 call holds ``perturbations_per_eval * N`` images).
-            show_progress: show a progress bar.
+            show_progress: show Captum's progress bar on stderr
+                (``"Occlusion attribution"``: one step for the unoccluded
+                forward and one per ``perturbations_per_eval`` windows).
 
         Returns:
-            float32 attributions shaped like ``inputs`` (a tuple when
-            ``inputs`` is a tuple); dimension 0 is the number of selected
-            outputs (``N`` for one target per example).
+            float32 attributions on the input's device, shaped like ``inputs``
+            (a tuple when ``inputs`` is a tuple); dimension 0 is the number of
+            selected outputs (``N`` for one target per example).
+
+        Raises:
+            OcclusionArgumentError: a bad argument (a ``ValueError`` and an
+                ``AssertionError``, and whatever else Captum raises for it).
 
         Example:
             >>> import torch
