@@ -15,10 +15,14 @@
 #      bench/kernel_bandwidth.py (GB/s against a device copy, and torch),
 #   3. bench/speed.py on vgg16, resnet18, inception_v3 (a failure is reported,
 #      the script goes on),
+#   4. bench/captum.py at the setting (4 images of 224, window 16,
+#      stride 8, perturbations_per_eval=128): krypton_fx.captum.Occlusion
+#      against captum.attr.Occlusion, cold (a fresh process) and warm, on
+#      ResNet18 and VGG16 (skipped when captum is not installed),
 # then prints a summary. Exit status: 0 when every step that ran passed.
 # Step limits in seconds (upper bounds; an earlier version took about 3 minutes on
 # an H200) can be overridden: TESTS_TIMEOUT, GPU_PATH_TIMEOUT, ZOO_TIMEOUT,
-# BANDWIDTH_TIMEOUT, SPEED_TIMEOUT, and CPU_TESTS_TIMEOUT for the interpreter run
+# BANDWIDTH_TIMEOUT, SPEED_TIMEOUT, CAPTUM_TIMEOUT, and CPU_TESTS_TIMEOUT for the interpreter run
 # without CUDA.
 # Each step's log is kept in GPU_CHECK_LOG_DIR.
 
@@ -34,6 +38,10 @@ GPU_PATH_TIMEOUT=${GPU_PATH_TIMEOUT:-60}
 # 5 cases x 8 swept launch configs, each a compile and a CUDA-graph timing.
 BANDWIDTH_TIMEOUT=${BANDWIDTH_TIMEOUT:-150}
 SPEED_TIMEOUT=${SPEED_TIMEOUT:-80}
+# 2 models x 2 rounds x (Captum, krypton_fx), each a fresh process (import, CUDA
+# start, model build) doing a cold and a warm call; round 1 also compiles the
+# Triton kernels into Triton's cache.
+CAPTUM_TIMEOUT=${CAPTUM_TIMEOUT:-180}
 # The interpreter runs many small row-tile programs: about 135 s on 2 cores.
 CPU_TESTS_TIMEOUT=${CPU_TESTS_TIMEOUT:-300}
 LOG_DIR=${GPU_CHECK_LOG_DIR:-bench/results/gpu_check}
@@ -113,6 +121,16 @@ else
     echo "bench/speed.py not found: speed step not run"
     SUMMARY+=("speed            MISSING (bench/speed.py not written yet)")
     FAILED=1
+fi
+
+if "$PYTHON" -c "import captum" >/dev/null 2>&1; then
+    run_step captum "$CAPTUM_TIMEOUT" \
+        env -u TRITON_INTERPRET "$PYTHON" bench/captum.py --device cuda --models resnet18,vgg16 \
+        --size 224 --images 4 --window 16 --stride 8 --perturbations-per-eval 128 --target 3 --rounds 2 \
+        || echo "bench/captum.py failed (see above); continuing"
+else
+    echo "captum is not installed: captum step not run (pip install captum)"
+    SUMMARY+=("captum           SKIPPED (captum not installed)")
 fi
 
 print_summary

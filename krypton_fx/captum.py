@@ -16,6 +16,21 @@ cut-off border windows, which the compiled grid does not hold, run as plain
 occluded forwards. Everything else runs a plain implementation of the same
 semantics. ``Occlusion.last_path`` says which one ran.
 
+What a caller of Captum's class can observe is kept: the signature of
+``attribute`` (and ``attribute.__wrapped__``), ``attribute_future`` raising
+``NotImplementedError``, ``get_name()``, ``has_convergence_delta()``,
+``multiplies_by_inputs``, ``forward_func``, ``use_weights``; a tensor back for a
+tensor, a tuple for a tuple, float32 on the input's device; at most
+``perturbations_per_eval * N`` images per forward; Captum's progress bar
+(``"Occlusion attribution"``, counted in its forwards). A bad argument raises
+:class:`OcclusionArgumentError`, a ``ValueError`` that says what to fix and an
+``AssertionError`` as in Captum (and Captum's ``IndexError``, ``RuntimeError``
+or ``TypeError`` where it raises one of those instead). Deliberate differences:
+a stride < 1 or more baselines than inputs are refused (Captum returns NaN, or
+ignores the extra ones), a non-callable ``forward_func`` is refused at once,
+the progress bar reaches 100% (Captum's counts input elements, not windows),
+and a 1-D input with window ``()`` works (Captum raises ``IndexError``).
+
 Captum itself is not imported: it is only needed to compare against.
 
 Example:
@@ -32,7 +47,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import logging
 import math
 import numbers
 from collections import OrderedDict
@@ -41,11 +58,20 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .explainer import Explainer
 from .explainer import compile as compile_explainer
 
-__all__ = ["Occlusion"]
+__all__ = [
+    "Occlusion",
+    "OcclusionArgumentError",
+    "OcclusionArgumentIndexError",
+    "OcclusionArgumentRuntimeError",
+    "OcclusionArgumentTypeError",
+]
+
+logger = logging.getLogger(__name__)
 
 Baseline = Union[None, int, float, Tensor, tuple]
 Target = Union[None, int, tuple, Tensor, list]
@@ -53,6 +79,39 @@ Target = Union[None, int, tuple, Tensor, list]
 # Compiled explainers kept per Occlusion object (one per image size, window,
 # stride and patch colour); per-example tensor baselines compile one per colour.
 _MAX_CACHED_EXPLAINERS = 16
+
+
+# --- argument errors ---------------------------------------------------------------------------
+
+
+class OcclusionArgumentError(ValueError, AssertionError):
+    """A bad argument to :class:`Occlusion`: a ``ValueError`` whose message says what to fix, and
+    an ``AssertionError``, which is what ``captum.attr.Occlusion`` raises for it (its checks are
+    asserts), so ``except AssertionError`` written for Captum still catches it.
+
+    Example:
+        >>> import torch
+        >>> try:
+        ...     Occlusion(torch.nn.Linear(4, 2)).attribute(torch.rand(1, 4), (5,))
+        ... except AssertionError as e:
+        ...     isinstance(e, ValueError)
+        True
+    """
+
+
+class OcclusionArgumentTypeError(OcclusionArgumentError, TypeError):
+    """An argument of the wrong type (Captum: ``AssertionError``, or ``TypeError``)."""
+
+
+class OcclusionArgumentIndexError(OcclusionArgumentError, IndexError):
+    """An index out of range, where Captum fails with ``IndexError`` (an int target past the
+    classes, fewer baselines than inputs)."""
+
+
+class OcclusionArgumentRuntimeError(OcclusionArgumentError, RuntimeError):
+    """A bad argument that Captum only notices when a torch op fails (``RuntimeError``): a
+    baseline that does not broadcast, a negative window, per-example classes out of range or
+    not integers."""
 
 
 # --- argument normalisation (Captum's forms) ------------------------------------------------
@@ -64,8 +123,8 @@ def _format_inputs(inputs) -> tuple[tuple[Tensor, ...], bool]:
         return (inputs,), False
     if isinstance(inputs, tuple) and inputs and all(isinstance(x, Tensor) for x in inputs):
         return inputs, True
-    raise TypeError("inputs must be a torch.Tensor or a non-empty tuple of tensors (one per forward "
-                    f"argument), got {_describe(inputs)}")
+    raise OcclusionArgumentTypeError("inputs must be a torch.Tensor or a non-empty tuple of tensors (one "
+                                     f"per forward argument), got {_describe(inputs)}")
 
 
 def _describe(value) -> str:
@@ -75,40 +134,45 @@ def _describe(value) -> str:
 
 
 def _int_tuple(value, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list, torch.Size)):
-        raise TypeError(f"{what} must be a tuple of ints, got {value!r}")
+    # Captum asserts tuples (torch.Size is one): a list fails there, so it fails here too.
+    if not isinstance(value, tuple):
+        hint = f"; pass tuple({value!r})" if isinstance(value, list) else ""
+        raise OcclusionArgumentTypeError(f"{what} must be a tuple of ints, got {value!r}{hint}")
     out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise TypeError(f"{what} must be a tuple of ints, got {value!r}")
+            raise OcclusionArgumentTypeError(f"{what} must be a tuple of ints, got {value!r}")
         out.append(int(v))
     return tuple(out)
 
 
 def _format_windows(sliding_window_shapes, inputs: tuple[Tensor, ...]) -> tuple[tuple[int, ...], ...]:
     """One window shape per input, each with ``input.dim() - 1`` entries (Captum's rules)."""
-    if not isinstance(sliding_window_shapes, (tuple, list)):
-        raise TypeError("sliding_window_shapes must be a tuple of ints (one input) or a tuple of such "
-                        f"tuples (one per input), got {sliding_window_shapes!r}")
+    if not isinstance(sliding_window_shapes, tuple):
+        hint = f"; pass tuple({sliding_window_shapes!r})" if isinstance(sliding_window_shapes, list) else ""
+        raise OcclusionArgumentTypeError("sliding_window_shapes must be a tuple of ints (one input) or a "
+                                         f"tuple of such tuples (one per input), got "
+                                         f"{sliding_window_shapes!r}{hint}")
     shapes = tuple(sliding_window_shapes)
     if len(shapes) == 0 or isinstance(shapes[0], numbers.Integral):
         shapes = (shapes,)  # a single input's window; () is the window of a 1-D input
     if len(shapes) != len(inputs):
-        raise ValueError(f"sliding_window_shapes gives {len(shapes)} window(s) for {len(inputs)} input(s): "
-                         "give one window shape per input tensor")
+        raise OcclusionArgumentError(f"sliding_window_shapes gives {len(shapes)} window(s) for {len(inputs)} "
+                                     "input(s): give one window shape per input tensor")
     windows = []
     for i, (shape, x) in enumerate(zip(shapes, inputs)):
         window = _int_tuple(shape, f"sliding_window_shapes[{i}]")
         dims = tuple(x.shape[1:])
         if len(window) != len(dims):
-            raise ValueError(f"sliding window {window} for input {i} of shape {tuple(x.shape)} must have "
-                             f"{len(dims)} entries, one per dimension after the batch dimension")
+            raise OcclusionArgumentError(f"sliding window {window} for input {i} of shape {tuple(x.shape)} "
+                                         f"must have {len(dims)} entries, one per dimension after the batch "
+                                         "dimension")
         if any(w < 1 for w in window):
-            raise ValueError(f"sliding window {window} for input {i} has an entry < 1; every window "
-                             "dimension must be at least 1")
+            raise OcclusionArgumentRuntimeError(f"sliding window {window} for input {i} has an entry < 1; "
+                                                "every window dimension must be at least 1")
         if any(w > d for w, d in zip(window, dims)):
-            raise ValueError(f"sliding window {window} for input {i} is larger than the input's "
-                             f"dimensions {dims}; use a smaller window")
+            raise OcclusionArgumentError(f"sliding window {window} for input {i} is larger than the input's "
+                                         f"dimensions {dims}; use a smaller window")
         windows.append(window)
     return tuple(windows)
 
@@ -118,11 +182,11 @@ def _format_strides(strides, inputs: tuple[Tensor, ...],
     """One stride per dimension per input (Captum's rules, expanded)."""
     if strides is None:
         strides = tuple(1 for _ in inputs)
-    if len(inputs) == 1 and not (isinstance(strides, (tuple, list)) and len(strides) == 1):
+    if len(inputs) == 1 and not (isinstance(strides, tuple) and len(strides) == 1):
         strides = (strides,)
-    if not isinstance(strides, (tuple, list)) or len(strides) != len(inputs):
-        raise ValueError(f"strides {strides!r} must give one stride (an int or a tuple per dimension) for "
-                         f"each of the {len(inputs)} input tensors")
+    if not isinstance(strides, tuple) or len(strides) != len(inputs):
+        raise OcclusionArgumentError(f"strides {strides!r} must give one stride (an int or a tuple per "
+                                     f"dimension) for each of the {len(inputs)} input tensors")
     out = []
     for i, (stride, window) in enumerate(zip(strides, windows)):
         if isinstance(stride, numbers.Integral) and not isinstance(stride, bool):
@@ -130,16 +194,18 @@ def _format_strides(strides, inputs: tuple[Tensor, ...],
         else:
             per_dim = _int_tuple(stride, f"strides[{i}]")
             if len(per_dim) != len(window):
-                raise ValueError(f"strides[{i}] = {per_dim} must be an int or have {len(window)} entries, "
-                                 f"one per dimension of input {i} after the batch dimension")
+                raise OcclusionArgumentError(f"strides[{i}] = {per_dim} must be an int or have {len(window)} "
+                                             f"entries, one per dimension of input {i} after the batch "
+                                             "dimension")
+        # Captum accepts a stride < 1 and returns NaN (it divides by the stride): refuse it.
         if any(s < 1 for s in per_dim):
-            raise ValueError(f"strides[{i}] = {per_dim} has an entry < 1; strides must be positive")
+            raise OcclusionArgumentError(f"strides[{i}] = {per_dim} has an entry < 1; strides must be positive")
         dims = tuple(inputs[i].shape[1:])
         for d, (s, w, size) in enumerate(zip(per_dim, window, dims)):
             if w < size and s > w:
-                raise ValueError(f"stride {s} along dimension {d + 1} of input {i} is larger than the "
-                                 f"window ({w}), so some elements would never be occluded; use a stride "
-                                 f"<= {w}")
+                raise OcclusionArgumentError(f"stride {s} along dimension {d + 1} of input {i} is larger than "
+                                             f"the window ({w}), so some elements would never be occluded; "
+                                             f"use a stride <= {w}")
         out.append(per_dim)
     return tuple(out)
 
@@ -150,12 +216,16 @@ def _format_baselines(baselines: Baseline, inputs: tuple[Tensor, ...]) -> tuple[
         return tuple(False if x.dtype is torch.bool else 0 for x in inputs)
     if not isinstance(baselines, tuple):
         baselines = (baselines,)
-    if len(baselines) != len(inputs):
-        raise ValueError(f"baselines gives {len(baselines)} value(s) for {len(inputs)} input(s): give one "
-                         "scalar or tensor per input tensor")
-    for i, (b, x) in enumerate(zip(baselines, inputs)):
+    # Captum checks every baseline's type first, then fails on too few (IndexError) and ignores
+    # extra ones; an extra one is refused here.
+    for i, b in enumerate(baselines):
         if not isinstance(b, (Tensor, int, float)):
-            raise TypeError(f"baselines[{i}] must be a number or a torch.Tensor, got {type(b).__name__}")
+            raise OcclusionArgumentTypeError(f"baselines[{i}] must be a number or a torch.Tensor, got "
+                                             f"{type(b).__name__}")
+    if len(baselines) != len(inputs):
+        raise OcclusionArgumentIndexError(f"baselines gives {len(baselines)} value(s) for {len(inputs)} "
+                                          "input(s): give one scalar or tensor per input tensor")
+    for i, (b, x) in enumerate(zip(baselines, inputs)):
         if isinstance(b, Tensor):
             # Captum prepends a perturbation dimension and broadcasts against
             # (perturbations, *input.shape): the baseline must not widen it.
@@ -165,9 +235,10 @@ def _format_baselines(baselines: Baseline, inputs: tuple[Tensor, ...]) -> tuple[
             except RuntimeError:
                 ok = False
             if not ok:
-                raise ValueError(f"baseline {i} of shape {tuple(b.shape)} does not broadcast to its input's "
-                                 f"shape {tuple(x.shape)}; give a scalar, a tensor of the input's shape, or "
-                                 "one broadcastable to it such as (1, C, 1, 1)")
+                raise OcclusionArgumentRuntimeError(
+                    f"baseline {i} of shape {tuple(b.shape)} does not broadcast to its input's shape "
+                    f"{tuple(x.shape)}; give a scalar, a tensor of the input's shape, or one broadcastable "
+                    "to it such as (1, C, 1, 1)")
     return baselines
 
 
@@ -191,7 +262,8 @@ def _as_output_tensor(output) -> Tensor:
         return output
     if isinstance(output, (int, float)) and not isinstance(output, bool):
         return torch.tensor(output, dtype=torch.int64 if isinstance(output, int) else torch.float64)
-    raise TypeError(f"forward_func must return a tensor, int or float, got {type(output).__name__}")
+    raise OcclusionArgumentTypeError(f"forward_func must return a tensor, int or float, got "
+                                     f"{type(output).__name__}")
 
 
 def _select_targets(output: Tensor, target: Target) -> Tensor:
@@ -203,47 +275,53 @@ def _select_targets(output: Tensor, target: Target) -> Tensor:
     if isinstance(target, (int, tuple)):
         index = (target,) if isinstance(target, int) else target
         if len(index) > output.dim() - 1:
-            raise ValueError(f"target {target!r} indexes {len(index)} output dimension(s) but the output "
-                             f"has shape {tuple(output.shape)}; give one index per dimension after the batch")
+            raise OcclusionArgumentError(f"target {target!r} indexes {len(index)} output dimension(s) but the "
+                                         f"output has shape {tuple(output.shape)}; give one index per "
+                                         "dimension after the batch")
         try:
             return output[(slice(None), *index)]
         except IndexError as e:
-            raise ValueError(f"target {target!r} is out of range for output shape {tuple(output.shape)}") from e
+            raise OcclusionArgumentIndexError(f"target {target!r} is out of range for output shape "
+                                              f"{tuple(output.shape)}") from e
     num_examples = output.shape[0] if output.dim() else 0
     if isinstance(target, Tensor):
         if target.numel() == 1 and not target.is_floating_point() and not target.is_complex():
             return _select_targets(output, int(target.item()))
         if target.dim() == 1 and target.numel() == num_examples:
             return _gather_per_example(output, target.to(output.device))
-        raise ValueError(f"target tensor of shape {tuple(target.shape)} does not fit output shape "
-                         f"{tuple(output.shape)}: give one integer, or a 1-D tensor with one class per example")
+        raise OcclusionArgumentError(f"target tensor of shape {tuple(target.shape)} does not fit output shape "
+                                     f"{tuple(output.shape)}: give one integer, or a 1-D tensor with one class "
+                                     "per example")
     if isinstance(target, list):
         if len(target) != num_examples:
-            raise ValueError(f"target list has {len(target)} entries but the output has {num_examples} "
-                             "examples: give one target per example")
+            raise OcclusionArgumentError(f"target list has {len(target)} entries but the output has "
+                                         f"{num_examples} examples: give one target per example")
         if all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target):
             return _gather_per_example(output, torch.tensor([int(t) for t in target], device=output.device))
         if all(isinstance(t, tuple) for t in target):
             try:
                 return torch.stack([output[(i, *t)] for i, t in enumerate(target)])
             except IndexError as e:
-                raise ValueError(f"target {target!r} is out of range for output shape "
-                                 f"{tuple(output.shape)}") from e
-        raise TypeError("a target list must hold ints (one class per example) or tuples (one output "
-                        f"index per example), got {[type(t).__name__ for t in target]}")
-    raise TypeError(f"target must be None, an int, a tuple, a list or a tensor, got {type(target).__name__}")
+                raise OcclusionArgumentIndexError(f"target {target!r} is out of range for output shape "
+                                                  f"{tuple(output.shape)}") from e
+        raise OcclusionArgumentTypeError("a target list must hold ints (one class per example) or tuples (one "
+                                         f"output index per example), got {[type(t).__name__ for t in target]}")
+    raise OcclusionArgumentTypeError(f"target must be None, an int, a tuple, a list or a tensor, got "
+                                     f"{type(target).__name__}")
 
 
 def _gather_per_example(output: Tensor, classes: Tensor) -> Tensor:
     if output.dim() != 2:
-        raise ValueError(f"a per-example target needs an output of shape (N, classes), got "
-                         f"{tuple(output.shape)}; use a single int or tuple target instead")
+        raise OcclusionArgumentError(f"a per-example target needs an output of shape (N, classes), got "
+                                     f"{tuple(output.shape)}; use a single int or tuple target instead")
+    # Captum's torch.gather fails on these with RuntimeError.
     if classes.is_floating_point() or classes.is_complex() or classes.dtype is torch.bool:
-        raise TypeError(f"target tensor must hold integer class indices, got dtype {classes.dtype}")
+        raise OcclusionArgumentRuntimeError(f"target tensor must hold integer class indices, got dtype "
+                                            f"{classes.dtype}")
     classes = classes.long()
     if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= output.shape[1]):
-        raise ValueError(f"target classes {classes.tolist()} are out of range: the output has "
-                         f"{output.shape[1]} classes (0..{output.shape[1] - 1})")
+        raise OcclusionArgumentRuntimeError(f"target classes {classes.tolist()} are out of range: the output "
+                                            f"has {output.shape[1]} classes (0..{output.shape[1] - 1})")
     return torch.gather(output, 1, classes.reshape(len(output), 1)).squeeze(-1)
 
 
@@ -296,11 +374,58 @@ def _per_example_classes(target: Target, examples: int, classes: int) -> Optiona
     return None
 
 
-def _progress_bar(enabled: bool, total: int, desc: str):
+# --- progress (Captum's bar) -------------------------------------------------------------------
+
+
+class _NoProgress:
+    """The bar's interface, doing nothing (``show_progress=False``)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(enabled: bool, desc: str, forwards: int):
+    """Captum's bar: tqdm.auto on stderr, ``"<name> attribution"``, one step for the unoccluded
+    forward and one per forward of ``perturbations_per_eval`` windows.
+
+    Captum 0.9 counts its total in input elements instead of windows, so its bar stops short of
+    100% whenever a window holds more than one element; this total is the forwards it runs.
+    """
     if not enabled:
-        return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, unit="forward")
+        return _NoProgress()
+    bar = tqdm(total=forwards + 1, desc=desc, mininterval=0.5)
+    bar.update(0)
+    return bar
+
+
+class _WindowProgress:
+    """Moves a bar counted in Captum's forwards (``ppe`` windows of every example each) as the
+    incremental path finishes windows of one example at a time."""
+
+    def __init__(self, bar, forwards: int, windows: int):
+        self.bar, self.forwards, self.windows = bar, forwards, windows
+        self.done = self.shown = 0
+
+    def advance(self, windows: int) -> None:
+        self.done += windows
+        reached = self.done * self.forwards // self.windows
+        if reached > self.shown:
+            self.bar.update(reached - self.shown)
+            self.shown = reached
+
+
+def _balanced_chunks(positions: int, cap: int) -> int:
+    """The one chunk size for ``positions`` split into as few chunks of at most ``cap`` as possible,
+    all of that size but the last (short by less than the number of chunks).
+
+    A CUDA-graph runner is captured per batch size: one size per call keeps one graph, and the
+    last chunk, padded to it, wastes fewer positions than the number of chunks.
+    """
+    chunks = -(-positions // max(1, cap))
+    return -(-positions // max(1, chunks))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,6 +443,19 @@ class _IncrementalPlan:
 # --- the attribution class ------------------------------------------------------------------------
 
 
+def _wrapped_like_captum(method: Callable) -> Callable:
+    """Captum decorates ``attribute`` with ``log_usage`` (a ``functools.wraps`` wrapper), and its
+    subclasses call ``super().attribute.__wrapped__(self, ...)`` to skip it: keep that handle.
+    Nothing is logged."""
+
+    @functools.wraps(method)
+    def attribute(*args, **kwargs):
+        return method(*args, **kwargs)
+
+    return attribute
+
+
+
 class Occlusion:
     """Occlusion attributions, the same as ``captum.attr.Occlusion``, computed incrementally.
 
@@ -326,14 +464,24 @@ class Occlusion:
             classifier that traces gets the incremental path; anything else
             runs a plain implementation with the same results.
 
+    As Captum's: :meth:`attribute` (with ``attribute.__wrapped__``), ``attribute_future``
+    (``NotImplementedError``), ``get_name()``, ``has_convergence_delta()`` (False),
+    ``multiplies_by_inputs`` (True), and the attributes ``forward_func`` and ``use_weights``.
+    Bad arguments raise :class:`OcclusionArgumentError`, an ``AssertionError`` as in Captum.
+
     Attributes:
+        forward_func: the explained callable; it may be replaced between calls.
+        use_weights: True, as in Captum: attributions are averaged over the
+            windows covering each element.
         last_path: ``"incremental"`` or ``"plain"``: how the last
             :meth:`attribute` call was computed.
         last_fallback_reason: why the last call could not go incremental
             (None when it did).
         last_stats: counts of the last call: ``positions`` (windows per
             example), ``incremental_positions`` and ``plain_forwards``
-            (occluded images run through the model directly), ``compiles``.
+            (occluded images run through the model directly), ``compiles``,
+            and on the incremental path ``batch_size`` (the positions of
+            every incremental batch of the call).
 
     Example:
         >>> import torch
@@ -345,14 +493,36 @@ class Occlusion:
 
     def __init__(self, forward_func: Callable[..., Tensor]) -> None:
         if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable (a model or function), got "
-                            f"{type(forward_func).__name__}")
+            raise OcclusionArgumentTypeError(f"forward_func must be callable (a model or function), got "
+                                             f"{type(forward_func).__name__}")
         self.forward_func = forward_func
+        self.use_weights = True
         self.last_path: Optional[str] = None
         self.last_fallback_reason: Optional[str] = None
         self.last_stats: dict = {}
         self._explainers: OrderedDict[tuple, Union[Explainer, str]] = OrderedDict()
+        self._explainers_of: Optional[Callable] = forward_func  # the forward_func they were compiled from
 
+    @classmethod
+    def get_name(cls) -> str:
+        """The class name with a space before each capital but the first, as Captum writes it
+        (``"Occlusion"``; it titles the progress bar)."""
+        return "".join(c if c.islower() or i == 0 else " " + c for i, c in enumerate(cls.__name__))
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """True, as for every Captum perturbation method."""
+        return True
+
+    def has_convergence_delta(self) -> bool:
+        """False: occlusion has no convergence delta (as in Captum)."""
+        return False
+
+    def attribute_future(self) -> None:
+        """Not implemented, as in Captum's Occlusion."""
+        raise NotImplementedError("attribute_future is not implemented for Occlusion")
+
+    @_wrapped_like_captum
     def attribute(self, inputs: Union[Tensor, tuple[Tensor, ...]],
                   sliding_window_shapes: Union[tuple[int, ...], tuple[tuple[int, ...], ...]],
                   strides: Union[None, int, tuple] = None, baselines: Baseline = None,
@@ -378,12 +548,18 @@ class Occlusion:
                 tensors are repeated along dimension 0 with the inputs.
             perturbations_per_eval: windows evaluated in one forward call (each
                 call holds ``perturbations_per_eval * N`` images).
-            show_progress: show a progress bar.
+            show_progress: show Captum's progress bar on stderr
+                (``"Occlusion attribution"``: one step for the unoccluded
+                forward and one per ``perturbations_per_eval`` windows).
 
         Returns:
-            float32 attributions shaped like ``inputs`` (a tuple when
-            ``inputs`` is a tuple); dimension 0 is the number of selected
-            outputs (``N`` for one target per example).
+            float32 attributions on the input's device, shaped like ``inputs``
+            (a tuple when ``inputs`` is a tuple); dimension 0 is the number of
+            selected outputs (``N`` for one target per example).
+
+        Raises:
+            OcclusionArgumentError: a bad argument (a ``ValueError`` and an
+                ``AssertionError``, and whatever else Captum raises for it).
 
         Example:
             >>> import torch
@@ -398,25 +574,39 @@ class Occlusion:
         windows = _format_windows(sliding_window_shapes, formatted)
         stride_dims = _format_strides(strides, formatted, windows)
         base_values = _format_baselines(baselines, formatted)
-        if isinstance(perturbations_per_eval, bool) or not isinstance(perturbations_per_eval, int) \
-                or perturbations_per_eval < 1:
-            raise ValueError(f"perturbations_per_eval must be an int >= 1, got {perturbations_per_eval!r}")
+        if not isinstance(perturbations_per_eval, int) or isinstance(perturbations_per_eval, bool):
+            # Captum: AssertionError, or TypeError for a bool (it passes its isinstance(int) check)
+            raise OcclusionArgumentTypeError(f"perturbations_per_eval must be an int >= 1, got "
+                                             f"{perturbations_per_eval!r}")
+        if perturbations_per_eval < 1:
+            raise OcclusionArgumentError(f"perturbations_per_eval must be an int >= 1, got "
+                                         f"{perturbations_per_eval!r}")
         if additional_forward_args is not None and not isinstance(additional_forward_args, tuple):
             additional_forward_args = (additional_forward_args,)
+        if self.forward_func is not self._explainers_of:  # replaced since they were compiled
+            self._explainers.clear()
+            self._explainers_of = self.forward_func
 
+        windows_total = sum(math.prod(_shift_counts(x.shape[1:], w, s))
+                            for x, w, s in zip(formatted, windows, stride_dims))
         self.last_stats = {"compiles": 0}
-        with torch.no_grad():
-            plan = self._incremental_plan(formatted, windows, stride_dims, base_values, target,
-                                          additional_forward_args)
-            if isinstance(plan, _IncrementalPlan):
-                attributions = self._attribute_incremental(formatted[0], plan, perturbations_per_eval,
-                                                           show_progress)
-                self.last_path, self.last_fallback_reason = "incremental", None
-            else:
-                attributions = self._attribute_plain(formatted, windows, stride_dims, base_values, target,
-                                                     additional_forward_args, perturbations_per_eval,
-                                                     show_progress)
-                self.last_path, self.last_fallback_reason = "plain", plan
+        bar = _progress_bar(show_progress, f"{self.get_name()} attribution",
+                            math.ceil(windows_total / perturbations_per_eval))
+        try:
+            with torch.no_grad():
+                plan = self._incremental_plan(formatted, windows, stride_dims, base_values, target,
+                                              additional_forward_args)
+                if isinstance(plan, _IncrementalPlan):
+                    attributions = self._attribute_incremental(formatted[0], plan, perturbations_per_eval,
+                                                               bar)
+                    self.last_path, self.last_fallback_reason = "incremental", None
+                else:
+                    logger.debug("Occlusion: plain path: %s", plan)
+                    attributions = self._attribute_plain(formatted, windows, stride_dims, base_values, target,
+                                                         additional_forward_args, perturbations_per_eval, bar)
+                    self.last_path, self.last_fallback_reason = "plain", plan
+        finally:
+            bar.close()
         return attributions if is_tuple else attributions[0]
 
     # --- incremental path ---------------------------------------------------------------------
@@ -499,8 +689,7 @@ class Occlusion:
             self._explainers.popitem(last=False)
         return ex
 
-    def _attribute_incremental(self, x: Tensor, plan: _IncrementalPlan, ppe: int,
-                               show_progress: bool) -> tuple[Tensor, ...]:
+    def _attribute_incremental(self, x: Tensor, plan: _IncrementalPlan, ppe: int, bar) -> tuple[Tensor, ...]:
         model = self.forward_func
         n, c, height, width = x.shape
         (wh, ww), (sh, sw) = plan.window, plan.stride
@@ -513,21 +702,23 @@ class Occlusion:
         border = [(i, j) for i in range(rows) for j in range(cols) if i >= grid[0] or j >= grid[1]]
         batch = ppe * n  # the images Captum puts in one forward call
         inner = explainers[0].positions
-        chunks = (math.ceil(inner / batch) + math.ceil(len(border) / batch)) * n
-        bar = _progress_bar(show_progress, chunks + 1, "krypton_fx Occlusion attribution")
-        if bar is not None:
-            bar.update(1)
+        # Every incremental batch of the call has the same size (at most Captum's), the last
+        # one of each example padded by repeating its last position.
+        chunk = _balanced_chunks(inner, batch)
+        bar.update(1)  # the unoccluded forward, run by the plan
+        progress = _WindowProgress(bar, math.ceil(rows * cols / ppe), n * rows * cols)
 
         occluded = torch.empty(n, rows, cols, dtype=torch.float64)
         positions = torch.arange(inner)
         for k, (ex, label) in enumerate(zip(explainers, classes)):
             _, stored = ex.prepare(x[k])
             scores = torch.empty(inner, dtype=torch.float32)
-            for lo in range(0, inner, batch):
-                scores[lo:lo + batch] = ex.run_positions(positions[lo:lo + batch], stored, label,
-                                                         batch_size=batch)
-                if bar is not None:
-                    bar.update(1)
+            for lo in range(0, inner, chunk):
+                part = positions[lo:lo + chunk]
+                padded = torch.cat([part, part[-1:].expand(chunk - len(part))])
+                scores[lo:lo + len(part)] = ex.run_positions(padded, stored, label,
+                                                             batch_size=chunk)[:len(part)]
+                progress.advance(len(part))
             occluded[k, :grid[0], :grid[1]] = scores.view(grid).double()
             color = torch.tensor(plan.colors[k], dtype=x.dtype, device=x.device).view(c, 1, 1)
             for lo in range(0, len(border), batch):
@@ -538,10 +729,7 @@ class Occlusion:
                 out = _as_output_tensor(model(images))[:, label].double().cpu()
                 for b, (i, j) in enumerate(cells):
                     occluded[k, i, j] = out[b]
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+                progress.advance(len(cells))
 
         drop = plan.base.view(n, 1, 1) - occluded
         # Sum over each element's covering windows: a transposed convolution of
@@ -552,13 +740,13 @@ class Occlusion:
                                     stride=(sh, sw))[:, :, :height, :width]
         attribution = (totals / counts).float().expand(n, c, height, width).contiguous()
         self.last_stats.update(positions=rows * cols, incremental_positions=inner * n,
-                               plain_forwards=len(border) * n)
+                               plain_forwards=len(border) * n, batch_size=chunk)
         return (attribution.to(x.device),)
 
     # --- plain path -----------------------------------------------------------------------------
 
     def _attribute_plain(self, inputs: tuple[Tensor, ...], windows, strides, baselines, target,
-                         extra_args: Optional[tuple], ppe: int, show_progress: bool) -> tuple[Tensor, ...]:
+                         extra_args: Optional[tuple], ppe: int, bar) -> tuple[Tensor, ...]:
         """Captum's algorithm: windows of all inputs in one sequence, ``ppe`` per forward call."""
         counts = [_shift_counts(x.shape[1:], w, s) for x, w, s in zip(inputs, windows, strides)]
         features = [math.prod(sc) for sc in counts]
@@ -571,10 +759,7 @@ class Occlusion:
         flat_initial = initial.reshape(1, -1)
         totals = [torch.zeros((n_outputs, *x.shape[1:]), dtype=flat_initial.dtype, device=x.device)
                   for x in inputs]
-        bar = _progress_bar(show_progress, math.ceil(total_features / ppe) + 1,
-                            "krypton_fx Occlusion attribution (plain)")
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         shape_checked = ppe == 1
         for lo in range(0, total_features, ppe):
             hi = min(lo + ppe, total_features)
@@ -582,6 +767,7 @@ class Occlusion:
             involved = [i for i in range(len(inputs))
                         if first_feature[i] < hi and first_feature[i] + features[i] > lo]
             if all(inputs[i].numel() == 0 for i in involved):
+                bar.update(1)  # Captum skips these windows of empty inputs (and its bar stops short)
                 continue
             repeated = tuple(torch.cat([x] * k, dim=0) if k > 1 else x for x in inputs)
             masks: dict[int, Tensor] = {}
@@ -610,10 +796,7 @@ class Occlusion:
                     continue
                 spread = drop.reshape(drop.shape + (1,) * (inputs[i].dim() - 1)).to(totals[i].device)
                 totals[i] += (spread * mask.to(totals[i].dtype)).sum(dim=0)
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
+            bar.update(1)
 
         result = []
         for x, total, window, stride, sc in zip(inputs, totals, windows, strides, counts):
@@ -644,7 +827,7 @@ class Occlusion:
         """With several windows per call the output must grow with the batch (no aggregation)."""
         expected = copies * initial.shape[0] if initial.dim() else None
         if expected is None or modified.dim() == 0 or modified.shape[0] != expected:
-            raise ValueError(
+            raise OcclusionArgumentError(
                 f"forward_func returned shape {tuple(modified.shape)} for {copies} stacked copies of a "
                 f"batch whose output has shape {tuple(initial.shape)}: with perturbations_per_eval > 1 "
                 "its output must grow with the batch; use perturbations_per_eval=1 for an aggregating "

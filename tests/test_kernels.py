@@ -339,16 +339,21 @@ def test_dispatcher_triton_backend_runs_kernels(monkeypatch) -> None:
     assert all(spy.calls == 1 for spy in spies.values())
 
 
-def test_residual_and_concat_model_on_the_triton_backend() -> None:
-    """The whole incremental graph on Triton kernels (interpreted here) equals naive."""
+def test_residual_and_concat_model_on_the_triton_backend(monkeypatch) -> None:
+    """The whole incremental graph on Triton kernels (interpreted on the CPU, natively on
+    the GPU) equals naive."""
     from strategies import dag_model
 
     import krypton_fx
 
-    model = dag_model()
-    image = torch.randn(3, 21, 19)
+    if NATIVE:  # a native launch needs CUDA tensors; float32 exactness needs TF32 off
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = dag_model().to(DEVICE)
+    image = torch.randn(3, 21, 19, device=DEVICE)
     ex = krypton_fx.compile(model, patch=(5, 4), stride=(4, 3), image_size=(21, 19),
-                            color=[0.1, -0.2, 0.3], backend="triton", batch_size=7)
+                            color=[0.1, -0.2, 0.3], backend="triton", batch_size=7, device=DEVICE)
+    assert ex.device.type == DEVICE.type
     got = ex(image)
     want = krypton_fx.naive_occlusion(model, image, patch=(5, 4), stride=(4, 3),
                                       color=[0.1, -0.2, 0.3])
