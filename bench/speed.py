@@ -30,6 +30,11 @@ GOALS_CPU = {"vgg16": 6.0, "resnet18": 2.0, "inception_v3": 1.6}
 GOALS_GPU = {"vgg16": 4.5, "resnet18": 2.0, "inception_v3": 1.3}
 
 
+
+def _mib(value):
+    """Bytes as MiB; None (not measured: the CPU) stays None."""
+    return None if value is None else value / 2**20
+
 def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     kwargs = {"init_weights": False, "aux_logits": False} if name in ("inception_v3", "googlenet") else {}
     torch.manual_seed(0)
@@ -114,13 +119,13 @@ def main(argv=None) -> int:
                "incremental_s": m.incremental_s, "speedup": m.naive_s / m.incremental_s,
                "speedup_vs_nchw": runs[False].naive_s / runs[False].incremental_s,
                "theoretical": m.theoretical, "executed_ratio": m.executed_ratio,
-               "naive_peak_mib": m.naive_peak / 2**20, "incremental_peak_mib": m.incremental_peak / 2**20,
+               "naive_peak_mib": _mib(m.naive_peak), "incremental_peak_mib": _mib(m.incremental_peak),
                "max_abs_diff": m.max_abs_diff, "compile_s": compile_s, "device": device_name}
         results.append(row)
         print(f"{name:14s} {size:4d} {m.positions:5d} {m.naive_s:8.2f} {row['naive_format']:>9s} "
               f"{m.incremental_s:9.2f} {row['speedup']:6.2f}x {m.theoretical:6.2f} {m.executed_ratio:5.2f} "
-              f"{goals.get(name, float('nan')):5.1f} {row['naive_peak_mib']:9.0f} "
-              f"{row['incremental_peak_mib']:8.0f} {m.max_abs_diff:8.1e}", flush=True)
+              f"{goals.get(name, float('nan')):5.1f} {row['naive_peak_mib'] or float('nan'):9.0f} "
+              f"{row['incremental_peak_mib'] or float('nan'):8.0f} {m.max_abs_diff:8.1e}", flush=True)
         if args.profile:
             cats = profile_breakdown(ex, image, min(m.positions, 2 * batch), batch)
             total = cats.pop("total") or 1.0

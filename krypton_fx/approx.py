@@ -445,8 +445,10 @@ class TuneResult:
         for j, tau in enumerate(self.taus):
             col = self.ssims[:, j]
             sp = f"{self.speedups[j]:.2f}x" if self.speedups else "-"
+            kept = _nanmean(self.drop_kept, j)
+            kept_text = f"{kept:10.3f}" if math.isfinite(kept) else f"{'n/a':>10}"  # flat maps: no drop
             lines.append(f"{tau:5.2f} {np.nanmean(col):10.4f} {np.nanmin(col):9.4f} "
-                         f"{np.polyval(self.coeffs, tau):7.4f} {_nanmean(self.drop_kept, j):10.3f} {sp:>15}")
+                         f"{np.polyval(self.coeffs, tau):7.4f} {kept_text} {sp:>15}")
         raised = (f"; the SSIM fit alone picks {self.ssim_tau:.3f}"
                   if self.ssim_tau is not None and self.ssim_tau != self.tau else "")
         lines.append(f"chosen tau = {self.tau:.3f} (fitted SSIM {self.fitted_ssim:.4f}), "

@@ -2,9 +2,9 @@
 
 Used by ``bench/speed.py`` and ``krypton-fx bench``: both runs use the same
 positions and batch size, in one process, one after the other; the ratio of
-their wall-clock times is the measured speedup. Peak memory is the process's
-peak resident set on the CPU (reset between runs) and the allocator's peak on
-CUDA.
+their wall-clock times is the measured speedup. Peak memory is the CUDA
+allocator's peak of each run; on the CPU it is not measured (None): the
+process's resident peak does not fall between two runs in one process.
 """
 
 from __future__ import annotations
@@ -28,31 +28,22 @@ __all__ = ["Measurement", "measure", "reset_peak_memory", "peak_memory"]
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window."""
+    """Start a new peak-memory window (CUDA only)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets VmHWM, the peak resident set size.
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes since :func:`reset_peak_memory` (process RSS on the CPU)."""
+def peak_memory(device: torch.device) -> Optional[int]:
+    """Peak bytes allocated since :func:`reset_peak_memory`; None where not measured (the CPU).
+
+    On the CPU the resident-set peak (VmHWM) cannot be used per phase: freed
+    memory stays resident, so the second run would report the first one's peak.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return None
 
 
 @dataclasses.dataclass
@@ -68,8 +59,8 @@ class Measurement:
         theoretical: eqs. 16-20 at the image centre.
         executed_ratio: conv multiply-adds of a full inference over those the
             incremental graph executes per position.
-        naive_peak: peak memory of the naive run, bytes.
-        incremental_peak: peak memory of the incremental run, bytes.
+        naive_peak: peak memory of the naive run, bytes (None: not measured, the CPU).
+        incremental_peak: peak memory of the incremental run, bytes (None: not measured).
         max_abs_diff: largest difference of the two score vectors.
     """
 
@@ -80,8 +71,8 @@ class Measurement:
     speedup: float
     theoretical: float
     executed_ratio: float
-    naive_peak: int
-    incremental_peak: int
+    naive_peak: Optional[int]
+    incremental_peak: Optional[int]
     max_abs_diff: float
 
 

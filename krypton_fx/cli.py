@@ -141,6 +141,17 @@ def _color(text: str) -> Union[str, float]:
     return value
 
 
+def _finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` parse as floats but are no use)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
 def _positions(text: str) -> Optional[int]:
     return None if text.strip().lower() == "all" else _positive_int(text)
 
@@ -162,15 +173,24 @@ def _probe_writable(directory: Path, what: str) -> None:
                        "choose a writable location") from None
 
 
-def _output_file(text: str, option: str, formats: Optional[Sequence[str]] = None) -> Path:
-    """Check, before any long work, that ``text`` can be written as a file."""
+def _output_file(text: str, option: str, formats: Optional[Sequence[str]] = None,
+                 inputs: Sequence[str] = (), example: str = "heat.png") -> Path:
+    """Check, before any long work, that ``text`` can be written as a file.
+
+    A symbolic link is written through (the link stays, its target gets the
+    new content); a path that is one of ``inputs`` is refused.
+    """
     path = Path(text).expanduser()
     if path.is_dir():
-        raise CLIError(f"{option} {text} is a directory; give a file name such as {path / 'heat.png'}")
+        raise CLIError(f"{option} {text} is a directory; give a file name such as {path / example}")
+    for name in inputs:
+        if Path(os.path.realpath(path)) == Path(os.path.realpath(Path(name).expanduser())):
+            raise CLIError(f"{option} {text} is the input {name}; krypton-fx never overwrites an input: "
+                           "give another output name")
     if formats is not None and path.suffix.lower().lstrip(".") not in formats:
         raise CLIError(f"{option} {text}: unknown picture format {path.suffix or '(none)'!r}; "
                        f"use a name ending in .png (or one of {', '.join(formats)})")
-    parent = path.parent
+    parent = Path(os.path.realpath(path)).parent
     if not parent.is_dir():
         raise CLIError(f"cannot write {option} {text}: directory {parent} does not exist; "
                        "create it first or choose another path")
@@ -201,12 +221,17 @@ def _output_dir(text: str, option: str) -> Iterator[Path]:
 
 
 def _write_files(writers: dict[Path, Callable[[BinaryIO], None]]) -> None:
-    """Write every file to a temporary name in its directory, then rename all into place."""
+    """Write every file to a temporary name in its directory, then rename all into place.
+
+    A path that is a symbolic link is written through: its target is replaced,
+    the link stays.
+    """
     temps: list[tuple[str, Path]] = []
     umask = os.umask(0)
     os.umask(umask)
     try:
-        for path, write in writers.items():
+        for link, write in writers.items():
+            path = Path(os.path.realpath(link))
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             temps.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
@@ -456,24 +481,41 @@ def _weights_enum(text: str, model_name: Optional[str]):
                    "ResNet18_Weights.IMAGENET1K_V1, a state-dict file, or none")
 
 
+def _load_error(e: BaseException) -> str:
+    """torch.load's reason in one short line (its messages run over many lines)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    text = " ".join((detail.group(1) if detail else text).split()) or type(e).__name__
+    if isinstance(e, KeyError) or not detail and len(text) < 8:
+        text = f"{type(e).__name__}: {text}"
+    return text if len(text) <= 160 else text[:157].rsplit(" ", 1)[0] + " ..."
+
+
 def _read_state_dict(path: Path) -> dict:
-    """A state dict from a file: a bare state dict, a training checkpoint, or a whole pickled module."""
+    """A state dict from a file: a bare state dict or a training checkpoint.
+
+    Loaded with ``weights_only=True`` always: a weights file never runs code.
+    """
     import pickle
 
     import torch
     from torch import nn
 
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # A checkpoint with extra objects (optimizer config, argparse Namespace, a
-            # whole module): the user named this file, so load it in full.
-            obj = torch.load(path, map_location="cpu", weights_only=False)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise CLIError(f"cannot read weights file {path}: permission denied") from None
-    except Exception as e:  # torch.load raises RuntimeError, UnpicklingError, EOFError, ...
-        raise CLIError(f"cannot read weights file {path} ({_first_line(e)}); it should be written by "
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(e))
+        if refused:
+            raise CLIError(f"weights file {path} holds a pickled {refused.group(1)}; krypton-fx reads weights "
+                           "with weights_only=True and never runs code from a weights file: save the "
+                           "weights alone with torch.save(model.state_dict(), path), or pass a whole "
+                           f"model from a source you trust as --model {path}") from None
+        raise CLIError(f"{path} is not a PyTorch weights file ({_load_error(e)}); save one with "
+                       "torch.save(model.state_dict(), path)") from None
+    except Exception as e:  # torch.load raises RuntimeError, KeyError, EOFError, ...
+        raise CLIError(f"{path} is not a PyTorch weights file ({_load_error(e)}); save one with "
                        "torch.save(model.state_dict(), path)") from None
     for _ in range(3):  # unwrap {"state_dict": {"model": ...}} and the like
         if isinstance(obj, nn.Module):
@@ -742,8 +784,11 @@ def _cmd_explain(args) -> int:
     if args.size is not None:
         _check_patch(patch, (args.size, args.size))
     drill = _drill_down(args.drill_down, args.stage1_stride, stride)
-    out_png = _output_file(args.out, "--out", _PICTURE_FORMATS)
-    out_npy = _output_file(args.npy, "--npy") if args.npy else None
+    if stride[0] > patch[0] or stride[1] > patch[1]:
+        _warn(f"--stride {stride[0]}x{stride[1]} is larger than --patch {patch[0]}x{patch[1]}: pixels between "
+              "the patches are never occluded, so the map cannot show them")
+    out_png = _output_file(args.out, "--out", _PICTURE_FORMATS, inputs=[args.image])
+    out_npy = _output_file(args.npy, "--npy", inputs=[args.image], example="heat.npy") if args.npy else None
     if out_npy is not None and out_npy.resolve() == out_png.resolve():
         raise CLIError("--out and --npy name the same file; give them different names")
     picture = read_image(args.image)
@@ -769,15 +814,19 @@ def _cmd_explain(args) -> int:
         raise CLIError(f"{loaded.name} does not return class scores of shape (N, classes); "
                        "explain works on classifiers")
     classes = logits.shape[1]
+    if classes == 1 and args.output == "prob":
+        _warn(f"{loaded.name} has one output: its softmax probability is 1 everywhere, so the map is flat; "
+              "use --output logit (or a model with two or more classes)")
     if args.label is not None and args.label >= classes:
         raise CLIError(f"--label {args.label} is out of range: {loaded.name} has {classes} classes "
                        f"(0..{classes - 1})")
 
     color = _patch_color(args.color, x, prep.mean, prep.std)
     ex = compile_explainer(model, patch=patch, stride=stride, color=color, image_size=size_hw,
-                           tau=args.tau, batch_size=args.batch_size, device=device, channels=channels)
+                           tau=args.tau, batch_size=args.batch_size, device=device, channels=channels,
+                           output=args.output)
     if loaded.warning:
-        print(f"{PROG}: warning: {loaded.warning}", file=sys.stderr)
+        _warn(loaded.warning)
     start = time.perf_counter()
     res = ex(x, label=args.label, drill_down=drill, progress=True)
     seconds = time.perf_counter() - start
@@ -805,11 +854,12 @@ def _cmd_explain(args) -> int:
 
     name = f" '{label_name}'" if label_name else ""
     print(f"{loaded.name} on {args.image} ({prep.description}): class {res.label}{name}, "
-          f"P = {res.base_prob:.4f}")
+          f"{'P' if args.output == 'prob' else 'logit'} = {res.base_prob:.4f}")
     run = res.stats.get("positions_run", ex.positions)
     ran = f"{run} of {ex.positions} positions run" if run != ex.positions else f"{ex.positions} positions"
-    print(f"heat map {heat.shape[0]}x{heat.shape[1]} ({ran}, batch {ex.batch_size}) "
-          f"in {seconds:.2f} s on {device}; lowest P {heat.min():.4f}")
+    what = "P" if args.output == "prob" else "logit"
+    print(f"heat map {heat.shape[0]}x{heat.shape[1]} ({ran}, batch {min(ex.batch_size, run)}) "
+          f"in {seconds:.2f} s on {device}; lowest {what} {heat.min():.4f}")
     for path in writers:
         print(f"wrote {path}")
     return 0
@@ -937,6 +987,10 @@ def _bench_models(text: str) -> list[str]:
     return chosen
 
 
+def _mib(value: Optional[int]) -> str:
+    return "n/a" if value is None else f"{value / (1 << 20):.0f}"
+
+
 def _cmd_bench(args) -> int:
     import platform
 
@@ -990,13 +1044,17 @@ def _cmd_bench(args) -> int:
                                 "batch_size": m.batch_size})
                 line = (f"{name:<{width}}{m.theoretical:>7.2f}x{m.speedup:>9.2f}x"
                         f"{m.speedup / m.theoretical:>7.0%}{m.naive_s:>9.3f}{m.incremental_s:>11.3f}"
-                        f"{m.naive_peak / mib:>11.0f}{m.incremental_peak / mib:>13.0f}"
+                        f"{_mib(m.naive_peak):>11}{_mib(m.incremental_peak):>13}"
                         f"{m.max_abs_diff:>12.1e}")
             finally:
                 del model
                 gc.collect()
             table.append(line)
             print(line, flush=True)
+        if device.type != "cuda":
+            table.append("peak memory: not measured on the CPU (the process's resident peak does not fall "
+                         "between the two runs, so it would show the same for both)")
+            print(table[-1])
         ok = [r for r in results if r["status"] == "ok"]
         skipped = len(results) - len(ok)
         summary = f"{len(ok)} measured, {skipped} skipped"
@@ -1041,11 +1099,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", metavar="IMAGE", help="PNG, JPEG or TIFF file")
     p.add_argument("--model", required=True, metavar="NAME|module:callable|file.pt",
                    help="torchvision model name (resnet18), package.module:callable returning an "
-                        "nn.Module, or a .pt file with a whole pickled model")
+                        "nn.Module, or a .pt file with a whole pickled model (unpickling runs code "
+                        "from the file: use only files you trust)")
     p.add_argument("--weights", metavar="ENUM|PATH|none",
                    help="torchvision weights (ResNet18_Weights.IMAGENET1K_V1, DEFAULT), a state-dict or "
-                        "checkpoint file, or none (random init); default: DEFAULT for torchvision "
-                        "names, the model as built otherwise")
+                        "checkpoint file (read with weights_only=True: it never runs code), or none "
+                        "(random init); default: DEFAULT for torchvision names, the model as built "
+                        "otherwise")
     p.add_argument("--num-classes", type=_positive_int, metavar="N",
                    help="outputs of a torchvision model whose --weights file was fine-tuned")
     p.add_argument("--patch", type=_int_or_pair, default=16, metavar="N|HxW", help="occlusion patch size")
@@ -1056,6 +1116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=_non_negative_int, metavar="N",
                    help="class to explain (default: the predicted class)")
     p.add_argument("--tau", type=_tau, default=1.0, help="projective-field threshold; 1 is exact")
+    p.add_argument("--output", choices=("prob", "logit"), default="prob",
+                   help="what the map records: the softmax probability of the label, or its raw logit")
     p.add_argument("--drill-down", type=_fraction, metavar="R",
                    help="adaptive drill-down: a coarse pass at --stage1-stride, then --stride only on "
                         "the fraction R of cells with the largest drop (approximate; default off)")
@@ -1067,9 +1129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_positive_int, metavar="N",
                    help="model input size: resize the shorter side to N, centre-crop NxN (default 224, "
                         "or the weights' own crop size)")
-    p.add_argument("--mean", type=float, nargs="+", metavar="M",
+    p.add_argument("--mean", type=_finite_float, nargs="+", metavar="M",
                    help="per-channel normalisation mean (default ImageNet's, or the weights' own)")
-    p.add_argument("--std", type=float, nargs="+", metavar="S",
+    p.add_argument("--std", type=_finite_float, nargs="+", metavar="S",
                    help="per-channel normalisation std (default ImageNet's, or the weights' own)")
     p.add_argument("--out", default="heat.png", metavar="PNG", help="picture to write")
     p.add_argument("--npy", metavar="NPY", help="also write the raw heat map (numpy .npy)")
@@ -1118,6 +1180,10 @@ def _version() -> str:
     from . import __version__
 
     return __version__
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _report_error(message: str) -> None:

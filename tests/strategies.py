@@ -193,16 +193,31 @@ def pool_spec(draw):
 
 POINT_OPS = ("relu", "bn", "sigmoid", "affine", "channel_scale", "hardswish")
 
+# In-place ops used as statements (the traced graph must be made functional):
+# methods, inplace=True functions and an nn.ReLU(inplace=True) module.
+INPLACE_OPS = ("relu_", "F.relu(inplace=True)", "mul_", "sigmoid_", "add_", "zero_", "ReLU(inplace=True)")
+
+
+@st.composite
+def inplace_spec(draw):
+    """An in-place statement on the main path (later blocks read the mutated value), on a
+    branch (a conv read it before the mutation, the merge after), or on a value nothing
+    reads again."""
+    return {"op": "inplace", "fn": draw(st.sampled_from(INPLACE_OPS)),
+            "where": draw(st.sampled_from(["main", "branch", "unread"]))}
+
 
 @st.composite
 def block_spec(draw, channels: int):
-    kind = draw(st.sampled_from(["conv", "conv", "pool", "point", "residual", "concat"]))
+    kind = draw(st.sampled_from(["conv", "conv", "pool", "point", "residual", "concat", "inplace"]))
     if kind == "conv":
         return draw(conv_spec(channels))
     if kind == "pool":
         return draw(pool_spec())
     if kind == "point":
         return {"op": "point", "fn": draw(st.sampled_from(POINT_OPS))}
+    if kind == "inplace":
+        return draw(inplace_spec())
     if kind == "residual":
         return {"op": "residual", "stride": draw(st.integers(1, 2)), "out": draw(st.integers(2, 5)),
                 "kernel": draw(st.sampled_from([1, 3]))}
@@ -270,6 +285,12 @@ class RandomNet(_nn.Module):
                 m.scale = _nn.Parameter(torch.randn(1, ch, 1, 1))
                 return m
             return _nn.Identity()
+        if op == "inplace":
+            m = _nn.Module()
+            m.conv = _nn.Conv2d(ch, ch, 3, 1, 1)
+            m.after = _nn.Conv2d(ch, ch, 1)
+            m.act = _nn.ReLU(inplace=True)
+            return m
         if op == "residual":
             s, out, k = spec["stride"], spec["out"], spec["kernel"]
             m = _nn.Module()
@@ -302,6 +323,8 @@ class RandomNet(_nn.Module):
                     x = _F.hardswish(x)
                 else:
                     x = x * layer.scale
+            elif op == "inplace":
+                x = self._inplace(spec, layer, x)
             elif op == "residual":
                 x = _F.relu(layer.conv2(_F.relu(layer.conv1(x))) + layer.down(x))
             else:
@@ -310,6 +333,35 @@ class RandomNet(_nn.Module):
                     parts.append(_F.max_pool2d(x, 3, 1, 1))
                 x = torch.cat(parts, 1)
         return self.head(torch.flatten(_F.adaptive_avg_pool2d(x, 1), 1))
+
+    @staticmethod
+    def _inplace(spec, layer, x):
+        where = spec["where"]
+        if where == "main":
+            target = x
+        elif where == "branch":
+            target = layer.conv(x)
+            before = layer.after(target)  # reads the value before the mutation
+        else:
+            target = x * 2.0
+        fn = spec["fn"]
+        if fn == "relu_":
+            target.relu_()
+        elif fn == "F.relu(inplace=True)":
+            _F.relu(target, inplace=True)
+        elif fn == "mul_":
+            target.mul_(1.5)
+        elif fn == "sigmoid_":
+            target.sigmoid_()
+        elif fn == "add_":
+            target.add_(0.25)
+        elif fn == "zero_":
+            target.zero_()
+        else:
+            layer.act(target)
+        if where == "branch":
+            return x + target + before  # reads the value after the mutation
+        return x
 
 
 # One fixed DAG with every kind of node: a padded conv, a ceil-mode strided max

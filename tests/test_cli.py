@@ -147,7 +147,37 @@ BAD_INPUTS = {
     "stage-one stride without drill-down": ["explain", "in/scan.png", *EXPLAIN, "--stage1-stride", "32"],
     "stage-one stride finer than stride": ["explain", "in/scan.png", *EXPLAIN, "--drill-down", "0.2",
                                            "--stage1-stride", "8"],
+    "weights with a pickled payload": ["explain", "in/scan.png", "--model", "resnet18", "--weights",
+                                       "in/evil.pt", "--size", "64"],
+    "weights file that is no checkpoint": ["explain", "in/scan.png", "--model", "resnet18", "--weights",
+                                           "in/text.pt", "--size", "64"],
+    "output is the input": ["explain", "in/scan.png", *EXPLAIN, "--out", "in/scan.png"],
+    "npy is the input": ["explain", "in/scan.png", *EXPLAIN, "--npy", "in/scan.png"],
+    "mean not a number": ["explain", "in/scan.png", *EXPLAIN, "--mean", "nan"],
+    "colour out of float32 range": ["explain", "in/scan.png", *EXPLAIN, "--color", "1e300"],
+    "speedup of a model that cannot run": ["speedup", "--model", "vit_b_16", "--size", "64"],
 }
+
+# What some cases' one line must say (beyond the common form).
+BAD_INPUT_WORDS = {
+    "weights with a pickled payload": "never runs code from a weights file",
+    "weights file that is no checkpoint": "not a PyTorch weights file",
+    "output is the input": "never overwrites an input",
+    "npy is the input": "never overwrites an input",
+    "mean not a number": "--mean: must be finite",
+    "colour out of float32 range": "out of range for the model's float32",
+    "speedup of a model that cannot run": "cannot run on a (1, 3, 64, 64) input",
+}
+
+
+class _Payload:
+    """Unpickling this runs ``touch PATH``: what a malicious weights file does."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
 
 
 def _skip_reason(case: str):
@@ -170,6 +200,8 @@ def bad_input_runs(tmp_path_factory):
     os.chmod(inputs / "locked.png", 0)
     torch.save(torchvision.models.get_model("squeezenet1_1", num_classes=2).state_dict(),
                inputs / "two_classes.pt")
+    torch.save({"state_dict": _Payload(inputs / "PWNED")}, inputs / "evil.pt")
+    (inputs / "text.pt").write_text("not\na checkpoint\n")
 
     def run(case: str):
         cwd = root / re.sub(r"\W+", "_", case)
@@ -181,7 +213,15 @@ def bad_input_runs(tmp_path_factory):
 
     cases = [c for c in BAD_INPUTS if _skip_reason(c) is None]
     with ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 2))) as pool:
-        return {case: (proc, new) for case, proc, new in pool.map(run, cases)}
+        runs = _Runs({case: (proc, new) for case, proc, new in pool.map(run, cases)})
+    runs.inputs = inputs
+    return runs
+
+
+class _Runs(dict):
+    """case -> (process, new files); ``inputs`` is the folder every case reads from."""
+
+    inputs: Path
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -195,3 +235,36 @@ def test_bad_input_exits_2_with_one_line(case, bad_input_runs):
     assert lines[0].startswith("krypton-fx: error: "), lines
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not new_files, f"left behind: {sorted(map(str, new_files))}"
+    assert BAD_INPUT_WORDS.get(case, "") in lines[0]
+
+
+def test_a_pickled_payload_in_weights_never_runs(bad_input_runs):
+    proc, _ = bad_input_runs["weights with a pickled payload"]
+    assert proc.returncode == 2
+    assert not (bad_input_runs.inputs / "PWNED").exists(), "unpickling the weights file ran its payload"
+
+
+def test_an_output_symlink_is_written_through(tmp_path):
+    image = tmp_path / "scan.png"
+    write_test_image(image)
+    (tmp_path / "maps").mkdir()
+    target = tmp_path / "maps" / "real.png"
+    target.write_bytes(b"old")
+    (tmp_path / "link.png").symlink_to(target)
+    proc = run_cli("explain", image, *EXPLAIN, "--out", "link.png", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "link.png").is_symlink()  # the link stays a link ...
+    with Image.open(target) as picture:  # ... and its target holds the new picture
+        picture.load()
+
+
+def test_warnings_for_a_stride_past_the_patch_and_a_one_class_model(tmp_path):
+    image = tmp_path / "scan.png"
+    write_test_image(image)
+    proc = run_cli("explain", image, "--model", "resnet18", "--weights", "none", "--num-classes", "1",
+                   "--size", "64", "--patch", "8", "--stride", "16", "--batch-size", "100000",
+                   "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--stride 16x16 is larger than --patch 8x8" in proc.stderr
+    assert "one output: its softmax probability is 1 everywhere" in proc.stderr
+    assert "(16 positions, batch 16)" in proc.stdout  # the batch that ran, not the one asked for

@@ -335,3 +335,24 @@ class ItemAssignment(nn.Module):
 def test_item_assignment_hint_says_how_to_write_it():
     with pytest.raises(krypton_fx.TraceError, match="item assignment.*out of place"):
         krypton_fx.compile(ItemAssignment(), patch=4, image_size=(12, 12))
+
+
+# --- 13. smaller things ----------------------------------------------------------------------------------
+
+
+def test_overlay_leaves_small_drops_transparent():
+    from krypton_fx.viz import overlay_alpha
+
+    alpha = overlay_alpha(np.array([0.0, 1e-4, -0.02, 0.09, 0.5, -1.0, 3.0]), limit=1.0)
+    assert alpha[:4].tolist() == [0.0, 0.0, 0.0, 0.0]  # no tint, no lines at zero crossings
+    assert 0.0 < alpha[4] < alpha[5] == alpha[6] == 0.75
+
+
+def test_tune_table_says_n_a_for_maps_without_a_drop():
+    from krypton_fx.approx import TuneResult
+
+    result = TuneResult(tau=0.8, target_ssim=0.9, taus=(0.6, 0.8), ssims=np.ones((2, 2)),
+                        coeffs=np.array([0.0, 0.0, 1.0]), expected_speedup=2.0,
+                        drop_kept=np.full((2, 2), np.nan))
+    text = str(result)
+    assert "nan" not in text and "n/a" in text
