@@ -190,7 +190,8 @@ def run_model(arch: str, args) -> dict:
                       "frac_ssim_ok": frac, "ssim_span_min": float(strict.min()),
                       "frac_ssim_span_ok": strict_frac, "drop_kept_mean": float(kept.mean()),
                       "drop_kept_min": float(kept.min()), "on_lesion": sum(row["hit"]) / len(row["hit"])})
-    print("(* = tuned tau (SSIM fit, the paper's rule); g = tau with the drop-kept guard; speedup = median over images of extrapolated naive time / measured time; "
+    print("(* = tuned tau (SSIM fit, the paper's rule); g = tau with the drop-kept guard; "
+          "speedup = median over images of extrapolated naive time / measured time; "
           "theory = theoretical_speedup(tau) x eq. 46 with drill-down; SSIM with L = 1, the range of "
           "a probability; span: the stricter SSIM with L = the exact map's own max - min; drop kept: "
           "fraction of the exact map's strongest drop the map keeps there, over maps with a drop > 0.02)")

@@ -2,7 +2,7 @@
 
 A torch.fx graph compiler that turns any traceable CNN into an incremental
 graph recomputing only the region each occlusion patch changes (exact), or a
-bounded part of it (approximate). See ``DESIGN.md`` and the paper.
+bounded part of it (approximate). See ``docs/design.md`` and the KRYPTON paper.
 
 Example:
     >>> import torch, torchvision, krypton_fx
@@ -14,8 +14,8 @@ Example:
 """
 
 from . import geometry, registry, tracing
-from .explainer import Explainer, OcclusionResult, compile, naive_occlusion
 from .approx import DrillDown, TuneResult, tune
+from .explainer import Explainer, OcclusionResult, compile, naive_occlusion
 from .report import theoretical_speedup
 from .tracing import TraceError, trace
 

@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import common
 from . import geometry as geo
-from .explainer import Explainer, _scores
+from .explainer import Explainer
 from .explainer import compile as compile_explainer
 from .ops import occlude_window
 from .report import conv_macs, theoretical_speedup
@@ -126,7 +127,7 @@ def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_siz
 
         def run_naive(idx: slice) -> torch.Tensor:
             x = occlude_window(image[None], ex.color, table[idx], (h, w), ex.patch, backend=backend)
-            return _scores(naive_model(x.contiguous(memory_format=fmt)), label, ex.output)
+            return common.scores(naive_model(x.contiguous(memory_format=fmt)), label, ex.output)
 
         if warmup:
             run_naive(slice(0, batch_size))

@@ -6,26 +6,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 import os
 import threading
+import time
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, fx, nn
 
+from . import common
 from . import geometry as geo
+from .common import IntOrTuple
 from .ops import BACKENDS, occlude_window
 from .passes.functionalize import functionalize
-from .passes.patch_prop import DENSE, META_KEY, PATCHED, PatchInfo, PatchProp
+from .passes.patch_prop import META_KEY, PatchInfo, PatchProp, State, annotate
 from .passes.rewrite import IncrementalProgram, rewrite
+from .report import format_report
 from .tracing import describe_change, eval_mode, model_signature, trace
 
-__all__ = ["OcclusionResult", "Explainer", "Settings", "compile", "naive_occlusion", "annotate"]
+__all__ = ["OcclusionResult", "RunStats", "Explainer", "Settings", "compile", "naive_occlusion"]
 
 logger = logging.getLogger(__name__)
-
-IntPair = Union[int, Sequence[int]]
 
 
 @dataclasses.dataclass
@@ -41,7 +42,7 @@ class OcclusionResult:
         stride: ``(Sy, Sx)`` between heat-map cells, in image pixels.
         patch: ``(h, w)`` occlusion patch.
         output: ``"prob"`` or ``"logit"``.
-        stats: timings and counts of the run (positions, batches, seconds).
+        stats: counts and time of the run (:class:`RunStats`).
     """
 
     heatmap: Tensor
@@ -50,153 +51,58 @@ class OcclusionResult:
     stride: tuple[int, int]
     patch: tuple[int, int]
     output: str = "prob"
-    stats: dict = dataclasses.field(default_factory=dict)
+    stats: "RunStats" = dataclasses.field(default_factory=lambda: RunStats(0, 0))
 
 
-# --- argument checking -------------------------------------------------------
+@dataclasses.dataclass
+class RunStats:
+    """What a run did. Also readable as a mapping (``stats["positions_run"]``, ``stats.get(...)``).
 
+    Attributes:
+        positions: cells of the heat map.
+        batch_size: positions per batch that ran.
+        positions_run: positions inferred (fewer than ``positions`` with drill-down).
+        seconds: wall-clock time of the run.
+        stage1_stride: drill-down: stage-one stride in pixels.
+        stage1_positions: drill-down: positions of stage one.
+        stage2_positions: drill-down: positions of stage two.
+        r: drill-down: fraction of cells refined.
+        expected_speedup: drill-down: eq. 46 at the stage-one stride used.
+        achieved_speedup: drill-down: ``positions / positions_run``.
+    """
 
-def _pair(value: IntPair, name: str) -> tuple[int, int]:
-    if isinstance(value, bool) or not isinstance(value, (int, Sequence)) or isinstance(value, str):
-        raise TypeError(f"{name} must be an int or a (height, width) pair, got {value!r}")
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-        raise TypeError(f"{name} must be an int or a (height, width) pair of ints, got {value!r}")
-    if min(pair) < 1:
-        raise ValueError(f"{name} must be >= 1, got {value!r}")
-    return pair  # type: ignore[return-value]
+    positions: int
+    batch_size: int
+    positions_run: Optional[int] = None
+    seconds: float = 0.0
+    stage1_stride: Optional[tuple[int, ...]] = None
+    stage1_positions: Optional[int] = None
+    stage2_positions: Optional[int] = None
+    r: Optional[float] = None
+    expected_speedup: Optional[float] = None
+    achieved_speedup: Optional[float] = None
 
+    def __post_init__(self):
+        if self.positions_run is None:
+            self.positions_run = self.positions
 
-def _color(color: Union[float, Sequence[float], Tensor], channels: int, dtype: torch.dtype) -> Tensor:
-    """The patch colour, one value per channel, in the model's dtype."""
-    t = torch.as_tensor(color, dtype=torch.float64).flatten()
-    if t.numel() == 1:
-        t = t.expand(channels)
-    if t.numel() != channels:
-        raise ValueError(f"color has {t.numel()} values but the image has {channels} channels: "
-                         "give one float or one value per channel")
-    if not torch.isfinite(t).all():
-        raise ValueError("color must be finite")
-    converted = t.to(dtype)
-    if not torch.isfinite(converted).all():  # 1e300 is finite in float64, not in float32
-        raise ValueError(f"color {color!r} is out of range for the model's {str(dtype)[6:]}: "
-                         "give a value the model's dtype can hold")
-    return converted
+    def __getitem__(self, key: str):
+        if key not in {f.name for f in dataclasses.fields(self)} or getattr(self, key) is None:
+            raise KeyError(key)
+        return getattr(self, key)
 
-
-def _output_kind(output: str) -> str:
-    if output not in ("prob", "logit"):
-        raise ValueError(f"output must be 'prob' or 'logit', got {output!r}")
-    return output
-
-
-def _batch_size(value, name: str = "batch_size") -> Optional[int]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int or None, got {value!r}")
-    return int(value)
-
-
-def _image_batch(image: Tensor, expect_chw: Optional[tuple[int, int, int]] = None,
-                 dtype: Optional[torch.dtype] = None) -> Tensor:
-    if not isinstance(image, Tensor):
-        raise TypeError(f"image must be a torch.Tensor (C, H, W) or (1, C, H, W), got {type(image).__name__}")
-    if image.dim() == 3:
-        image = image.unsqueeze(0)
-    if image.dim() != 4 or image.shape[0] != 1:
-        raise ValueError(f"image must have shape (C, H, W) or (1, C, H, W), got {tuple(image.shape)}")
-    if not image.is_floating_point():
-        raise TypeError(f"image must be a floating-point tensor (model-ready), got {image.dtype}")
-    if dtype is not None and image.dtype != dtype:
-        raise TypeError(f"image is {str(image.dtype)[6:]} but the model computes in {str(dtype)[6:]}; "
-                        f"convert it first: image.to(torch.{str(dtype)[6:]})")
-    if expect_chw is not None and tuple(image.shape[1:]) != expect_chw:
-        raise ValueError(f"image has shape {tuple(image.shape[1:])} but the explainer was compiled for "
-                         f"{expect_chw}; resize the image or compile with image_size={expect_chw[1:]}")
-    if not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or infinite values; clean or re-normalise it first")
-    return image
-
-
-def _scores(logits: Tensor, label: int, output: str) -> Tensor:
-    if logits.dim() != 2:
-        raise ValueError(f"the model must return class scores of shape (N, classes), got {tuple(logits.shape)}")
-    if output == "prob":
-        return torch.softmax(logits.float(), dim=1)[:, label]
-    return logits[:, label].float()
-
-
-def _label(label, classes: int) -> Optional[int]:
-    """``label`` as an int class index (numpy and 0-d tensor integers too), or None."""
-    if label is None:
-        return None
-    if isinstance(label, Tensor):
-        if label.numel() != 1 or label.dtype.is_floating_point or label.dtype.is_complex \
-                or label.dtype == torch.bool:
-            raise TypeError(f"label must be an integer class index, got a {str(label.dtype)[6:]} tensor "
-                            f"of shape {tuple(label.shape)}")
-        label = int(label.item())
-    elif isinstance(label, bool) or not isinstance(label, numbers.Integral):
-        raise TypeError(f"label must be an integer class index, got {type(label).__name__} {label!r}")
-    label = int(label)
-    if not 0 <= label < classes:
-        raise ValueError(f"label {label} is out of range: the model has {classes} classes (0..{classes - 1})")
-    return label
-
-
-def _check_label(label, classes: int) -> None:
-    _label(label, classes)
-
-
-def _default_batch_size(device: torch.device, bytes_per_position: int) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget, cap = free // 3, 512
-    else:
-        budget, cap = 2 << 30, 64
-    return int(max(1, min(cap, budget // max(1, bytes_per_position))))
-
-
-def _resolve_device(device, model: nn.Module) -> torch.device:
-    if device is None:
-        p = next(model.parameters(), None)
-        return p.device if p is not None else torch.device("cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ValueError(f"device {device!r} is not a device torch knows; use 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("device='cuda' was requested but CUDA is not available; use device='cpu'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA "
-                             "device(s); use cuda:0")
-    elif device.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError("device='mps' was requested but Apple's MPS is not available here; use 'cpu'")
-    elif device.type != "cpu":
-        raise ValueError(f"device type {device.type!r} is not supported; use 'cpu', 'cuda' or 'mps'")
-    return device
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
-
-
-def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, desc=desc, unit="batch")
+    def get(self, key: str, default=None):
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 # --- naive baseline ---------------------------------------------------------------
 
 
 @torch.no_grad()
-def naive_occlusion(model: nn.Module, image: Tensor, patch: IntPair = 16, stride: IntPair = 4,
+def naive_occlusion(model: nn.Module, image: Tensor, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
                     color: Union[float, Sequence[float]] = 0.0, label: Optional[int] = None,
                     batch_size: Optional[int] = None, output: str = "prob",
                     progress: bool = False) -> OcclusionResult:
@@ -211,57 +117,33 @@ def naive_occlusion(model: nn.Module, image: Tensor, patch: IntPair = 16, stride
         >>> tuple(res.heatmap.shape)
         (4, 4)
     """
-    output = _output_kind(output)
-    batch_size = _batch_size(batch_size)
-    dtype = _model_dtype(model)
-    image = _image_batch(image, dtype=dtype)
-    patch_hw, stride_hw = _pair(patch, "patch"), _pair(stride, "stride")
+    start = time.perf_counter()
+    output = common.output_kind(output)
+    batch_size = common.batch_size(batch_size)
+    dtype = common.model_dtype(model)
+    image = common.image_batch(image, dtype=dtype)
+    patch_hw, stride_hw = common.pair(patch, "patch"), common.pair(stride, "stride")
     h, w = image.shape[-2:]
     if patch_hw[0] > h or patch_hw[1] > w:
         raise ValueError(f"patch {patch_hw} is larger than the image {(h, w)}; use a smaller patch")
     ys, xs, grid = geo.occlusion_grid((h, w), patch_hw, stride_hw)
-    device = _resolve_device(None, model)
+    device = common.resolve_device(None, model)
     image = image.to(device)
-    col = _color(color, image.shape[1], image.dtype).to(device)
+    col = common.color_values(color, image.shape[1], image.dtype).to(device)
     with eval_mode(model):
         logits = model(image.clone())  # a model that edits its input in place must not edit ours
-        label = _label(label, logits.shape[-1])
+        label = common.label_index(label, logits.shape[-1])
         label = int(logits.argmax(1)) if label is None else label
-        base = float(_scores(logits, label, output))
-        batch = min(batch_size or _default_batch_size(device, 4 * image[0].numel() * 8), len(ys))
+        base = float(common.scores(logits, label, output))
+        batch = min(batch_size or common.default_batch_size(device, 4 * image[0].numel() * 8), len(ys))
         out = torch.empty(len(ys), dtype=torch.float32)
         starts = torch.stack([torch.zeros_like(ys), torch.zeros_like(xs), ys, xs], 1).to(device)
-        for lo in _progress(range(0, len(ys), batch), progress, "naive occlusion"):
+        for lo in common.progress(range(0, len(ys), batch), progress, "naive occlusion"):
             table = starts[lo:lo + batch]
             occluded = occlude_window(image, col, table, (h, w), patch_hw, backend="torch")
-            out[lo:lo + batch] = _scores(model(occluded.contiguous()), label, output).cpu()
+            out[lo:lo + batch] = common.scores(model(occluded.contiguous()), label, output).cpu()
     return OcclusionResult(out.view(grid), label, base, stride_hw, patch_hw, output,
-                           {"positions": len(ys), "batch_size": batch})
-
-
-# --- annotation ------------------------------------------------------------------------
-
-
-def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, int], starts_y: Tensor,
-             starts_x: Tensor, tau: float = 1.0, what: str = "the model") -> PatchProp:
-    """Run PatchProp on ``gm`` with ``example``; a model that cannot run on it is a ValueError.
-
-    Shared by :func:`compile` and :func:`krypton_fx.theoretical_speedup` so
-    both fail the same way.
-    """
-    prop = PatchProp(gm, patch, starts_y, starts_x, tau=tau)
-    with torch.no_grad():
-        try:
-            out = prop.run(example)
-        except RuntimeError as e:
-            cause = e.__cause__ or e
-            detail = " ".join(str(cause).split()) or type(cause).__name__
-            raise ValueError(f"{what} cannot run on a {tuple(example.shape)} input: {type(cause).__name__}: "
-                             f"{detail}. Hint: check image_size and channels.") from e
-    if not isinstance(out, Tensor) or out.dim() != 2:
-        raise ValueError("the model must return class scores of shape (N, classes); got "
-                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
-    return prop
+                           RunStats(len(ys), batch, seconds=time.perf_counter() - start))
 
 
 # --- the compiled explainer ------------------------------------------------------------
@@ -353,7 +235,7 @@ class Explainer:
     @property
     def batch_size(self) -> int:
         """Positions per batch: the compiled ``batch_size`` or what fits in memory."""
-        return self.settings.batch_size or _default_batch_size(self.device, self.bytes_per_position)
+        return self.settings.batch_size or common.default_batch_size(self.device, self.bytes_per_position)
 
     @property
     def positions(self) -> int:
@@ -363,8 +245,8 @@ class Explainer:
         """Trace, functionalize, annotate and rewrite the model as it is now."""
         s, model = self.settings, self.model
         signature = model_signature(model)
-        dtype = _model_dtype(model)
-        color = _color(s.color, s.channels, dtype).to(s.device)
+        dtype = common.model_dtype(model)
+        color = common.color_values(s.color, s.channels, dtype).to(s.device)
         gm = trace(model, s.leaf_modules, s.autowrap_functions)
         example = torch.zeros(1, s.channels, *s.image_size, dtype=dtype, device=s.device)
         with eval_mode(model):
@@ -398,7 +280,7 @@ class Explainer:
         """
         with self._lock:
             build = self._current()
-            image = _image_batch(image, self.image_chw, build.dtype).to(self.device)
+            image = common.image_batch(image, self.image_chw, build.dtype).to(self.device)
             build.program.refresh_weights()
             with eval_mode(self.model):
                 logits, raw = build.program.capture(image)
@@ -412,14 +294,14 @@ class Explainer:
     def run_positions(self, positions: Tensor, stored: list[Tensor], label: int,
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """Scores of ``label`` for the given occlusion position indices (any subset, any order)."""
-        batch = max(1, min(_batch_size(batch_size) or self.batch_size, len(positions)))
+        batch = max(1, min(common.batch_size(batch_size) or self.batch_size, len(positions)))
         positions = positions.to(self.device)
         scores = []
         with self._lock, eval_mode(self.model):
             run = self._batch_runner(batch, stored) if len(positions) else None
-            for lo in _progress(range(0, len(positions), batch), progress, "krypton_fx"):
+            for lo in common.progress(range(0, len(positions), batch), progress, "krypton_fx"):
                 logits = run(positions[lo:lo + batch])
-                scores.append(_scores(logits, label, self.output))
+                scores.append(common.scores(logits, label, self.output))
         # One device-to-host copy at the end: no synchronisation per batch.
         return torch.cat(scores).cpu() if scores else torch.empty(0)
 
@@ -456,25 +338,25 @@ class Explainer:
             batch_size: positions per batch; defaults to the compiled one.
             progress: show a progress bar.
         """
-        batch_size = _batch_size(batch_size)
-        if drill_down is not None:
-            from .approx import run_drill_down
-            return run_drill_down(self, image, drill_down, label=label, batch_size=batch_size,
-                                  progress=progress)
+        batch_size = common.batch_size(batch_size)
+        if drill_down is not None:  # an approximate mode that runs itself on this explainer
+            if not callable(getattr(drill_down, "run", None)):
+                raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(drill_down).__name__}")
+            return drill_down.run(self, image, label=label, batch_size=batch_size, progress=progress)
+        start = time.perf_counter()
         with self._lock:
             logits, stored = self.prepare(image)
-            label = _label(label, logits.shape[-1])
+            label = common.label_index(label, logits.shape[-1])
             label = int(logits.argmax(1)) if label is None else label
-            base = float(_scores(logits, label, self.output))
+            base = float(common.scores(logits, label, self.output))
             scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size, progress)
         batch = min(batch_size or self.batch_size, self.positions)
-        return OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch,
-                               self.output, {"positions": self.positions, "batch_size": batch})
+        return OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch, self.output,
+                               RunStats(self.positions, batch, seconds=time.perf_counter() - start))
 
     def report(self) -> str:
         """A per-node table: kind, state, patch size, and where savings stop."""
-        from .report import format_report
-        return format_report(self)
+        return format_report(self.graph_module)
 
     def __repr__(self) -> str:
         return (f"Explainer({type(self.model).__name__}, image={self.image_chw}, patch={self.patch}, "
@@ -504,9 +386,9 @@ def _bytes_per_position(prop: PatchProp) -> int:
     sizes = []
     for n, shape in prop.shapes.items():
         info = prop.infos[n]
-        if info.state == PATCHED and len(shape) == 4:
+        if info.state is State.PATCHED and len(shape) == 4:
             sizes.append(shape[1] * info.box.h * info.box.w)
-        elif info.state == DENSE:
+        elif info.state is State.DENSE:
             sizes.append(math.prod(shape[1:]))
         for read in info.reads:
             sizes.append(shape[1] * read.window.h * read.window.w if len(shape) == 4 else 0)
@@ -523,8 +405,8 @@ def _check_backend(backend: str, device: torch.device) -> None:
                          "slowly on the CPU (for tests)")
 
 
-def compile(model: nn.Module, patch: IntPair = 16, stride: IntPair = 4,
-            color: Union[float, Sequence[float]] = 0.0, image_size: IntPair = (224, 224),
+def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
+            color: Union[float, Sequence[float]] = 0.0, image_size: IntOrTuple = (224, 224),
             tau: float = 1.0, batch_size: Optional[int] = None, device=None, backend: str = "auto",
             output: str = "prob", channels: int = 3, leaf_modules: Iterable[type] = (),
             autowrap_functions: Iterable[Callable] = (), cuda_graphs: Optional[bool] = None) -> Explainer:
@@ -558,20 +440,21 @@ def compile(model: nn.Module, patch: IntPair = 16, stride: IntPair = 4,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    patch_hw, stride_hw, size_hw = _pair(patch, "patch"), _pair(stride, "stride"), _pair(image_size, "image_size")
+    patch_hw, stride_hw = common.pair(patch, "patch"), common.pair(stride, "stride")
+    size_hw = common.pair(image_size, "image_size")
     if patch_hw[0] > size_hw[0] or patch_hw[1] > size_hw[1]:
         raise ValueError(f"patch {patch_hw} is larger than the image {size_hw}; use a smaller patch "
                          "or a larger image_size")
     if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and 0.0 < tau <= 1.0):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    output = _output_kind(output)
-    batch_size = _batch_size(batch_size)
-    dev = _resolve_device(device, model)
+    output = common.output_kind(output)
+    batch_size = common.batch_size(batch_size)
+    dev = common.resolve_device(device, model)
     _check_backend(backend, dev)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError("cuda_graphs=True needs a CUDA device; leave it None on the CPU")
-    color_values = tuple(float(v) for v in _color(color, channels, torch.float64))
-    _color(color, channels, _model_dtype(model))  # fails now, not at the first call
+    color_values = tuple(float(v) for v in common.color_values(color, channels, torch.float64))
+    common.color_values(color, channels, common.model_dtype(model))  # fails now, not at the first call
     model.to(dev)
     settings = Settings(patch_hw, stride_hw, color_values, size_hw, int(channels), float(tau), batch_size,
                         dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),

@@ -12,7 +12,6 @@ Equation numbers refer to ``paper/krypton-paper.txt``.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Sequence
 
 import torch

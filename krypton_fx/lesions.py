@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -33,8 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import common
+
 __all__ = ["make_dataset", "build_model", "load_or_train", "evaluate", "checkpoint_path",
            "training_info", "ARCHS", "DEFAULT_SIZE"]
+
+logger = logging.getLogger(__name__)
 
 #: Architectures :func:`build_model` knows, with the image size each is trained at.
 DEFAULT_SIZE = {"tiny": 64, "vgg16": 224, "resnet18": 224, "inception_v3": 299}
@@ -290,7 +295,8 @@ def _train(arch: str, size: int, progress: bool) -> tuple[nn.Module, dict]:
     start = time.perf_counter()
     losses: list[float] = []
     accuracy = float("nan")
-    for step in range(max_steps):
+    steps = common.progress(range(max_steps), progress, f"training lesions {arch}@{size}", unit="step")
+    for step in steps:
         model.train()
         images, labels, _ = make_dataset(batch, size, seed=TRAIN_SEED + step)
         # Label smoothing keeps probabilities off 1.0: a saturated softmax would
@@ -303,24 +309,20 @@ def _train(arch: str, size: int, progress: bool) -> tuple[nn.Module, dict]:
         losses.append(loss.item())
         recent = sum(losses[-_STOP_WINDOW:]) / len(losses[-_STOP_WINDOW:])
         if progress and step % 25 == 0:
-            print(f"[lesions] {arch}@{size} step {step + 1}/{max_steps} loss {recent:.3f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
+            steps.set_postfix(loss=f"{recent:.3f}")
         low_loss = step + 1 >= _MIN_STEPS and recent < _STOP_LOSS and len(losses) % 10 == 0
         if low_loss or step == max_steps - 1:
             # Stop only once eval mode (what explainers run) is accurate too.
             _recalibrate_batch_norm(model, size)
             accuracy = evaluate(model, size, n=64, seed=TEST_SEED - 1)
-            if progress:
-                print(f"[lesions] {arch}@{size} step {step + 1}: loss {recent:.3f}, "
-                      f"validation accuracy {accuracy:.3f}", flush=True)
+            logger.info("lesions %s@%d step %d: loss %.3f, validation accuracy %.3f",
+                        arch, size, step + 1, recent, accuracy)
             if accuracy >= _STOP_ACCURACY:
                 break
     accuracy = evaluate(model, size)
     info = {"arch": arch, "size": size, "accuracy": accuracy, "steps": len(losses), "batch": batch,
             "train_seconds": time.perf_counter() - start}
-    if progress:
-        print(f"[lesions] {arch}@{size} held-out accuracy {accuracy:.3f} "
-              f"({info['train_seconds']:.0f}s)", flush=True)
+    logger.info("lesions %s@%d held-out accuracy %.3f (%.0f s)", arch, size, accuracy, info["train_seconds"])
     return model, info
 
 
@@ -341,7 +343,7 @@ def load_or_train(arch: str = "tiny", size: Optional[int] = None, cache_dir: Opt
         size: training image size; defaults to ``DEFAULT_SIZE[arch]``.
         cache_dir: directory for the weights; defaults to ``$KRYPTON_CACHE``
             or ``~/.cache/krypton_fx``.
-        progress: print the training loss and the held-out accuracy.
+        progress: show a progress bar while training (the held-out accuracy is logged).
 
     Example:
         >>> model = load_or_train("tiny")          # seconds the first time
@@ -357,8 +359,7 @@ def load_or_train(arch: str = "tiny", size: Optional[int] = None, cache_dir: Opt
     if path.exists():
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(ckpt["state_dict"])
-        if progress:
-            print(f"[lesions] loaded {path} (held-out accuracy {ckpt['info']['accuracy']:.3f})")
+        logger.info("lesions: loaded %s (held-out accuracy %.3f)", path, ckpt["info"]["accuracy"])
         return model.eval()
     model, info = _train(arch, size, progress)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The op registry: which of DESIGN.md's five kinds each graph node is.
+"""The op registry: which of the five kinds (docs/design.md) each graph node is.
 
 The table is data: module types, functions and method names map to a
 :class:`Rule`. Passes ask :func:`lookup` and never ``isinstance``-chain over
@@ -29,7 +29,7 @@ __all__ = ["Kind", "Rule", "LocalOp", "lookup", "register_module", "register_fun
 
 
 class Kind(enum.Enum):
-    """The five kinds of DESIGN.md."""
+    """The five kinds of docs/design.md."""
 
     SOURCE = "source"      # the image placeholder
     POINT = "point"        # elementwise in space; one or more inputs (merges are decided by PatchProp)

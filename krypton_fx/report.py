@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
-
 import torch
 from torch import fx, nn
 
-from . import geometry as geo
+from .common import pair
 from .passes.functionalize import functionalize
-from .passes.patch_prop import CLEAN, META_KEY, PATCHED, PatchInfo
+from .passes.patch_prop import CLEAN, META_KEY, PATCHED, PatchInfo, annotate
 from .tracing import eval_mode, trace
 
 __all__ = ["theoretical_speedup", "conv_macs", "format_report"]
@@ -17,8 +15,6 @@ __all__ = ["theoretical_speedup", "conv_macs", "format_report"]
 
 def _annotate_centre(model: nn.Module, image_size: tuple[int, int], patch: tuple[int, int],
                      tau: float, channels: int) -> fx.GraphModule:
-    from .explainer import annotate
-
     gm = trace(model)
     ys = torch.tensor([(image_size[0] - patch[0]) // 2])
     xs = torch.tensor([(image_size[1] - patch[1]) // 2])
@@ -52,8 +48,7 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
         >>> round(theoretical_speedup(torchvision.models.vgg16(), (224, 224), 16), 1)
         6.8
     """
-    from .explainer import _pair
-    size, patch_hw = _pair(image_size, "image_size"), _pair(patch, "patch")
+    size, patch_hw = pair(image_size, "image_size"), pair(patch, "patch")
     if not (0.0 < tau <= 1.0):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
     if patch_hw[0] > size[0] or patch_hw[1] > size[1]:
@@ -74,14 +69,15 @@ def _describe(n: fx.Node) -> str:
     return n.op
 
 
-def format_report(explainer) -> str:
-    """Per-node table of an explainer: kind, state, patch box, and where savings stop."""
+def format_report(gm: fx.GraphModule) -> str:
+    """Per-node table of an annotated graph: kind, state, patch box, and where savings stop."""
     rows = [("node", "op", "kind", "state", "patch / map", "area", "note")]
     stops = []
-    for n, info in explainer.infos():
-        if info.state == CLEAN or n.op in ("get_attr",):
+    for n in gm.graph.nodes:
+        info: PatchInfo = n.meta[META_KEY]
+        if info.state is CLEAN or n.op in ("get_attr",):
             continue
-        if info.state == PATCHED:
+        if info.state is PATCHED:
             b = info.box
             box, area = f"{b.h}x{b.w} / {b.H}x{b.W}", f"{b.area_fraction:6.1%}"
         else:
@@ -89,11 +85,11 @@ def format_report(explainer) -> str:
         note = info.reason
         if note:
             stops.append(f"{n.name}: {note}")
-        rows.append((n.name, _describe(n), info.kind.value, info.state, box, area, note))
+        rows.append((n.name, _describe(n), info.kind.value, info.state.value, box, area, note))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    full, inc = conv_macs(explainer.graph_module)
+    full, inc = conv_macs(gm)
     lines.append("")
     lines.append(f"conv multiply-adds per position: full {full / 1e6:.1f} M, incremental {inc / 1e6:.1f} M "
                  f"(ratio {full / max(inc, 1):.2f}x)")

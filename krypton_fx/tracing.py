@@ -13,7 +13,6 @@ import contextlib
 import threading
 from typing import Callable, Iterable, Iterator
 
-import torch
 from torch import fx, nn
 
 __all__ = ["trace", "eval_mode", "TraceError", "model_signature", "describe_change"]

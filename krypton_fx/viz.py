@@ -200,3 +200,38 @@ def bench_figure(names: Sequence[str], theoretical: Sequence[float], measured: S
     if title:
         ax.set_title(title, fontsize=10)
     return fig
+
+
+def tune_figure(taus: Sequence[float], ssims: np.ndarray, coeffs: np.ndarray, target_ssim: float,
+                tau: float, drop_kept: Optional[Sequence[float]] = None) -> Figure:
+    """SSIM against tau (one dot per image), the degree-2 fit, the target and the chosen tau;
+    with ``drop_kept`` (mean per tau) on a second axis: what SSIM can hide.
+
+    Example:
+        >>> fig = tune_figure([0.8, 0.6], np.array([[0.99, 0.95]]), np.array([0.0, 0.2, 0.8]), 0.9, 0.6)
+        >>> len(fig.axes)
+        1
+    """
+    fig = Figure(figsize=(5, 3.5), layout="tight")
+    ax = fig.add_subplot()
+    for row in np.atleast_2d(ssims):
+        ax.scatter(taus, row, s=10, color="tab:blue", alpha=0.4)
+    grid = np.linspace(min(taus), 1.0, 200)
+    ax.plot(grid, np.polyval(coeffs, grid), color="tab:orange", label="degree-2 fit")
+    ax.axhline(target_ssim, color="gray", ls="--", lw=1, label=f"target {target_ssim:g}")
+    ax.axvline(tau, color="tab:red", lw=1, label=f"tau = {tau:.2f}")
+    ax.set_xlabel("tau")
+    ax.set_ylabel("SSIM to exact heat map")
+    handles, labels = ax.get_legend_handles_labels()
+    if drop_kept is not None and np.isfinite(drop_kept).any():
+        right = ax.twinx()
+        points = sorted(zip(list(taus) + ([1.0] if 1.0 not in taus else []),
+                            list(drop_kept) + ([1.0] if 1.0 not in taus else [])))  # exact keeps all
+        xs, ys = zip(*points)
+        right.plot(xs, ys, "s--", color="tab:green", ms=4, label="drop kept (mean)")
+        right.set_ylabel("drop kept", color="tab:green")
+        right.set_ylim(min(0.0, float(np.nanmin(ys))), 1.05)
+        h, lab = right.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    ax.legend(handles, labels, loc="lower right", fontsize=8)
+    return fig

@@ -13,13 +13,14 @@ from __future__ import annotations
 # on the CPU, where every program costs milliseconds. Windows are drawn so that
 # they touch every border of the stored map; patch offsets so that patches lie
 # fully inside, partly outside (clipped) or fully outside the window.
-
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as _F
 from hypothesis import strategies as st
 from torch import Tensor
+from torch import nn as _nn
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # How a test tensor is laid out in memory; the kernels must read them all.
@@ -154,15 +155,12 @@ def projection_cases(draw, max_batch: int = 4, max_size: int = 13,
 # ---------------------------------------------------------------------------
 # A network is a list of block specs, interpreted by RandomNet.forward with
 # plain Python over the (static) spec, so it traces. Blocks cover every
-# pitfall of DESIGN.md: conv/pool with random kernel, stride, padding
+# pitfall of docs/design.md: conv/pool with random kernel, stride, padding
 # (incl. "same"), dilation, groups and ceil_mode; avg-pool divisor
 # conventions; residual adds with strided downsampling; channel concats of
 # branches with different receptive fields; point ops; then a global head.
 
-import math as _math
 
-import torch.nn.functional as _F
-from torch import nn as _nn
 
 
 @st.composite

@@ -71,7 +71,7 @@ def test_model_mode_is_restored(image):
 
 
 def test_theoretical_speedup_reference_values():
-    # The paper's Figure 5 at patch 16 (DESIGN.md: about 6.8, 2.2, 1.8).
+    # The paper's Figure 5 at patch 16 (docs/design.md: about 6.8, 2.2, 1.8).
     assert krypton_fx.theoretical_speedup(torchvision.models.vgg16(), (224, 224), 16) == pytest.approx(6.8, abs=0.05)
     assert krypton_fx.theoretical_speedup(torchvision.models.resnet18(), (224, 224), 16) == pytest.approx(2.2, abs=0.05)
     inception = torchvision.models.inception_v3(init_weights=False, aux_logits=False)

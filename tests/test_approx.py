@@ -9,6 +9,7 @@ where the weights do not matter.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 
@@ -21,9 +22,17 @@ from hypothesis import strategies as st
 
 import krypton_fx
 from krypton_fx import approx, lesions
-from krypton_fx.approx import (DrillDown, drill_down_speedup, drop_kept, heatmap_ssim,
-                               max_drill_down_speedup, select_tau, stage1_grid, stage1_stride,
-                               upsample_matrix)
+from krypton_fx.approx import (
+    DrillDown,
+    drill_down_speedup,
+    drop_kept,
+    heatmap_ssim,
+    max_drill_down_speedup,
+    select_tau,
+    stage1_grid,
+    stage1_stride,
+    upsample_matrix,
+)
 from krypton_fx.explainer import OcclusionResult
 from krypton_fx.report import conv_macs
 
@@ -167,7 +176,7 @@ def test_invalid_drill_down_raises(kwargs):
 def test_drill_down_is_frozen_and_normalises_stride():
     dd = DrillDown(r=0.25, stage1_stride=8)
     assert dd.stage1_stride == (8, 8)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         dd.r = 0.5  # type: ignore[misc]
     assert dd.stage1_step((4, 4)) == (2, 2)
     assert DrillDown(r=0.25, stage1_stride=(2, 13)).stage1_step((4, 4)) == (1, 3)
@@ -344,7 +353,7 @@ class _FakeExplainer:
 
 def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
     width = 1.6  # crosses SSIM 0.9 at tau = 0.6
-    monkeypatch.setattr(approx, "compile_explainer", lambda model, tau, **kw: _FakeExplainer(tau))
+    monkeypatch.setattr(approx.tuning, "compile_explainer", lambda model, tau, **kw: _FakeExplainer(tau))
 
     ranges = []
 
@@ -352,8 +361,8 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
         ranges.append(data_range)
         return float(_quadratic_curve([approximate[0, 0].item()], width)[0])
 
-    monkeypatch.setattr(approx, "heatmap_ssim", ssim_of_tau)
-    monkeypatch.setattr(approx, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
+    monkeypatch.setattr(approx.tuning, "heatmap_ssim", ssim_of_tau)
+    monkeypatch.setattr(approx.tuning, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
     tuned = krypton_fx.tune(torch.nn.Identity(), torch.zeros(4, 3, 32, 32), target_ssim=0.9)
     assert tuned.tau == pytest.approx(0.6, abs=2e-3)
     assert tuned.ssims.shape == (4, 6)
@@ -370,12 +379,12 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
 
 def test_tune_drop_kept_guard_raises_tau(monkeypatch):
     width = 1.6  # the SSIM fit alone picks tau = 0.6
-    monkeypatch.setattr(approx, "compile_explainer", lambda model, tau, **kw: _FakeExplainer(tau))
-    monkeypatch.setattr(approx, "heatmap_ssim", lambda exact, approximate, data_range: float(
+    monkeypatch.setattr(approx.tuning, "compile_explainer", lambda model, tau, **kw: _FakeExplainer(tau))
+    monkeypatch.setattr(approx.tuning, "heatmap_ssim", lambda exact, approximate, data_range: float(
         _quadratic_curve([approximate[0, 0].item()], width)[0]))
     # the approximate maps keep a fraction tau of the strongest drop
-    monkeypatch.setattr(approx, "drop_kept", lambda exact, approximate, min_drop: approximate[0, 0].item())
-    monkeypatch.setattr(approx, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
+    monkeypatch.setattr(approx.tuning, "drop_kept", lambda exact, approximate, min_drop: approximate[0, 0].item())
+    monkeypatch.setattr(approx.tuning, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
     images = torch.zeros(3, 3, 32, 32)
     plain = krypton_fx.tune(torch.nn.Identity(), images)
     assert plain.tau == pytest.approx(0.6, abs=2e-3) and plain.ssim_tau == plain.tau

@@ -258,7 +258,7 @@ def test_progress_bar_counts_forwards_and_reaches_100_percent(capsys, name):
     torch.testing.assert_close(result, shown)
     final = capsys.readouterr().err.rstrip().split("\r")[-1]
     forwards = -(-25 // 4) + 1  # Captum's forwards: ceil(windows / ppe), and the unoccluded one
-    assert final.startswith(f"Occlusion attribution: 100%") and f" {forwards}/{forwards} [" in final, final
+    assert final.startswith("Occlusion attribution: 100%") and f" {forwards}/{forwards} [" in final, final
 
 
 def record_batches(forward, sizes):

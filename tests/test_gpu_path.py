@@ -34,7 +34,7 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import krypton_fx
-from krypton_fx import explainer
+from krypton_fx import common
 from krypton_fx.triton_kernels import gather, occlusion, projection
 
 NATIVE = bool(os.environ.get("KRYPTON_TRITON_NATIVE"))
@@ -198,7 +198,7 @@ def test_cuda_batch_size_comes_from_free_device_memory(monkeypatch, free_gib, pe
                                                         expected):
     free = int(free_gib * (1 << 30))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
-    assert explainer._default_batch_size(torch.device("cuda"), per_position) == expected
+    assert common.default_batch_size(torch.device("cuda"), per_position) == expected
 
 
 @pytest.mark.parametrize("model_name, dtype, backend", [

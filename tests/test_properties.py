@@ -1,6 +1,5 @@
 """Property-based exactness: random small CNN DAGs x random occlusion settings."""
 
-import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st

@@ -19,6 +19,7 @@ Each node ends up in one of three states:
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Any, Optional
 
 import torch
@@ -28,11 +29,23 @@ from .. import geometry as geo
 from ..geometry import AxisSpec, Box
 from ..registry import Kind, LocalOp, lookup
 
-__all__ = ["PatchInfo", "PatchProp", "Read", "META_KEY"]
+__all__ = ["PatchInfo", "PatchProp", "Read", "State", "META_KEY", "annotate"]
 
 META_KEY = "krypton_patch"
 
-CLEAN, PATCHED, DENSE = "clean", "patched", "dense"
+class State(str, enum.Enum):
+    """What a node's value is, compared with the unoccluded image's (docs/design.md).
+
+    A ``str`` enum: ``State.PATCHED == "patched"``.
+    """
+
+    CLEAN = "clean"      # does not depend on the image (parameters, constants)
+    PATCHED = "patched"  # differs from the unoccluded value only inside its box
+    DENSE = "dense"      # depends on the occlusion everywhere: runs as batched inference
+
+
+# Module-level aliases, for code that reads better with bare names.
+CLEAN, PATCHED, DENSE = State.CLEAN, State.PATCHED, State.DENSE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +77,7 @@ class PatchInfo:
 
     Attributes:
         kind: the registry kind (SOURCE, POINT, LOCAL, MERGE, GLOBAL).
-        state: ``"clean"``, ``"patched"`` or ``"dense"``.
+        state: :class:`State`: clean, patched or dense.
         box: output patch of a ``patched`` node (None otherwise).
         reads: inputs this node reads through gather/projection nodes.
         local: window parameters when the node runs incrementally as a local op.
@@ -76,7 +89,7 @@ class PatchInfo:
     """
 
     kind: Kind
-    state: str
+    state: State
     box: Optional[Box] = None
     reads: tuple[Read, ...] = ()
     local: Optional[LocalOp] = None
@@ -183,12 +196,12 @@ class PatchProp(fx.Interpreter):
             return self._source(n, result)
         if n.op == "get_attr":
             return PatchInfo(Kind.GLOBAL, CLEAN)
-        deps = [m for m in n.all_input_nodes if self.infos[m].state != CLEAN]
+        deps = [m for m in n.all_input_nodes if self.infos[m].state is not CLEAN]
         if not deps:
             return PatchInfo(Kind.GLOBAL, CLEAN)
         if n.op == "output":
             return self._dense(n, Kind.GLOBAL, deps, "", result)
-        if any(self.infos[m].state == DENSE for m in deps):
+        if any(self.infos[m].state is DENSE for m in deps):
             return self._dense(n, Kind.GLOBAL, deps, "", result)
         rule, module = lookup(n, self.modules)
         args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -219,7 +232,7 @@ class PatchProp(fx.Interpreter):
         reads = []
         for m in deps:
             box = self.infos[m].box
-            if self.infos[m].state == PATCHED:
+            if self.infos[m].state is PATCHED:
                 zeros = torch.zeros_like(box.y)
                 reads.append(Read(m, Box(zeros, zeros, box.H, box.W, box.H, box.W)))
         if reads and not reason:
@@ -269,7 +282,7 @@ class PatchProp(fx.Interpreter):
         spatial_clean = []
         for m in n.all_input_nodes:
             info = self.infos[m]
-            if info.state == PATCHED:
+            if info.state is PATCHED:
                 if (info.box.H, info.box.W) != hw:
                     return self._dense(n, Kind.GLOBAL, deps, f"{_target_name(n)}: changes the map size", result)
             elif not _broadcasts_spatially(self.env[m]):
@@ -291,5 +304,27 @@ class PatchProp(fx.Interpreter):
         if union.is_full:
             return self._dense(n, Kind.MERGE, deps, f"{_target_name(n)}: union covers the whole map", result)
         reads = tuple(Read(m, union) for m in list(deps) + spatial_clean
-                      if self.infos[m].state != PATCHED or not _same_box(self.infos[m].box, union))
+                      if self.infos[m].state is not PATCHED or not _same_box(self.infos[m].box, union))
         return PatchInfo(Kind.MERGE, PATCHED, union, reads)
+
+
+def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, ...], starts_y: Tensor,
+             starts_x: Tensor, tau: float = 1.0, what: str = "the model") -> PatchProp:
+    """Run :class:`PatchProp` on ``gm`` with ``example``; a model that cannot run on it is a ValueError.
+
+    Shared by :func:`krypton_fx.compile` and :func:`krypton_fx.theoretical_speedup`
+    so that both fail the same way.
+    """
+    prop = PatchProp(gm, patch, starts_y, starts_x, tau=tau)
+    with torch.no_grad():
+        try:
+            out = prop.run(example)
+        except RuntimeError as e:
+            cause = e.__cause__ or e
+            detail = " ".join(str(cause).split()) or type(cause).__name__
+            raise ValueError(f"{what} cannot run on a {tuple(example.shape)} input: {type(cause).__name__}: "
+                             f"{detail}. Hint: check image_size and channels.") from e
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        raise ValueError("the model must return class scores of shape (N, classes); got "
+                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+    return prop

@@ -30,7 +30,7 @@ from torch import Tensor, fx, nn
 
 from ..ops import gather_window, occlude_window, project_to_full
 from ..registry import Kind
-from .patch_prop import CLEAN, DENSE, META_KEY, PATCHED, PatchInfo, Read
+from .patch_prop import DENSE, META_KEY, PATCHED, PatchInfo, Read
 
 __all__ = ["StoredSpec", "IncrementalProgram", "rewrite", "build_capture_module"]
 
@@ -51,9 +51,9 @@ class StoredSpec:
 
     def prepare(self, value: Tensor) -> Tensor:
         """Pad a captured activation and lay it out channels-last for gathers."""
-        t, b, l, r = self.pad
+        top, bottom, left, right = self.pad
         if any(self.pad):
-            value = F.pad(value, (l, r, t, b), value=self.fill)
+            value = F.pad(value, (left, right, top, bottom), value=self.fill)
         return value.contiguous(memory_format=torch.channels_last)
 
 
@@ -113,7 +113,7 @@ _VIEW_TO_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
 def _reads_own_box(read: Read) -> bool:
     """The window is exactly the input's patch box (a 1x1 conv, say): no gather needed."""
     info: PatchInfo = read.node.meta[META_KEY]
-    if info.state != PATCHED or info.kind is Kind.SOURCE:
+    if info.state is not PATCHED or info.kind is Kind.SOURCE:
         return False
     w, box = read.window, info.box
     return (w.h, w.w) == (box.h, box.w) and torch.equal(w.y, box.y) and torch.equal(w.x, box.x)
@@ -197,7 +197,7 @@ class _Emitter:
         top, _, left, _ = spec.pad
         w = read.window
         info: PatchInfo = read.node.meta[META_KEY]
-        patched = info.state == PATCHED
+        patched = info.state is PATCHED
         if patched:
             off_y, off_x = info.box.y - w.y, info.box.x - w.x
         else:
@@ -224,7 +224,7 @@ class _Emitter:
         info: PatchInfo = n.meta[META_KEY]
         if n.op == "placeholder":
             self.source = n
-            if info.state == PATCHED:
+            if info.state is PATCHED:
                 color = self.graph.get_attr("krypton_tables.color")
                 self.env[n] = self.graph.call_function(
                     color_patch, (color, self.positions, (info.box.h, info.box.w)))
@@ -234,11 +234,11 @@ class _Emitter:
         if n.op == "output":
             self.graph.output(fx.map_arg(n.args[0], lookup))
             return
-        if info.state == PATCHED and info.kind is Kind.LOCAL:
+        if info.state is PATCHED and info.kind is Kind.LOCAL:
             self.env[n] = self._windowed_local(n, info, mapped[n.args[0]])
             return
         mod = self.gm.get_submodule(n.target) if n.op == "call_module" else None
-        if info.state == DENSE and type(mod) is nn.Conv2d and mod.padding_mode == "zeros":
+        if info.state is DENSE and type(mod) is nn.Conv2d and mod.padding_mode == "zeros":
             # Batched conv, but on the channels-last weight copy (see _conv_params).
             weight, bias = self._conv_params(n)
             args = fx.map_arg(n.args, lookup)
@@ -247,7 +247,7 @@ class _Emitter:
             return
         # clean, point, merge and dense nodes run as written, on their new inputs.
         self.env[n] = new = self.graph.node_copy(n, lookup)
-        if info.state == DENSE and new.op == "call_method" and new.target in _VIEW_TO_RESHAPE:
+        if info.state is DENSE and new.op == "call_method" and new.target in _VIEW_TO_RESHAPE:
             # A projected map is channels-last, which .view() refuses (x.view(x.size(0), -1)
             # after a conv); the graph is functional, so reshape gives the same values.
             new.target = _VIEW_TO_RESHAPE[new.target]

@@ -1,0 +1,269 @@
+"""Adaptive drill-down (section 4.3, eqs. 46-48).
+
+A coarse stage-one map at a larger stride over the whole image, then the
+compiled stride only over the fraction ``r`` of cells with the largest
+probability drop. ``DrillDown`` runs itself on a compiled explainer:
+``ex(image, drill_down=DrillDown(...))``.
+
+Example:
+    >>> import torch, krypton_fx
+    >>> from krypton_fx import lesions
+    >>> model = lesions.load_or_train("tiny")
+    >>> images, _, _ = lesions.make_dataset(2, size=64, seed=3)
+    >>> ex = krypton_fx.compile(model, patch=8, stride=2, image_size=(64, 64))
+    >>> res = ex(images[0], drill_down=krypton_fx.DrillDown(r=0.25, stage1_stride=8))
+    >>> tuple(res.heatmap.shape), res.stats["stage1_stride"]
+    ((29, 29), (8, 8))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import TYPE_CHECKING, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import common
+from ..explainer import OcclusionResult, RunStats
+
+if TYPE_CHECKING:  # annotations only: the explainer calls DrillDown.run, not the other way round
+    from ..explainer import Explainer
+
+__all__ = ["DrillDown", "drill_down_speedup", "stage1_stride", "max_drill_down_speedup",
+           "stage1_grid", "upsample_matrix", "run_drill_down"]
+
+Number = Union[int, float]
+Pair = Union[Number, Sequence[Number]]
+
+
+def _as_pair(value: Pair) -> tuple[float, float]:
+    if isinstance(value, (int, float)):
+        return float(value), float(value)
+    pair = tuple(float(v) for v in value)
+    if len(pair) != 2:
+        raise ValueError(f"expected a number or a (height, width) pair, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+# --- eqs. 46-48 -------------------------------------------------------------------
+
+
+def drill_down_speedup(s1: Pair, s2: Pair, r: float) -> float:
+    """Expected speedup of adaptive drill-down over the full grid (eq. 46).
+
+    ``S1^2 / (S2^2 + r * S1^2)``: positions scale with ``1 / S^2``; with
+    ``(height, width)`` strides the squares become the products ``Sy * Sx``.
+
+    Example:
+        >>> drill_down_speedup(16, 4, 0.25)
+        3.2
+    """
+    (a, b), (c, d) = _as_pair(s1), _as_pair(s2)
+    return (a * b) / (c * d + r * a * b)
+
+
+def max_drill_down_speedup(r: float) -> float:
+    """Supremum of eq. 46 as ``S1`` grows: ``1 / r`` (the bound behind eq. 48).
+
+    Eq. 48 as printed, ``1 / (r * speedup) > speedup``, reads ``speedup <
+    1/sqrt(r)``; eqs. 46-47 only need ``1 - r * speedup > 0``, i.e.
+    ``speedup < 1/r``, which is what a finite ``S1`` can reach.
+    """
+    return 1.0 / r
+
+
+def stage1_stride(speedup: float, s2: Pair, r: float) -> tuple[float, float]:
+    """Stage-one stride that gives ``speedup`` (eq. 47), per axis.
+
+    ``S1 = sqrt(speedup / (1 - r * speedup)) * S2``.
+
+    Raises:
+        ValueError: if ``speedup >= 1/r`` (eq. 48: no stride reaches it).
+
+    Example:
+        >>> stage1_stride(3.2, 4, 0.25)
+        (16.0, 16.0)
+    """
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"r must be in (0, 1], got {r!r}")
+    if not speedup > 0:
+        raise ValueError(f"speedup must be > 0, got {speedup!r}")
+    if r * speedup >= 1.0:
+        raise ValueError(f"speedup {speedup:g} is impossible with r={r:g}: drill-down can reach at "
+                         f"most 1/r = {max_drill_down_speedup(r):g} (eq. 48); lower speedup or r")
+    factor = math.sqrt(speedup / (1.0 - r * speedup))
+    sy, sx = _as_pair(s2)
+    return factor * sy, factor * sx
+
+
+@dataclasses.dataclass(frozen=True)
+class DrillDown:
+    """Adaptive drill-down settings (section 4.3).
+
+    Give exactly one of ``speedup`` (the stage-one stride then follows from
+    eq. 47) or ``stage1_stride`` (pixels, an int or ``(h, w)``).
+
+    Attributes:
+        r: fraction of heat-map cells re-run at the compiled stride, in (0, 1].
+        speedup: target speedup over the full grid, ``1 <= speedup < 1/r``.
+        stage1_stride: stage-one stride in pixels.
+
+    Example:
+        >>> DrillDown(r=0.25, speedup=3.0).r
+        0.25
+        >>> DrillDown(r=0.25, speedup=4.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: speedup 4 is impossible with r=0.25: drill-down can reach at most 1/r = 4 (eq. 48); ...
+    """
+
+    r: float = 0.25
+    speedup: Optional[float] = None
+    stage1_stride: Optional[Union[int, tuple[int, int]]] = None
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or not 0.0 < self.r <= 1.0:
+            raise ValueError(f"DrillDown r must be a fraction in (0, 1], got {self.r!r}")
+        if (self.speedup is None) == (self.stage1_stride is None):
+            raise ValueError("DrillDown needs exactly one of speedup= or stage1_stride=, got "
+                             f"speedup={self.speedup!r}, stage1_stride={self.stage1_stride!r}")
+        if self.speedup is not None:
+            if isinstance(self.speedup, bool) or not isinstance(self.speedup, (int, float)) \
+                    or not self.speedup >= 1.0:
+                raise ValueError(f"DrillDown speedup must be a number >= 1, got {self.speedup!r}")
+            stage1_stride(self.speedup, 1, self.r)  # raises if eq. 48 rules the target out
+        else:
+            s = self.stage1_stride
+            pair = (s, s) if isinstance(s, int) else tuple(s) if isinstance(s, (tuple, list)) else None
+            if pair is None or len(pair) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
+                raise ValueError(f"DrillDown stage1_stride must be an int >= 1 or a (h, w) pair of them, "
+                                 f"got {s!r}")
+            object.__setattr__(self, "stage1_stride", pair)
+
+    def stage1_step(self, s2: tuple[int, int]) -> tuple[int, int]:
+        """Stage-one step in heat-map cells of the compiled stride ``s2``, at least 1 per axis.
+
+        The stage-one stride is rounded to the nearest multiple of ``s2`` so
+        that stage one is a subset of the compiled grid.
+        """
+        s1 = self.stage1_stride if self.speedup is None else stage1_stride(self.speedup, s2, self.r)
+        return tuple(max(1, int(round(a / b))) for a, b in zip(s1, s2))  # type: ignore[return-value]
+
+    def run(self, explainer: "Explainer", image: Tensor, label=None, batch_size: Optional[int] = None,
+            progress: bool = False) -> OcclusionResult:
+        """The two-stage map of ``image`` on ``explainer``: see :func:`run_drill_down`."""
+        return run_drill_down(explainer, image, self, label=label, batch_size=batch_size, progress=progress)
+
+
+# --- drill-down ----------------------------------------------------------------------
+
+
+def stage1_grid(cells: int, step: int) -> Tensor:
+    """Stage-one rows (or columns) of a grid axis: ``0, k, 2k, ...`` and always the last one.
+
+    Example:
+        >>> stage1_grid(10, 4).tolist()
+        [0, 4, 8, 9]
+    """
+    idx = torch.arange(0, cells, step, dtype=torch.int64)
+    if idx[-1] != cells - 1:
+        idx = torch.cat([idx, torch.tensor([cells - 1])])
+    return idx
+
+
+def upsample_matrix(samples: Tensor, cells: int) -> Tensor:
+    """``(cells, len(samples))`` weights of piecewise-linear interpolation along one axis.
+
+    Row ``i`` interpolates cell ``i`` from the two samples around it, so the
+    upsampled map equals the stage-one values at the sampled cells and is
+    linear in between (also across the shorter last interval).
+
+    Example:
+        >>> upsample_matrix(torch.tensor([0, 2, 3]), 4).tolist()
+        [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    pos = torch.arange(cells, dtype=torch.float64)
+    s = samples.to(torch.float64)
+    right = torch.searchsorted(s, pos, right=False).clamp(1, max(1, len(s) - 1))
+    weights = torch.zeros(cells, len(s), dtype=torch.float64)
+    if len(s) == 1:
+        weights[:, 0] = 1.0
+        return weights
+    left = right - 1
+    frac = ((pos - s[left]) / (s[right] - s[left])).clamp(0.0, 1.0)
+    rows = torch.arange(cells)
+    weights[rows, left] = 1.0 - frac
+    weights[rows, right] += frac
+    return weights
+
+
+@torch.no_grad()
+def run_drill_down(ex: "Explainer", image: Tensor, dd: DrillDown, label: Optional[int] = None,
+                   batch_size: Optional[int] = None, progress: bool = False) -> OcclusionResult:
+    """Two-stage occlusion heat map (section 4.3, fig. 10).
+
+    Stage one runs the explainer on the subset of its grid whose cells are
+    multiples of the stage-one step (plus the last row and column), so the
+    stage-one stride is the compiled stride times an integer. That coarse map
+    is upsampled to the full grid by piecewise-linear (bilinear) interpolation.
+    Stage two re-runs, at the compiled stride, the ``ceil(r * cells)`` cells
+    with the largest upsampled drop ``base_prob - score``, skipping cells
+    stage one already measured. The returned map holds measured values where
+    either stage ran and interpolated stage-one values elsewhere; with
+    ``r = 1`` every cell is measured and the map is the explainer's exact
+    (or tau-approximate) map.
+
+    ``result.stats``: ``expected_speedup`` (eq. 46 at the stage-one stride
+    used), ``positions_run`` (both stages), ``achieved_speedup`` (grid
+    positions / ``positions_run``), ``stage1_stride`` (pixels),
+    ``stage1_positions``, ``stage2_positions``, ``r``.
+
+    Example:
+        >>> import torch, krypton_fx
+        >>> from krypton_fx import lesions
+        >>> model = lesions.load_or_train("tiny")
+        >>> image = lesions.make_dataset(1, size=64, seed=3)[0][0]
+        >>> ex = krypton_fx.compile(model, patch=8, stride=2, image_size=(64, 64))
+        >>> exact = ex(image).heatmap
+        >>> full = ex(image, drill_down=krypton_fx.DrillDown(r=1.0, stage1_stride=8)).heatmap
+        >>> bool(torch.equal(exact, full))
+        True
+    """
+    if not isinstance(dd, DrillDown):
+        raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(dd).__name__}")
+    start = time.perf_counter()
+    hm, wm = ex.grid
+    ky, kx = dd.stage1_step(ex.stride)
+    logits, stored = ex.prepare(image)
+    label = common.label_index(label, logits.shape[-1])
+    label = int(logits.argmax(1)) if label is None else label
+    base = float(common.scores(logits, label, ex.output))
+
+    rows, cols = stage1_grid(hm, ky), stage1_grid(wm, kx)
+    stage1 = (rows.view(-1, 1) * wm + cols.view(1, -1)).reshape(-1)
+    coarse = ex.run_positions(stage1, stored, label, batch_size, progress).view(len(rows), len(cols))
+    upsampled = (upsample_matrix(rows, hm) @ coarse.double() @ upsample_matrix(cols, wm).T).float()
+
+    measured = torch.zeros(hm * wm, dtype=torch.bool)
+    measured[stage1] = True
+    heat = upsampled.reshape(-1).clone()
+    heat[stage1] = coarse.reshape(-1)  # exact copies, not interpolation round-off
+    drop = base - heat
+    chosen = torch.argsort(drop, descending=True, stable=True)[:math.ceil(dd.r * hm * wm)]
+    stage2 = chosen[~measured[chosen]].sort().values
+    if len(stage2):
+        heat[stage2] = ex.run_positions(stage2, stored, label, batch_size, progress)
+
+    run = len(stage1) + len(stage2)
+    s1_px = (ky * ex.stride[0], kx * ex.stride[1])
+    stats = RunStats(hm * wm, min(batch_size or ex.batch_size, run), run, time.perf_counter() - start,
+                     stage1_stride=s1_px, stage1_positions=len(stage1), stage2_positions=len(stage2), r=dd.r,
+                     expected_speedup=drill_down_speedup(s1_px, ex.stride, dd.r),
+                     achieved_speedup=hm * wm / run)
+    return OcclusionResult(heat.view(hm, wm), label, base, ex.stride, ex.patch, ex.output, stats)
+
+
