@@ -105,10 +105,16 @@ class RunStats:
 def naive_occlusion(model: nn.Module, image: Tensor, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
                     color: Union[float, Sequence[float]] = 0.0, label: Optional[int] = None,
                     batch_size: Optional[int] = None, output: str = "prob",
-                    progress: bool = False) -> OcclusionResult:
+                    progress: bool = False, spatial_dims: Optional[int] = None) -> OcclusionResult:
     """Naive occlusion: one full inference per patch position, batched (eqs. 1-6).
 
     The baseline krypton_fx is measured against, and its exactness oracle.
+
+    Args:
+        spatial_dims: spatial axes of ``image`` (1, 2 or 3). By default the
+            length of a tuple ``patch`` or ``stride``, else 3 for a 5-D image
+            and 2 otherwise: give it for a volume without its batch axis
+            ``(C, D, H, W)`` or a signal ``(C, L)``.
 
     Example:
         >>> import torchvision
@@ -121,12 +127,13 @@ def naive_occlusion(model: nn.Module, image: Tensor, patch: IntOrTuple = 16, str
     output = common.output_kind(output)
     batch_size = common.batch_size(batch_size)
     dtype = common.model_dtype(model)
-    image = common.image_batch(image, dtype=dtype)
-    patch_hw, stride_hw = common.pair(patch, "patch"), common.pair(stride, "stride")
-    h, w = image.shape[-2:]
-    if patch_hw[0] > h or patch_hw[1] > w:
-        raise ValueError(f"patch {patch_hw} is larger than the image {(h, w)}; use a smaller patch")
-    ys, xs, grid = geo.occlusion_grid((h, w), patch_hw, stride_hw)
+    nd = spatial_dims or _axes_of(patch, stride, image)
+    image = common.image_batch(image, dtype=dtype, spatial_dims=nd)
+    patch_t, stride_t = common.int_tuple(patch, nd, "patch"), common.int_tuple(stride, nd, "stride")
+    size = tuple(image.shape[2:])
+    if any(p > n for p, n in zip(patch_t, size)):
+        raise ValueError(f"patch {patch_t} is larger than the image {size}; use a smaller patch")
+    *starts, grid = geo.occlusion_grid(size, patch_t, stride_t)
     device = common.resolve_device(None, model)
     image = image.to(device)
     col = common.color_values(color, image.shape[1], image.dtype).to(device)
@@ -135,15 +142,24 @@ def naive_occlusion(model: nn.Module, image: Tensor, patch: IntOrTuple = 16, str
         label = common.label_index(label, logits.shape[-1])
         label = int(logits.argmax(1)) if label is None else label
         base = float(common.scores(logits, label, output))
-        batch = min(batch_size or common.default_batch_size(device, 4 * image[0].numel() * 8), len(ys))
-        out = torch.empty(len(ys), dtype=torch.float32)
-        starts = torch.stack([torch.zeros_like(ys), torch.zeros_like(xs), ys, xs], 1).to(device)
-        for lo in common.progress(range(0, len(ys), batch), progress, "naive occlusion"):
-            table = starts[lo:lo + batch]
-            occluded = occlude_window(image, col, table, (h, w), patch_hw, backend="torch")
+        count = len(starts[0])
+        batch = min(batch_size or common.default_batch_size(device, 4 * image[0].numel() * 8), count)
+        out = torch.empty(count, dtype=torch.float32)
+        # The whole image is the window, the patch sits at the position's start.
+        table = torch.stack([torch.zeros_like(s) for s in starts] + starts, 1).to(device)
+        for lo in common.progress(range(0, count, batch), progress, "naive occlusion"):
+            occluded = occlude_window(image, col, table[lo:lo + batch], size, patch_t, backend="torch")
             out[lo:lo + batch] = common.scores(model(occluded.contiguous()), label, output).cpu()
-    return OcclusionResult(out.view(grid), label, base, stride_hw, patch_hw, output,
-                           RunStats(len(ys), batch, seconds=time.perf_counter() - start))
+    return OcclusionResult(out.view(grid), label, base, stride_t, patch_t, output,
+                           RunStats(count, batch, seconds=time.perf_counter() - start))
+
+
+def _axes_of(patch, stride, image) -> int:
+    """Spatial axes of a naive run: a tuple patch/stride says; else 3 for a 5-D image, else 2."""
+    for value in (patch, stride):
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return len(value)
+    return 3 if isinstance(image, Tensor) and image.dim() == 5 else 2
 
 
 # --- the compiled explainer ------------------------------------------------------------
@@ -154,10 +170,11 @@ class Settings:
     """What :func:`compile` was given, checked and normalised.
 
     Attributes:
-        patch: occlusion patch ``(h, w)``.
-        stride: ``(sy, sx)`` between positions.
+        patch: occlusion patch, one int per spatial axis (``(h, w)`` for images).
+        stride: between positions, one int per spatial axis.
         color: patch colour, one float per channel, in the model's input space.
-        image_size: ``(H, W)`` of the images the explainer takes.
+        image_size: spatial size of the images the explainer takes: ``(H, W)``,
+            ``(D, H, W)`` for volumes, ``(L,)`` for signals.
         channels: image channels.
         tau: projective-field threshold; 1.0 is exact.
         batch_size: positions per batch, or None to size batches from memory.
@@ -169,10 +186,10 @@ class Settings:
         autowrap_functions: functions kept opaque when tracing.
     """
 
-    patch: tuple[int, int]
-    stride: tuple[int, int]
+    patch: tuple[int, ...]
+    stride: tuple[int, ...]
     color: tuple[float, ...]
-    image_size: tuple[int, int]
+    image_size: tuple[int, ...]
     channels: int
     tau: float
     batch_size: Optional[int]
@@ -211,8 +228,8 @@ class Explainer:
     def __init__(self, model: nn.Module, settings: Settings):
         self.model = model
         self.settings = settings
-        ys, xs, self.grid = geo.occlusion_grid(settings.image_size, settings.patch, settings.stride)
-        self._starts = (ys, xs)
+        *starts, self.grid = geo.occlusion_grid(settings.image_size, settings.patch, settings.stride)
+        self._starts = tuple(starts)
         self._lock = threading.RLock()
         self._graphs: dict = {}
         self._build = self._compile()
@@ -239,7 +256,13 @@ class Explainer:
 
     @property
     def positions(self) -> int:
-        return self.grid[0] * self.grid[1]
+        """Cells of the heat map: positions of the patch."""
+        return math.prod(self.grid)
+
+    @property
+    def spatial_dims(self) -> int:
+        """Spatial axes of the images (1, 2 or 3)."""
+        return len(self.settings.image_size)
 
     def _compile(self) -> _Build:
         """Trace, functionalize, annotate and rewrite the model as it is now."""
@@ -251,7 +274,7 @@ class Explainer:
         example = torch.zeros(1, s.channels, *s.image_size, dtype=dtype, device=s.device)
         with eval_mode(model):
             gm = functionalize(gm, example)
-            prop = annotate(gm, example, s.patch, *self._starts, tau=s.tau, what=type(model).__name__)
+            prop = annotate(gm, example, s.patch, self._starts, tau=s.tau, what=type(model).__name__)
         program = rewrite(gm, backend=s.backend, color=color)
         program.module.to(s.device)
         self._graphs.clear()
@@ -386,12 +409,13 @@ def _bytes_per_position(prop: PatchProp) -> int:
     sizes = []
     for n, shape in prop.shapes.items():
         info = prop.infos[n]
-        if info.state is State.PATCHED and len(shape) == 4:
-            sizes.append(shape[1] * info.box.h * info.box.w)
+        maps = len(shape) >= 3  # (N, C, *spatial)
+        if info.state is State.PATCHED and maps:
+            sizes.append(shape[1] * math.prod(info.box.sizes))
         elif info.state is State.DENSE:
             sizes.append(math.prod(shape[1:]))
         for read in info.reads:
-            sizes.append(shape[1] * read.window.h * read.window.w if len(shape) == 4 else 0)
+            sizes.append(shape[1] * math.prod(read.window.sizes) if maps else 0)
     sizes.sort(reverse=True)
     return 4 * 2 * sum(sizes[:3]) if sizes else 1 << 20
 
@@ -413,11 +437,15 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     """Compile ``model`` into an incremental occlusion explainer.
 
     Args:
-        model: a CNN classifier taking ``(N, C, H, W)`` images, returning ``(N, classes)``.
-        patch: occlusion patch size, an int or ``(h, w)``.
-        stride: patch stride, an int or ``(sy, sx)``.
+        model: a CNN classifier taking ``(N, C, *spatial)`` inputs (images,
+            volumes or signals), returning ``(N, classes)``.
+        patch: occlusion patch size: an int (the same on every axis) or one
+            int per spatial axis.
+        stride: patch stride: an int or one per spatial axis.
         color: patch colour in the model's input space: a float or one per channel.
-        image_size: ``(H, W)`` of the images the explainer takes.
+        image_size: spatial size of the inputs: ``(H, W)`` for images (an int
+            means a square), ``(D, H, W)`` for volumes, ``(L,)`` for signals;
+            the number of spatial axes comes from here.
         tau: projective-field threshold (eqs. 39-45); 1.0 is exact.
         batch_size: positions per batch; None picks one that fits in memory.
         device: where to run; defaults to the model's device.
@@ -440,10 +468,14 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    patch_hw, stride_hw = common.pair(patch, "patch"), common.pair(stride, "stride")
-    size_hw = common.pair(image_size, "image_size")
-    if patch_hw[0] > size_hw[0] or patch_hw[1] > size_hw[1]:
-        raise ValueError(f"patch {patch_hw} is larger than the image {size_hw}; use a smaller patch "
+    nd = len(image_size) if isinstance(image_size, Sequence) and not isinstance(image_size, str) else 2
+    if nd not in (1, 2, 3):
+        raise ValueError(f"image_size {image_size!r} has {nd} axes; give 1 (signals), 2 (images) or 3 "
+                         "(volumes)")
+    size = common.int_tuple(image_size, nd, "image_size")
+    patch_t, stride_t = common.int_tuple(patch, nd, "patch"), common.int_tuple(stride, nd, "stride")
+    if any(p > n for p, n in zip(patch_t, size)):
+        raise ValueError(f"patch {patch_t} is larger than the image {size}; use a smaller patch "
                          "or a larger image_size")
     if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and 0.0 < tau <= 1.0):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
@@ -456,7 +488,7 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     color_values = tuple(float(v) for v in common.color_values(color, channels, torch.float64))
     common.color_values(color, channels, common.model_dtype(model))  # fails now, not at the first call
     model.to(dev)
-    settings = Settings(patch_hw, stride_hw, color_values, size_hw, int(channels), float(tau), batch_size,
+    settings = Settings(patch_t, stride_t, color_values, size, int(channels), float(tau), batch_size,
                         dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
                         tuple(leaf_modules), tuple(autowrap_functions))
     return Explainer(model, settings)

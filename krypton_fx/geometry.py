@@ -12,6 +12,7 @@ Equation numbers refer to ``paper/krypton-paper.txt``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -48,26 +49,30 @@ def positions_per_axis(image: int, patch: int, stride: int) -> int:
     return (image - patch) // stride + 1
 
 
-def occlusion_grid(image_hw: tuple[int, int], patch_hw: tuple[int, int],
-                   stride_hw: tuple[int, int]) -> tuple[Tensor, Tensor, tuple[int, int]]:
-    """Top-left corners of every occlusion position, row-major.
+def occlusion_grid(image_size: Sequence[int], patch: Sequence[int], stride: Sequence[int]):
+    """Patch starts of every occlusion position, row-major, for any number of spatial axes.
 
     Returns:
-        ``(ys, xs, (H_M, W_M))`` where ``ys``/``xs`` are int64 tensors of shape
-        ``(H_M * W_M,)`` and position ``k`` sits at heat-map cell
-        ``(k // W_M, k % W_M)``.
+        ``(*starts, grid)``: one int64 tensor of shape ``(prod(grid),)`` per
+        axis, then the heat map's shape; position ``k`` is cell
+        ``numpy.unravel_index(k, grid)`` (the last axis varies fastest). For
+        two axes that is ``(ys, xs, (H_M, W_M))``.
 
     Example:
         >>> ys, xs, shape = occlusion_grid((8, 8), (4, 4), (2, 2))
         >>> shape, ys[:4].tolist(), xs[:4].tolist()
         ((3, 3), [0, 0, 0, 2], [0, 2, 4, 0])
+        >>> zs, ys, xs, shape = occlusion_grid((6, 8, 8), (4, 4, 4), (2, 4, 4))
+        >>> shape, zs.tolist()[:5]
+        ((2, 2, 2), [0, 0, 0, 0, 2])
     """
-    hm = positions_per_axis(image_hw[0], patch_hw[0], stride_hw[0])
-    wm = positions_per_axis(image_hw[1], patch_hw[1], stride_hw[1])
-    iy = torch.arange(hm, dtype=torch.int64) * stride_hw[0]
-    ix = torch.arange(wm, dtype=torch.int64) * stride_hw[1]
-    ys, xs = torch.meshgrid(iy, ix, indexing="ij")
-    return ys.reshape(-1), xs.reshape(-1), (hm, wm)
+    if not len(image_size) == len(patch) == len(stride):
+        raise ValueError(f"image {tuple(image_size)}, patch {tuple(patch)} and stride {tuple(stride)} "
+                         "must have one entry per spatial axis")
+    grid = tuple(positions_per_axis(i, p, s) for i, p, s in zip(image_size, patch, stride))
+    axes = [torch.arange(n, dtype=torch.int64) * s for n, s in zip(grid, stride)]
+    starts = torch.meshgrid(*axes, indexing="ij")
+    return (*(t.reshape(-1) for t in starts), grid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,32 +210,47 @@ def union_box(starts: Sequence[Tensor], sizes: Sequence[int], full: int,
 
 @dataclasses.dataclass(frozen=True)
 class Box:
-    """A per-position rectangle on a ``(H, W)`` feature map.
+    """A per-position box on a feature map with any number of spatial axes.
 
     Attributes:
-        y: int64 ``(P,)`` top row of each position's box.
-        x: int64 ``(P,)`` left column of each position's box.
-        h: static box height (the same for every position).
-        w: static box width.
-        H: feature-map height.
-        W: feature-map width.
+        starts: one int64 ``(P,)`` tensor per spatial axis: each position's box start.
+        sizes: static box size per axis (the same for every position).
+        full: the feature map's size per axis.
+
+    For two axes, ``y, x, h, w, H, W`` name ``starts``, ``sizes`` and ``full``
+    as rows and columns.
     """
 
-    y: Tensor
-    x: Tensor
-    h: int
-    w: int
-    H: int
-    W: int
+    starts: tuple[Tensor, ...]
+    sizes: tuple[int, ...]
+    full: tuple[int, ...]
+
+    @property
+    def ndim(self) -> int:
+        """Spatial axes."""
+        return len(self.sizes)
 
     @property
     def is_full(self) -> bool:
         """True once the box covers the whole map: no savings remain."""
-        return self.h >= self.H and self.w >= self.W
+        return all(s >= f for s, f in zip(self.sizes, self.full))
 
     @property
     def area_fraction(self) -> float:
-        return (self.h * self.w) / float(self.H * self.W)
+        """The box's share of the map (volume in 3-D, length in 1-D)."""
+        return math.prod(self.sizes) / float(math.prod(self.full))
+
+    def same_as(self, other: "Box") -> bool:
+        """Same sizes and the same start for every position."""
+        return self.sizes == other.sizes and all(torch.equal(a, b) for a, b in zip(self.starts, other.starts))
+
+    # Two-axis names.
+    y = property(lambda self: self.starts[-2])
+    x = property(lambda self: self.starts[-1])
+    h = property(lambda self: self.sizes[-2])
+    w = property(lambda self: self.sizes[-1])
+    H = property(lambda self: self.full[-2])
+    W = property(lambda self: self.full[-1])
 
     def __repr__(self) -> str:  # tensors would flood reports
-        return f"Box({self.h}x{self.w} of {self.H}x{self.W})"
+        return f"Box({'x'.join(map(str, self.sizes))} of {'x'.join(map(str, self.full))})"

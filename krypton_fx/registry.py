@@ -40,14 +40,15 @@ class Kind(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class LocalOp:
-    """Window parameters of a local op, normalised to two spatial axes.
+    """Window parameters of a local op, one entry per spatial axis (1, 2 or 3).
 
     Attributes:
-        op: ``"conv"``, ``"max"`` or ``"avg"``.
-        kernel: ``(kh, kw)`` kernel size, before dilation.
-        stride: ``(sh, sw)``.
-        pad: ``(top, left)`` padding before the first element.
-        dilation: ``(dh, dw)``.
+        op: ``"conv"``, ``"max"``, ``"avg"`` or ``"pad"`` (constant padding:
+            the identity on a window, shifted by the padding before it).
+        kernel: kernel size per axis, before dilation.
+        stride: stride per axis.
+        pad: padding before the first element, per axis.
+        dilation: dilation per axis.
         fill: value of out-of-image elements (0 for conv and avg, -inf for max).
         groups: conv groups (1 for pools).
         count_include_pad: avg-pool divisor convention.
@@ -57,21 +58,33 @@ class LocalOp:
     """
 
     op: str
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    pad: tuple[int, int]
-    dilation: tuple[int, int] = (1, 1)
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    pad: tuple[int, ...]
+    dilation: tuple[int, ...] = ()
     fill: float = 0.0
     groups: int = 1
     count_include_pad: bool = True
     divisor_override: Optional[int] = None
     ceil_mode: bool = False
-    full_pad: tuple[int, int] = (0, 0)
+    full_pad: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        n = len(self.kernel)
+        if not self.dilation:
+            object.__setattr__(self, "dilation", (1,) * n)
+        if not self.full_pad:
+            object.__setattr__(self, "full_pad", tuple(self.pad))
 
     @property
-    def effective_kernel(self) -> tuple[int, int]:
+    def ndim(self) -> int:
+        """Spatial axes."""
+        return len(self.kernel)
+
+    @property
+    def effective_kernel(self) -> tuple[int, ...]:
         """Dilated extent ``d * (K - 1) + 1`` per axis."""
-        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation))  # type: ignore[return-value]
+        return tuple(d * (k - 1) + 1 for k, d in zip(self.kernel, self.dilation))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +96,6 @@ class Rule:
             inputs become merges.
         extract: for LOCAL, ``(module, args, kwargs) -> LocalOp | None``; None
             means "not supported in this configuration: treat as global".
-        data_args: positions of the arguments that carry feature maps (for
-            LOCAL, the input; others must not depend on the image).
         check: for POINT, ``(module, args, kwargs) -> bool``; False makes the
             node global (e.g. ``torch.cat`` on a dimension other than channels).
     """
@@ -94,10 +105,12 @@ class Rule:
     check: Optional[Callable[..., bool]] = None
 
 
-def _pair(v: Any) -> tuple[int, int]:
+def _ntuple(v: Any, n: int) -> tuple[int, ...]:
+    """An int, or a sequence (one entry repeated), as ints; the caller checks the length."""
     if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[-1])) if len(v) else (0, 0)
-    return (int(v), int(v))
+        values = tuple(int(x) for x in v)
+        return values * n if len(values) == 1 else values
+    return (int(v),) * n
 
 
 def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
@@ -106,76 +119,133 @@ def _arg(args: tuple, kwargs: dict, index: int, name: str, default: Any) -> Any:
     return kwargs.get(name, default)
 
 
-def _conv_padding(padding: Any, kernel: tuple[int, int], dilation: tuple[int, int]) -> Optional[tuple[int, int]]:
+def _conv_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ...]) -> tuple[int, ...]:
+    n = len(kernel)
     if padding == "valid":
-        return (0, 0)
+        return (0,) * n
     if padding == "same":
         # torch pads total d*(K-1), the smaller half before: see
         # torch/nn/modules/conv.py (_reversed_padding_repeated_twice).
-        return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))  # type: ignore[return-value]
-    return _pair(padding)
+        return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation))
+    return _ntuple(padding, n)
 
 
-def _conv_local(kernel, stride, padding, dilation, groups) -> Optional[LocalOp]:
-    kernel, dilation = _pair(kernel), _pair(dilation)
+def _conv_local(n: int, kernel, stride, padding, dilation, groups) -> Optional[LocalOp]:
+    kernel, dilation = _ntuple(kernel, n), _ntuple(dilation, n)
     pad = _conv_padding(padding, kernel, dilation)
-    return LocalOp("conv", kernel, _pair(stride), pad, dilation, 0.0, int(groups), full_pad=pad)
+    stride = _ntuple(stride, n)
+    if not len(kernel) == len(stride) == len(pad) == len(dilation) == n:
+        return None
+    return LocalOp("conv", kernel, stride, pad, dilation, 0.0, int(groups), full_pad=pad)
 
 
-def _extract_conv_module(m: nn.Conv2d, args, kwargs) -> Optional[LocalOp]:
+def _extract_conv_module(m: nn.Module, args, kwargs) -> Optional[LocalOp]:
     if m.padding_mode != "zeros":
         return None  # reflect/replicate/circular borders depend on the whole map
-    return _conv_local(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+    return _conv_local(len(m.kernel_size), m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
 
 
 def _extract_conv_fn(_, args, kwargs) -> Optional[LocalOp]:
     weight = _arg(args, kwargs, 1, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (3, 4, 5):
         return None
-    return _conv_local(tuple(weight.shape[-2:]), _arg(args, kwargs, 3, "stride", 1),
+    n = weight.dim() - 2
+    return _conv_local(n, tuple(weight.shape[2:]), _arg(args, kwargs, 3, "stride", 1),
                        _arg(args, kwargs, 4, "padding", 0), _arg(args, kwargs, 5, "dilation", 1),
                        _arg(args, kwargs, 6, "groups", 1))
 
 
-def _max_local(kernel, stride, padding, dilation, ceil_mode, return_indices) -> Optional[LocalOp]:
+def _window_stride(kernel: tuple[int, ...], stride: Any) -> tuple[int, ...]:
+    return kernel if stride is None or stride == [] or stride == () else _ntuple(stride, len(kernel))
+
+
+def _max_local(n: int, kernel, stride, padding, dilation, ceil_mode, return_indices) -> Optional[LocalOp]:
     if return_indices:
         return None
-    kernel = _pair(kernel)
-    stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
-    pad = _pair(padding)
-    return LocalOp("max", kernel, stride, pad, _pair(dilation), -math.inf,
+    kernel = _ntuple(kernel, n)
+    pad = _ntuple(padding, n)
+    return LocalOp("max", kernel, _window_stride(kernel, stride), pad, _ntuple(dilation, n), -math.inf,
                    ceil_mode=bool(ceil_mode), full_pad=pad)
 
 
-def _avg_local(kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> LocalOp:
-    kernel = _pair(kernel)
-    stride = kernel if stride is None or stride == [] or stride == () else _pair(stride)
-    pad = _pair(padding)
-    return LocalOp("avg", kernel, stride, pad, (1, 1), 0.0, ceil_mode=bool(ceil_mode),
+def _avg_local(n: int, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override) -> LocalOp:
+    kernel = _ntuple(kernel, n)
+    pad = _ntuple(padding, n)
+    return LocalOp("avg", kernel, _window_stride(kernel, stride), pad, (1,) * n, 0.0, ceil_mode=bool(ceil_mode),
                    count_include_pad=bool(count_include_pad), divisor_override=divisor_override,
                    full_pad=pad)
 
 
-def _extract_maxpool_module(m: nn.MaxPool2d, args, kwargs):
-    return _max_local(m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
+def _extract_maxpool_module(m: nn.Module, args, kwargs):
+    n = _POOL_DIMS[type(m)]
+    return _max_local(n, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode, m.return_indices)
 
 
-def _extract_maxpool_fn(_, args, kwargs):
-    return _max_local(_arg(args, kwargs, 1, "kernel_size", None), _arg(args, kwargs, 2, "stride", None),
-                      _arg(args, kwargs, 3, "padding", 0), _arg(args, kwargs, 4, "dilation", 1),
-                      _arg(args, kwargs, 5, "ceil_mode", False), _arg(args, kwargs, 6, "return_indices", False))
+def _maxpool_fn(n: int):
+    def extract(_, args, kwargs):
+        return _max_local(n, _arg(args, kwargs, 1, "kernel_size", None), _arg(args, kwargs, 2, "stride", None),
+                          _arg(args, kwargs, 3, "padding", 0), _arg(args, kwargs, 4, "dilation", 1),
+                          _arg(args, kwargs, 5, "ceil_mode", False),
+                          _arg(args, kwargs, 6, "return_indices", False))
+    return extract
 
 
-def _extract_avgpool_module(m: nn.AvgPool2d, args, kwargs):
-    return _avg_local(m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
-                      m.divisor_override)
+def _extract_avgpool_module(m: nn.Module, args, kwargs):
+    n = _POOL_DIMS[type(m)]
+    # AvgPool1d has no divisor_override
+    return _avg_local(n, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad,
+                      getattr(m, "divisor_override", None))
 
 
-def _extract_avgpool_fn(_, args, kwargs):
-    return _avg_local(_arg(args, kwargs, 1, "kernel_size", None), _arg(args, kwargs, 2, "stride", None),
-                      _arg(args, kwargs, 3, "padding", 0), _arg(args, kwargs, 4, "ceil_mode", False),
-                      _arg(args, kwargs, 5, "count_include_pad", True),
-                      _arg(args, kwargs, 6, "divisor_override", None))
+def _avgpool_fn(n: int):
+    def extract(_, args, kwargs):
+        return _avg_local(n, _arg(args, kwargs, 1, "kernel_size", None), _arg(args, kwargs, 2, "stride", None),
+                          _arg(args, kwargs, 3, "padding", 0), _arg(args, kwargs, 4, "ceil_mode", False),
+                          _arg(args, kwargs, 5, "count_include_pad", True),
+                          _arg(args, kwargs, 6, "divisor_override", None) if n > 1 else None)
+    return extract
+
+
+def _pad_local(before: tuple[int, ...], n: int) -> LocalOp:
+    """Constant padding as a local op: kernel 1, stride 1, ``pad`` = the padding before.
+
+    Eqs. 21-28 then give an output box shifted by the padding and a read
+    window equal to the input's own box: no gather, the op is the identity on
+    the patch (the padded border never changes)."""
+    return LocalOp("pad", (1,) * n, (1,) * n, tuple(before), (1,) * n, 0.0, full_pad=tuple(before))
+
+
+def _spatial_pad(pad: Any, ndim: int) -> Optional[tuple[int, ...]]:
+    """Padding before each spatial axis from ``F.pad``'s last-axis-first pairs, or None when it pads
+    a non-spatial axis, crops (negative) or is malformed."""
+    if not isinstance(pad, (tuple, list)) or len(pad) % 2 or len(pad) // 2 > ndim:
+        return None
+    pairs = [(int(pad[2 * i]), int(pad[2 * i + 1])) for i in range(len(pad) // 2)]  # last axis first
+    if any(a < 0 or b < 0 for a, b in pairs):
+        return None
+    pairs += [(0, 0)] * (ndim - len(pairs))
+    return tuple(a for a, _ in reversed(pairs))
+
+
+def _extract_pad_module(m: nn.Module, args, kwargs) -> Optional[LocalOp]:
+    n = _PAD_DIMS[type(m)]
+    if float(m.value) != m.value or not math.isfinite(float(m.value)):
+        return None
+    before = _spatial_pad(m.padding, n)
+    return _pad_local(before, n) if before is not None else None
+
+
+def _extract_pad_fn(_, args, kwargs) -> Optional[LocalOp]:
+    x = _arg(args, kwargs, 0, "input", None)
+    mode = _arg(args, kwargs, 2, "mode", "constant")
+    value = _arg(args, kwargs, 3, "value", None)
+    if not isinstance(x, torch.Tensor) or x.dim() < 3 or mode != "constant":
+        return None
+    if value is not None and not math.isfinite(float(value)):
+        return None
+    n = x.dim() - 2
+    before = _spatial_pad(_arg(args, kwargs, 1, "pad", None), n)
+    return _pad_local(before, n) if before is not None else None
 
 
 def _bn_eval(m: nn.modules.batchnorm._BatchNorm, args, kwargs) -> bool:
@@ -192,7 +262,7 @@ def _cat_on_channels(_, args, kwargs) -> bool:
     tensors = _arg(args, kwargs, 0, "tensors", ())
     dim = _arg(args, kwargs, 1, "dim", 0)
     ndim = next((t.dim() for t in tensors if isinstance(t, torch.Tensor)), 0)
-    return ndim == 4 and dim in (1, -3)
+    return ndim >= 3 and dim in (1, 1 - ndim)
 
 
 def _dropout_fn_eval(_, args, kwargs) -> bool:
@@ -206,30 +276,59 @@ def _batch_norm_fn_eval(_, args, kwargs) -> bool:
 POINT = Rule(Kind.POINT)
 LOCAL_CONV_MODULE = Rule(Kind.LOCAL, extract=_extract_conv_module)
 
+_POOL_DIMS: dict[type, int] = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3,
+                               nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3}
+_PAD_DIMS: dict[type, int] = {nn.ConstantPad1d: 1, nn.ConstantPad2d: 2, nn.ConstantPad3d: 3,
+                              nn.ZeroPad1d: 1, nn.ZeroPad2d: 2, nn.ZeroPad3d: 3}
+
 _MODULE_RULES: dict[type, Rule] = {
+    nn.Conv1d: LOCAL_CONV_MODULE,
     nn.Conv2d: LOCAL_CONV_MODULE,
-    nn.MaxPool2d: Rule(Kind.LOCAL, extract=_extract_maxpool_module),
-    nn.AvgPool2d: Rule(Kind.LOCAL, extract=_extract_avgpool_module),
+    nn.Conv3d: LOCAL_CONV_MODULE,
+    nn.BatchNorm1d: Rule(Kind.POINT, check=_bn_eval),
     nn.BatchNorm2d: Rule(Kind.POINT, check=_bn_eval),
+    nn.BatchNorm3d: Rule(Kind.POINT, check=_bn_eval),
     nn.Dropout: Rule(Kind.POINT, check=_not_training),
+    nn.Dropout1d: Rule(Kind.POINT, check=_not_training),
     nn.Dropout2d: Rule(Kind.POINT, check=_not_training),
+    nn.Dropout3d: Rule(Kind.POINT, check=_not_training),
     nn.AlphaDropout: Rule(Kind.POINT, check=_not_training),
 }
+for _t, _n in _POOL_DIMS.items():
+    _MODULE_RULES[_t] = Rule(Kind.LOCAL, extract=_extract_maxpool_module if "Max" in _t.__name__
+                             else _extract_avgpool_module)
+for _t in _PAD_DIMS:
+    _MODULE_RULES[_t] = Rule(Kind.LOCAL, extract=_extract_pad_module)
 for _t in (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid,
            nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Tanh, nn.Mish, nn.Softplus, nn.Hardtanh,
            nn.PReLU, nn.Identity):
     _MODULE_RULES[_t] = POINT
 
 _FUNCTION_RULES: dict[Callable, Rule] = {
+    F.conv1d: Rule(Kind.LOCAL, extract=_extract_conv_fn),
     F.conv2d: Rule(Kind.LOCAL, extract=_extract_conv_fn),
+    F.conv3d: Rule(Kind.LOCAL, extract=_extract_conv_fn),
+    torch.conv1d: Rule(Kind.LOCAL, extract=_extract_conv_fn),
     torch.conv2d: Rule(Kind.LOCAL, extract=_extract_conv_fn),
-    F.max_pool2d: Rule(Kind.LOCAL, extract=_extract_maxpool_fn),
-    torch.max_pool2d: Rule(Kind.LOCAL, extract=_extract_maxpool_fn),
-    F.avg_pool2d: Rule(Kind.LOCAL, extract=_extract_avgpool_fn),
-    torch._C._nn.avg_pool2d: Rule(Kind.LOCAL, extract=_extract_avgpool_fn),
+    torch.conv3d: Rule(Kind.LOCAL, extract=_extract_conv_fn),
+    F.max_pool1d: Rule(Kind.LOCAL, extract=_maxpool_fn(1)),
+    F.max_pool2d: Rule(Kind.LOCAL, extract=_maxpool_fn(2)),
+    F.max_pool3d: Rule(Kind.LOCAL, extract=_maxpool_fn(3)),
+    torch.max_pool1d: Rule(Kind.LOCAL, extract=_maxpool_fn(1)),
+    torch.max_pool2d: Rule(Kind.LOCAL, extract=_maxpool_fn(2)),
+    torch.max_pool3d: Rule(Kind.LOCAL, extract=_maxpool_fn(3)),
+    F.avg_pool1d: Rule(Kind.LOCAL, extract=_avgpool_fn(1)),
+    F.avg_pool2d: Rule(Kind.LOCAL, extract=_avgpool_fn(2)),
+    F.avg_pool3d: Rule(Kind.LOCAL, extract=_avgpool_fn(3)),
+    torch._C._nn.avg_pool2d: Rule(Kind.LOCAL, extract=_avgpool_fn(2)),
+    torch._C._nn.avg_pool3d: Rule(Kind.LOCAL, extract=_avgpool_fn(3)),
+    F.pad: Rule(Kind.LOCAL, extract=_extract_pad_fn),
     torch.cat: Rule(Kind.POINT, check=_cat_on_channels),
     torch.concat: Rule(Kind.POINT, check=_cat_on_channels),
     F.dropout: Rule(Kind.POINT, check=_dropout_fn_eval),
+    F.dropout1d: Rule(Kind.POINT, check=_dropout_fn_eval),
+    F.dropout2d: Rule(Kind.POINT, check=_dropout_fn_eval),
+    F.dropout3d: Rule(Kind.POINT, check=_dropout_fn_eval),
     F.batch_norm: Rule(Kind.POINT, check=_batch_norm_fn_eval),
 }
 for _f in (F.relu, F.relu6, F.silu, F.gelu, F.sigmoid, F.hardswish, F.hardsigmoid, F.leaky_relu,

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .. import geometry as geo
@@ -68,7 +70,7 @@ class Read:
     def is_projection(self) -> bool:
         """A window covering exactly the whole map: Algorithm 2."""
         w = self.window
-        return w.h == w.H and w.w == w.W and not bool(w.y.any() or w.x.any())
+        return w.sizes == w.full and not any(bool(s.any()) for s in w.starts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,21 +101,20 @@ class PatchInfo:
     inv_divisor: Any = None
 
 
-def _is_tensor4d(v: Any) -> bool:
-    return isinstance(v, Tensor) and v.dim() == 4
+def _is_map(v: Any, ndim: int) -> bool:
+    """A feature-map batch ``(N, C, *spatial)`` with ``ndim`` spatial axes."""
+    return isinstance(v, Tensor) and v.dim() == ndim + 2
 
 
-def _broadcasts_spatially(v: Any) -> bool:
-    """A clean value that is the same at every spatial location (scalar, per-channel)."""
+def _broadcasts_spatially(v: Any, ndim: int) -> bool:
+    """A clean value that is the same at every spatial location (scalar, per-channel).
+
+    Broadcasting aligns trailing axes, so the value's last ``ndim`` axes (as
+    many as it has) must all be 1.
+    """
     if not isinstance(v, Tensor) or v.dim() == 0:
         return True
-    if v.dim() == 1:
-        return v.shape[-1] == 1
-    return v.shape[-1] == 1 and v.shape[-2] == 1
-
-
-def _same_box(a: Box, b: Box) -> bool:
-    return a.h == b.h and a.w == b.w and torch.equal(a.y, b.y) and torch.equal(a.x, b.x)
+    return all(n == 1 for n in v.shape[-ndim:])
 
 
 def _target_name(n: fx.Node) -> str:
@@ -121,21 +122,27 @@ def _target_name(n: fx.Node) -> str:
     return getattr(t, "__name__", str(t)) if n.op == "call_function" else str(t)
 
 
-def _inv_divisor(local: LocalOp, in_hw: tuple[int, int]) -> Any:
+def _inv_divisor(local: LocalOp, in_size: tuple[int, ...]) -> Any:
     """Reciprocal avg-pool divisor per output element, as the full op sees it.
 
     ``count_include_pad=False`` and ``ceil_mode`` windows that hang past the
     border divide by fewer elements; a window of the incremental graph is
-    pooled with divisor 1 and scaled by this map.
+    pooled with divisor 1 and scaled by this map (``(1, 1, *out)``).
     """
     if local.divisor_override:
         return 1.0 / local.divisor_override
-    ones = torch.ones(1, 1, *in_hw, dtype=torch.float64)
-    kw = dict(kernel_size=local.kernel, stride=local.stride, padding=local.full_pad,
-              ceil_mode=local.ceil_mode, count_include_pad=local.count_include_pad)
-    avg = torch.nn.functional.avg_pool2d(ones, **kw)
-    total = torch.nn.functional.avg_pool2d(ones, **kw, divisor_override=1)
+    # avg_pool1d has no divisor_override: a 1-D map is a 2-D map one row high.
+    lift = 1 if local.ndim == 1 else 0
+    pool = F.avg_pool3d if local.ndim == 3 else F.avg_pool2d
+    ones = torch.ones(1, 1, *(1,) * lift, *in_size, dtype=torch.float64)
+    kw = dict(kernel_size=(1,) * lift + local.kernel, stride=(1,) * lift + local.stride,
+              padding=(0,) * lift + local.full_pad, ceil_mode=local.ceil_mode,
+              count_include_pad=local.count_include_pad)
+    avg = pool(ones, **kw)
+    total = pool(ones, **kw, divisor_override=1)
     inv = avg / total
+    if lift:
+        inv = inv.squeeze(2)
     if torch.all(inv == inv.flatten()[0]):
         return float(inv.flatten()[0])
     return inv.float()
@@ -146,26 +153,28 @@ class PatchProp(fx.Interpreter):
 
     Args:
         gm: a traced model (see :func:`krypton_fx.tracing.trace`).
-        patch_hw: occlusion patch ``(h, w)``.
-        starts_y: int64 ``(P,)`` patch top row per occlusion position.
-        starts_x: int64 ``(P,)`` patch left column per occlusion position.
+        patch: occlusion patch size, one int per spatial axis (1, 2 or 3).
+        starts: one int64 ``(P,)`` tensor per spatial axis: the patch's start
+            at every occlusion position (:func:`krypton_fx.geometry.occlusion_grid`).
         tau: projective-field threshold (eqs. 39-45); 1.0 is exact.
 
     Example:
         >>> import torchvision, krypton_fx
         >>> gm = krypton_fx.tracing.trace(torchvision.models.resnet18())
         >>> ys, xs, _ = krypton_fx.geometry.occlusion_grid((64, 64), (16, 16), (16, 16))
-        >>> _ = PatchProp(gm, (16, 16), ys, xs).run(torch.zeros(1, 3, 64, 64))
+        >>> _ = PatchProp(gm, (16, 16), (ys, xs)).run(torch.zeros(1, 3, 64, 64))
         >>> gm.graph.find_nodes(op="call_module", target="conv1")[0].meta["krypton_patch"].box
         Box(11x11 of 32x32)
     """
 
-    def __init__(self, gm: fx.GraphModule, patch_hw: tuple[int, int], starts_y: Tensor,
-                 starts_x: Tensor, tau: float = 1.0):
+    def __init__(self, gm: fx.GraphModule, patch: tuple[int, ...], starts: tuple[Tensor, ...],
+                 tau: float = 1.0):
         super().__init__(gm)
-        self.patch_hw = patch_hw
-        self.starts_y = starts_y
-        self.starts_x = starts_x
+        if len(patch) != len(starts):
+            raise ValueError(f"patch {tuple(patch)} and starts give different numbers of axes")
+        self.patch = tuple(patch)
+        self.starts = tuple(starts)
+        self.ndim = len(self.patch)
         self.tau = tau
         self.modules = dict(gm.named_modules())
         self.infos: dict[fx.Node, PatchInfo] = {}
@@ -207,8 +216,9 @@ class PatchProp(fx.Interpreter):
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         if rule.kind is Kind.LOCAL:
             local = rule.extract(module, args, kwargs)
-            if local is not None and deps == [n.args[0]] and _is_tensor4d(result):
-                return self._local(n, local, result, module, args)
+            if local is not None and local.ndim == self.ndim and deps == [n.args[0]] \
+                    and _is_map(result, self.ndim):
+                return self._local(n, local, result)
             return self._dense(n, Kind.GLOBAL, deps, f"{_target_name(n)}: unsupported configuration", result)
         if rule.kind is Kind.POINT and (rule.check is None or rule.check(module, args, kwargs)):
             return self._pointwise(n, deps, result)
@@ -219,12 +229,12 @@ class PatchProp(fx.Interpreter):
             raise ValueError(f"model takes more than one input ({n.name}); krypton_fx explains "
                              "single-image models. Hint: wrap the model so that it takes one image tensor.")
         self._seen_source = True
-        if not _is_tensor4d(result):
-            raise ValueError("the model input must be an image batch (N, C, H, W)")
+        if not _is_map(result, self.ndim):
+            raise ValueError(f"the model input must be a batch (N, C, ...) with {self.ndim} spatial axes, "
+                             f"got {tuple(getattr(result, 'shape', ()))}")
         # Even a patch as large as the image stays "patched" here: its
         # consumers then project it (the occluded image itself) like any other.
-        box = Box(self.starts_y, self.starts_x, self.patch_hw[0], self.patch_hw[1],
-                  result.shape[-2], result.shape[-1])
+        box = Box(self.starts, self.patch, tuple(result.shape[2:]))
         return PatchInfo(Kind.SOURCE, PATCHED, box)
 
     def _dense(self, n: fx.Node, kind: Kind, deps: list[fx.Node], reason: str, result: Any) -> PatchInfo:
@@ -233,8 +243,8 @@ class PatchProp(fx.Interpreter):
         for m in deps:
             box = self.infos[m].box
             if self.infos[m].state is PATCHED:
-                zeros = torch.zeros_like(box.y)
-                reads.append(Read(m, Box(zeros, zeros, box.H, box.W, box.H, box.W)))
+                zeros = tuple(torch.zeros_like(s) for s in box.starts)
+                reads.append(Read(m, Box(zeros, box.full, box.full)))
         if reads and not reason:
             reason = f"global op {_target_name(n)}"
         macs = self._conv_macs(n, result)
@@ -243,9 +253,9 @@ class PatchProp(fx.Interpreter):
 
     def _conv_macs(self, n: fx.Node, out: Any) -> int:
         """Multiply-adds of one full inference of a conv node (eq. 16), else 0."""
-        if n.op == "call_module" and type(self.modules[n.target]) is torch.nn.Conv2d:
+        if n.op == "call_module" and type(self.modules[n.target]) in _CONV_MODULES:
             weight = self.modules[n.target].weight
-        elif n.op == "call_function" and n.target in (torch.nn.functional.conv2d, torch.conv2d):
+        elif n.op == "call_function" and n.target in _CONV_FUNCTIONS:
             weight = self.fetch_args_kwargs_from_env(n)[0][1]
         else:
             return 0
@@ -253,40 +263,41 @@ class PatchProp(fx.Interpreter):
             return 0
         return int(weight[0].numel()) * int(out[0].numel())
 
-    def _local(self, n: fx.Node, local: LocalOp, result: Tensor, module, args) -> PatchInfo:
+    def _local(self, n: fx.Node, local: LocalOp, result: Tensor) -> PatchInfo:
         src = n.args[0]
         in_box = self.infos[src].box
-        (kh, kw), (sh, sw), (ph, pw) = local.effective_kernel, local.stride, local.pad
-        out_h, out_w = result.shape[-2:]
-        spec_y = AxisSpec(kh, sh, ph, in_box.H, out_h)
-        spec_x = AxisSpec(kw, sw, pw, in_box.W, out_w)
-        oy, oh = geo.local_box(in_box.y, in_box.h, spec_y, self.tau)
-        ox, ow = geo.local_box(in_box.x, in_box.w, spec_x, self.tau)
-        out_box = Box(oy, ox, oh, ow, out_h, out_w)
-        inv_div = _inv_divisor(local, (in_box.H, in_box.W)) if local.op == "avg" else None
+        out_full = tuple(result.shape[2:])
+        # Padding only shifts the box: tau (a cap on the projective field's growth) does not apply.
+        tau = 1.0 if local.op == "pad" else self.tau
+        specs = [AxisSpec(k, s, p, i, o) for k, s, p, i, o in
+                 zip(local.effective_kernel, local.stride, local.pad, in_box.full, out_full)]
+        boxes = [geo.local_box(start, size, spec, tau) for start, size, spec in
+                 zip(in_box.starts, in_box.sizes, specs)]
+        out_box = Box(tuple(b[0] for b in boxes), tuple(b[1] for b in boxes), out_full)
+        inv_div = _inv_divisor(local, in_box.full) if local.op == "avg" else None
         if out_box.is_full:
             return self._dense(n, Kind.LOCAL, [src], f"{_target_name(n)}: patch covers the whole map", result)
-        ry, rh = geo.read_window(oy, oh, spec_y)
-        rx, rw = geo.read_window(ox, ow, spec_x)
-        read = Read(src, Box(ry, rx, rh, rw, in_box.H, in_box.W), local.fill)
+        windows = [geo.read_window(start, size, spec) for (start, size), spec in zip(boxes, specs)]
+        read = Read(src, Box(tuple(w[0] for w in windows), tuple(w[1] for w in windows), in_box.full),
+                    local.fill)
         macs_full = self._conv_macs(n, result)
-        macs_inc = macs_full * oh * ow // (out_h * out_w) if local.op == "conv" else 0
+        macs_inc = macs_full * math.prod(out_box.sizes) // math.prod(out_full) if local.op == "conv" else 0
         return PatchInfo(Kind.LOCAL, PATCHED, out_box, (read,), local, macs_full, macs_inc,
                          inv_divisor=inv_div)
 
     def _pointwise(self, n: fx.Node, deps: list[fx.Node], result: Any) -> PatchInfo:
         """Point ops keep the box; with several feature maps they merge (eqs. 35-38)."""
-        if not _is_tensor4d(result):
+        if not _is_map(result, self.ndim):
             return self._dense(n, Kind.GLOBAL, deps, f"{_target_name(n)}: output is not a feature map", result)
-        hw = tuple(result.shape[-2:])
+        full = tuple(result.shape[2:])
         spatial_clean = []
         for m in n.all_input_nodes:
             info = self.infos[m]
             if info.state is PATCHED:
-                if (info.box.H, info.box.W) != hw:
+                if info.box.full != full:
                     return self._dense(n, Kind.GLOBAL, deps, f"{_target_name(n)}: changes the map size", result)
-            elif not _broadcasts_spatially(self.env[m]):
-                if _is_tensor4d(self.env[m]) and tuple(self.env[m].shape[-2:]) == hw:
+            elif not _broadcasts_spatially(self.env[m], self.ndim):
+                if _is_map(self.env[m], self.ndim) and tuple(self.env[m].shape[2:]) == full:
                     spatial_clean.append(m)
                 else:
                     return self._dense(n, Kind.GLOBAL, deps, f"{_target_name(n)}: unsupported broadcast", result)
@@ -296,26 +307,29 @@ class PatchProp(fx.Interpreter):
         # Approximate mode: the union is no larger than its largest input box,
         # so the tau cap also holds across merges (smaller tau never costs more).
         approx = self.tau < 1.0
-        uy, uh = geo.union_box([b.y for b in boxes], [b.h for b in boxes], hw[0],
-                               cap=max(b.h for b in boxes) if approx else None)
-        ux, uw = geo.union_box([b.x for b in boxes], [b.w for b in boxes], hw[1],
-                               cap=max(b.w for b in boxes) if approx else None)
-        union = Box(uy, ux, uh, uw, *hw)
+        axes = [geo.union_box([b.starts[a] for b in boxes], [b.sizes[a] for b in boxes], full[a],
+                              cap=max(b.sizes[a] for b in boxes) if approx else None)
+                for a in range(self.ndim)]
+        union = Box(tuple(a[0] for a in axes), tuple(a[1] for a in axes), full)
         if union.is_full:
             return self._dense(n, Kind.MERGE, deps, f"{_target_name(n)}: union covers the whole map", result)
         reads = tuple(Read(m, union) for m in list(deps) + spatial_clean
-                      if self.infos[m].state is not PATCHED or not _same_box(self.infos[m].box, union))
+                      if self.infos[m].state is not PATCHED or not self.infos[m].box.same_as(union))
         return PatchInfo(Kind.MERGE, PATCHED, union, reads)
 
 
-def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, ...], starts_y: Tensor,
-             starts_x: Tensor, tau: float = 1.0, what: str = "the model") -> PatchProp:
+_CONV_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+
+
+def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, ...], starts: tuple[Tensor, ...],
+             tau: float = 1.0, what: str = "the model") -> PatchProp:
     """Run :class:`PatchProp` on ``gm`` with ``example``; a model that cannot run on it is a ValueError.
 
     Shared by :func:`krypton_fx.compile` and :func:`krypton_fx.theoretical_speedup`
     so that both fail the same way.
     """
-    prop = PatchProp(gm, patch, starts_y, starts_x, tau=tau)
+    prop = PatchProp(gm, patch, starts, tau=tau)
     with torch.no_grad():
         try:
             out = prop.run(example)

@@ -21,6 +21,7 @@ no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from typing import Any, Optional
 
@@ -35,26 +36,31 @@ from .patch_prop import DENSE, META_KEY, PATCHED, PatchInfo, Read
 __all__ = ["StoredSpec", "IncrementalProgram", "rewrite", "build_capture_module"]
 
 
+def channels_last(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of maps with ``ndim`` spatial axes (contiguous for one)."""
+    return {2: torch.channels_last, 3: torch.channels_last_3d}.get(ndim, torch.contiguous_format)
+
+
 @dataclasses.dataclass(frozen=True)
 class StoredSpec:
     """One stored activation the incremental graph reads.
 
     Attributes:
         node: name of the node in the traced graph whose value is stored.
-        pad: ``(top, bottom, left, right)`` padding so every read window fits.
+        pad: ``(before, after)`` padding per spatial axis so every read window fits.
         fill: padding value (0 for conv and avg-pool, -inf for max-pool).
     """
 
     node: str
-    pad: tuple[int, int, int, int]
+    pad: tuple[tuple[int, int], ...]
     fill: float
 
     def prepare(self, value: Tensor) -> Tensor:
         """Pad a captured activation and lay it out channels-last for gathers."""
-        top, bottom, left, right = self.pad
-        if any(self.pad):
-            value = F.pad(value, (left, right, top, bottom), value=self.fill)
-        return value.contiguous(memory_format=torch.channels_last)
+        if any(a or b for a, b in self.pad):
+            flat = [v for before_after in reversed(self.pad) for v in before_after]  # F.pad: last axis first
+            value = F.pad(value, flat, value=self.fill)
+        return value.contiguous(memory_format=channels_last(len(self.pad)))
 
 
 @dataclasses.dataclass
@@ -101,13 +107,33 @@ def build_capture_module(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.GraphMo
 
 
 @fx.wrap
-def color_patch(color: Tensor, positions: Tensor, patch_hw: tuple[int, int]) -> Tensor:
-    """The occlusion patch itself, ``(B, C, h, w)``, for point ops on the image."""
+def color_patch(color: Tensor, positions: Tensor, patch: tuple[int, ...]) -> Tensor:
+    """The occlusion patch itself, ``(B, C, *patch)``, for point ops on the image."""
     c = color.shape[0]
-    return color.view(1, c, 1, 1).expand(positions.shape[0], c, *patch_hw)
+    return color.view(1, c, *(1,) * len(patch)).expand(positions.shape[0], c, *patch)
 
 
 _VIEW_TO_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
+_CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+@fx.wrap
+def sum_pool(window: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+    """Sum over each pooling window (no padding): an average pool with divisor 1.
+
+    ``avg_pool1d`` has no ``divisor_override``: one spatial axis is pooled as a
+    map one row high.
+    """
+    if len(kernel) == 1:
+        return F.avg_pool2d(window.unsqueeze(2), (1, *kernel), (1, *stride), 0, False, True, 1).squeeze(2)
+    pool = F.avg_pool3d if len(kernel) == 3 else F.avg_pool2d
+    return pool(window, kernel, stride, 0, False, True, 1)
+
+
+
 
 
 def _reads_own_box(read: Read) -> bool:
@@ -115,14 +141,14 @@ def _reads_own_box(read: Read) -> bool:
     info: PatchInfo = read.node.meta[META_KEY]
     if info.state is not PATCHED or info.kind is Kind.SOURCE:
         return False
-    w, box = read.window, info.box
-    return (w.h, w.w) == (box.h, box.w) and torch.equal(w.y, box.y) and torch.equal(w.x, box.x)
+    return read.window.same_as(info.box)
 
 
-def _pad_for(read: Read) -> tuple[int, int, int, int]:
+def _pad_for(read: Read) -> tuple[tuple[int, int], ...]:
+    """``(before, after)`` per axis so that every position's window lies inside the padded map."""
     w = read.window
-    return (max(0, -int(w.y.min())), max(0, int(w.y.max()) + w.h - w.H),
-            max(0, -int(w.x.min())), max(0, int(w.x.max()) + w.w - w.W))
+    return tuple((max(0, -int(s.min())), max(0, int(s.max()) + n - f))
+                 for s, n, f in zip(w.starts, w.sizes, w.full))
 
 
 class _Emitter:
@@ -148,18 +174,18 @@ class _Emitter:
 
     def plan_stored(self) -> None:
         """One stored input per (node, fill), padded for the widest read of it."""
-        pads: dict[tuple[fx.Node, float], list[int]] = {}
+        pads: dict[tuple[fx.Node, float], tuple[tuple[int, int], ...]] = {}
         for n in self.gm.graph.nodes:
             for read in n.meta[META_KEY].reads:
                 if _reads_own_box(read):
                     continue
                 key = (read.node, float(read.fill))
                 pad = _pad_for(read)
-                old = pads.setdefault(key, [0, 0, 0, 0])
-                pads[key] = [max(a, b) for a, b in zip(old, pad)]
+                old = pads.setdefault(key, pad)
+                pads[key] = tuple((max(a, c), max(b, d)) for (a, b), (c, d) in zip(old, pad))
         for key, pad in pads.items():
             self._stored_index[key] = len(self.stored)
-            self.stored.append(StoredSpec(key[0].name, tuple(pad), key[1]))
+            self.stored.append(StoredSpec(key[0].name, pad, key[1]))
             self.stored_nodes.append(key[0])
         self.positions = self.graph.placeholder("positions")
         self._stored_ph = [self.graph.placeholder(f"stored_{i}_{s.node}") for i, s in enumerate(self.stored)]
@@ -181,12 +207,12 @@ class _Emitter:
         if _reads_own_box(read):
             return self.env[read.node]
         w = read.window
-        key = (read.node, float(read.fill), w.h, w.w)
-        for y, x, node in self._reads.setdefault(key, []):
-            if torch.equal(y, w.y) and torch.equal(x, w.x):
+        key = (read.node, float(read.fill), w.sizes)
+        for window, node in self._reads.setdefault(key, []):
+            if window.same_as(w):
                 return node
         node = self._emit_read(read)
-        self._reads[key].append((w.y, w.x, node))
+        self._reads[key].append((w, node))
         return node
 
     def _emit_read(self, read: Read) -> fx.Node:
@@ -194,26 +220,26 @@ class _Emitter:
         index = self._stored_index[key]
         spec = self.stored[index]
         stored = self._stored_ph[index]
-        top, _, left, _ = spec.pad
         w = read.window
         info: PatchInfo = read.node.meta[META_KEY]
         patched = info.state is PATCHED
         if patched:
-            off_y, off_x = info.box.y - w.y, info.box.x - w.x
+            offsets = [b - s for b, s in zip(info.box.starts, w.starts)]
         else:
-            off_y = off_x = torch.zeros_like(w.y)
-        window = (w.h, w.w)
+            offsets = [torch.zeros_like(s) for s in w.starts]
+        # Window starts in the padded stored map, then the patch's offset inside the window.
+        starts = [s + before for s, (before, _) in zip(w.starts, spec.pad)]
+        window = w.sizes
         if read.node is self.source:
-            table = self._table(torch.stack([w.y + top, w.x + left, off_y, off_x], 1))
+            table = self._table(torch.stack(starts + offsets, 1))
             color = self.graph.get_attr("krypton_tables.color")
             return self.graph.call_function(
-                occlude_window, (stored, color, table, window, (info.box.h, info.box.w)),
-                {"backend": self.backend})
-        if patched and read.is_projection and not any(spec.pad):
-            starts = self._table(torch.stack([off_y, off_x], 1))
-            return self.graph.call_function(project_to_full, (stored, self.env[read.node], starts),
+                occlude_window, (stored, color, table, window, info.box.sizes), {"backend": self.backend})
+        if patched and read.is_projection and not any(a or b for a, b in spec.pad):
+            table = self._table(torch.stack(offsets, 1))
+            return self.graph.call_function(project_to_full, (stored, self.env[read.node], table),
                                             {"backend": self.backend})
-        table = self._table(torch.stack([w.y + top, w.x + left, off_y, off_x], 1))
+        table = self._table(torch.stack(starts + offsets, 1))
         patch = self.env[read.node] if patched else None
         return self.graph.call_function(gather_window, (stored, patch, table, window),
                                         {"backend": self.backend})
@@ -226,8 +252,7 @@ class _Emitter:
             self.source = n
             if info.state is PATCHED:
                 color = self.graph.get_attr("krypton_tables.color")
-                self.env[n] = self.graph.call_function(
-                    color_patch, (color, self.positions, (info.box.h, info.box.w)))
+                self.env[n] = self.graph.call_function(color_patch, (color, self.positions, info.box.sizes))
             return
         mapped = {r.node: self.read(r) for r in info.reads}
         lookup = lambda m: mapped[m] if m in mapped else self.env[m]  # noqa: E731
@@ -238,12 +263,12 @@ class _Emitter:
             self.env[n] = self._windowed_local(n, info, mapped[n.args[0]])
             return
         mod = self.gm.get_submodule(n.target) if n.op == "call_module" else None
-        if info.state is DENSE and type(mod) is nn.Conv2d and mod.padding_mode == "zeros":
+        if info.state is DENSE and type(mod) in _CONV and mod.padding_mode == "zeros":
             # Batched conv, but on the channels-last weight copy (see _conv_params).
             weight, bias = self._conv_params(n)
             args = fx.map_arg(n.args, lookup)
             self.env[n] = self.graph.call_function(
-                F.conv2d, (args[0], weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups))
+                _CONV[type(mod)], (args[0], weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups))
             return
         # clean, point, merge and dense nodes run as written, on their new inputs.
         self.env[n] = new = self.graph.node_copy(n, lookup)
@@ -264,7 +289,7 @@ class _Emitter:
         name = "weight_" + n.target.replace(".", "_")
         if not hasattr(self.tables, name):
             self.tables.register_buffer(
-                name, mod.weight.detach().clone(memory_format=torch.channels_last))
+                name, mod.weight.detach().clone(memory_format=channels_last(mod.weight.dim() - 2)))
             self.weights.append((name, mod.weight))
         weight = self.graph.get_attr(f"krypton_tables.{name}")
         bias = self.graph.get_attr(f"{n.target}.bias") if mod.bias is not None else None
@@ -273,7 +298,11 @@ class _Emitter:
     def _windowed_local(self, n: fx.Node, info: PatchInfo, window: fx.Node) -> fx.Node:
         """The local op on a gathered window: padding 0, the window supplies borders."""
         local = info.local
+        nd = local.ndim
         g = self.graph
+        zeros = (0,) * nd
+        if local.op == "pad":
+            return window  # the identity on the patch: the padded border never changes
         if local.op == "conv":
             if n.op == "call_module":
                 weight, bias = self._conv_params(n)
@@ -282,27 +311,25 @@ class _Emitter:
                 kwargs = fx.map_arg(n.kwargs, lambda m: self.env[m])
                 weight = args[1] if len(args) > 1 else kwargs["weight"]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return g.call_function(F.conv2d, (window, weight, bias, local.stride, 0, local.dilation,
-                                              local.groups))
+            return g.call_function(_CONV_FN[nd], (window, weight, bias, local.stride, zeros, local.dilation,
+                                                  local.groups))
         if local.op == "max":
-            return g.call_function(F.max_pool2d, (window, local.kernel, local.stride, 0,
-                                                  local.dilation, False))
+            return g.call_function(_MAX_POOL[nd], (window, local.kernel, local.stride, zeros,
+                                                   local.dilation, False))
         inv = info.inv_divisor
-        kernel_area = local.kernel[0] * local.kernel[1]
-        if isinstance(inv, float) and inv == 1.0 / kernel_area:
-            return g.call_function(F.avg_pool2d, (window, local.kernel, local.stride, 0))
-        total = g.call_function(F.avg_pool2d, (window, local.kernel, local.stride, 0, False, True, 1))
+        if isinstance(inv, float) and inv == 1.0 / math.prod(local.kernel):
+            return g.call_function(_AVG_POOL[nd], (window, local.kernel, local.stride, zeros))
+        total = g.call_function(sum_pool, (window, local.kernel, local.stride))
         if isinstance(inv, float):
             return g.call_function(operator.mul, (total, inv))
         # Border-dependent divisor: gather this position's window of the map.
         name = f"inv_divisor_{self._n_tables}"
         inv = inv.to(self.tables.color.dtype)
-        self.tables.register_buffer(name, inv.contiguous(memory_format=torch.channels_last))
+        self.tables.register_buffer(name, inv.contiguous(memory_format=channels_last(nd)))
         box = info.box
-        table = self._table(torch.stack([box.y, box.x, torch.zeros_like(box.y),
-                                         torch.zeros_like(box.y)], 1))
+        table = self._table(torch.stack(list(box.starts) + [torch.zeros_like(s) for s in box.starts], 1))
         scale = g.call_function(gather_window, (g.get_attr(f"krypton_tables.{name}"), None, table,
-                                                (box.h, box.w)), {"backend": self.backend})
+                                                box.sizes), {"backend": self.backend})
         return g.call_function(operator.mul, (total, scale))
 
 
