@@ -22,6 +22,7 @@ from . import geometry as geo
 from .explainer import Explainer
 from .explainer import compile as compile_explainer
 from .ops import occlude_window
+from .passes.rewrite import channels_last
 from .report import conv_macs, theoretical_speedup
 from .tracing import eval_mode
 
@@ -107,16 +108,17 @@ def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_siz
     device = torch.device(device)
     model = model.to(device).eval()
     image = image.to(device)
-    h, w = image.shape[-2:]
-    ex = explainer or compile_explainer(model, patch=patch, stride=stride, image_size=(h, w),
-                                        batch_size=batch_size, device=device, backend=backend, tau=tau)
+    size = tuple(image.shape[1:])  # (C, *spatial) -> the spatial size
+    ex = explainer or compile_explainer(model, patch=patch, stride=stride, image_size=size,
+                                        batch_size=batch_size, device=device, backend=backend, tau=tau,
+                                        channels=image.shape[0])
     total = ex.positions
     count = total if positions is None else min(positions, total)
     start = max(0, total // 2 - count // 2)
     pos = torch.arange(start, start + count)
-    ys, xs, _ = geo.occlusion_grid((h, w), ex.patch, ex.stride)
-    table = torch.stack([torch.zeros_like(ys), torch.zeros_like(xs), ys, xs], 1)[pos].to(device)
-    fmt = torch.channels_last if channels_last_naive else torch.contiguous_format
+    *starts, _ = geo.occlusion_grid(size, ex.patch, ex.stride)
+    table = torch.stack([torch.zeros_like(s) for s in starts] + starts, 1)[pos].to(device)
+    fmt = channels_last(len(size)) if channels_last_naive else torch.contiguous_format
     # A converted copy: converting in place would swap the parameters under
     # the explainer (and any CUDA graph it captured).
     naive_model = copy.deepcopy(model).to(memory_format=fmt) if channels_last_naive else model
@@ -126,7 +128,7 @@ def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_siz
         label = int(logits.argmax(1))
 
         def run_naive(idx: slice) -> torch.Tensor:
-            x = occlude_window(image[None], ex.color, table[idx], (h, w), ex.patch, backend=backend)
+            x = occlude_window(image[None], ex.color, table[idx], size, ex.patch, backend=backend)
             return common.scores(naive_model(x.contiguous(memory_format=fmt)), label, ex.output)
 
         if warmup:
@@ -148,5 +150,5 @@ def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_siz
         inc_peak = peak_memory(device)
     full, executed = conv_macs(ex.graph_module)
     return Measurement(count, batch_size, naive_s, inc_s, naive_s / inc_s,
-                       theoretical_speedup(model, (h, w), ex.patch, tau=ex.tau, channels=image.shape[0]),
+                       theoretical_speedup(model, size, ex.patch, tau=ex.tau, channels=image.shape[0]),
                        full / max(executed, 1), naive_peak, inc_peak, _max_abs_diff(naive, inc))

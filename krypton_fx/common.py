@@ -14,7 +14,7 @@ from typing import Optional, TypeVar, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["IntOrTuple", "int_tuple", "pair", "color_values", "output_kind", "batch_size",
+__all__ = ["IntOrTuple", "int_tuple", "spatial_size", "pair", "color_values", "output_kind", "batch_size",
            "image_batch", "scores", "label_index", "default_batch_size", "resolve_device",
            "model_dtype", "progress"]
 
@@ -41,6 +41,22 @@ def int_tuple(value: IntOrTuple, n: int, name: str, minimum: int = 1) -> tuple[i
     if min(values) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return tuple(int(v) for v in values)
+
+
+def spatial_size(image_size: IntOrTuple) -> tuple[int, ...]:
+    """An image size as a tuple: ``(H, W)`` (an int means a square), ``(D, H, W)`` or ``(L,)``.
+
+    The number of entries is the number of spatial axes of the model's inputs.
+
+    Example:
+        >>> spatial_size(64), spatial_size((32, 48, 40)), spatial_size((5000,))
+        ((64, 64), (32, 48, 40), (5000,))
+    """
+    nd = len(image_size) if isinstance(image_size, Sequence) and not isinstance(image_size, str) else 2
+    if nd not in (1, 2, 3):
+        raise ValueError(f"image_size {image_size!r} has {nd} axes; give 1 (signals), 2 (images) or 3 "
+                         "(volumes)")
+    return int_tuple(image_size, nd, "image_size")
 
 
 def pair(value: IntOrTuple, name: str) -> tuple[int, int]:

@@ -468,11 +468,8 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    nd = len(image_size) if isinstance(image_size, Sequence) and not isinstance(image_size, str) else 2
-    if nd not in (1, 2, 3):
-        raise ValueError(f"image_size {image_size!r} has {nd} axes; give 1 (signals), 2 (images) or 3 "
-                         "(volumes)")
-    size = common.int_tuple(image_size, nd, "image_size")
+    size = common.spatial_size(image_size)
+    nd = len(size)
     patch_t, stride_t = common.int_tuple(patch, nd, "patch"), common.int_tuple(stride, nd, "stride")
     if any(p > n for p, n in zip(patch_t, size)):
         raise ValueError(f"patch {patch_t} is larger than the image {size}; use a smaller patch "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .common import pair
+from .common import int_tuple, spatial_size
 from .passes.functionalize import functionalize
 from .passes.patch_prop import CLEAN, META_KEY, PATCHED, PatchInfo, annotate
 from .tracing import eval_mode, trace
@@ -13,17 +13,16 @@ from .tracing import eval_mode, trace
 __all__ = ["theoretical_speedup", "conv_macs", "format_report"]
 
 
-def _annotate_centre(model: nn.Module, image_size: tuple[int, int], patch: tuple[int, int],
+def _annotate_centre(model: nn.Module, image_size: tuple[int, ...], patch: tuple[int, ...],
                      tau: float, channels: int) -> fx.GraphModule:
     gm = trace(model)
-    ys = torch.tensor([(image_size[0] - patch[0]) // 2])
-    xs = torch.tensor([(image_size[1] - patch[1]) // 2])
+    starts = tuple(torch.tensor([(n - p) // 2]) for n, p in zip(image_size, patch))
     p = next(model.parameters(), None)
     example = torch.zeros(1, channels, *image_size, dtype=p.dtype if p is not None else torch.float32,
                           device=p.device if p is not None else "cpu")
     with eval_mode(model):
         gm = functionalize(gm, example)
-        annotate(gm, example, patch, ys, xs, tau=tau, what=type(model).__name__)
+        annotate(gm, example, patch, starts, tau=tau, what=type(model).__name__)
     return gm
 
 
@@ -42,20 +41,25 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
     """Theoretical speedup ``R = Q / Q_inc`` of incremental inference (eqs. 16-20).
 
     Counts convolution multiply-adds only, with the patch at the image centre.
+    ``image_size`` gives the spatial axes: ``(H, W)`` (an int: a square),
+    ``(D, H, W)`` for volumes, ``(L,)`` for signals; ``patch`` an int or one
+    per axis.
 
     Example:
         >>> import torchvision
         >>> round(theoretical_speedup(torchvision.models.vgg16(), (224, 224), 16), 1)
         6.8
     """
-    size, patch_hw = pair(image_size, "image_size"), pair(patch, "patch")
+    size = spatial_size(image_size)
+    patch_t = int_tuple(patch, len(size), "patch")
     if not (0.0 < tau <= 1.0):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    if patch_hw[0] > size[0] or patch_hw[1] > size[1]:
-        raise ValueError(f"patch {patch_hw} is larger than the image {size}")
-    full, inc = conv_macs(_annotate_centre(model, size, patch_hw, float(tau), channels))
+    if any(p > n for p, n in zip(patch_t, size)):
+        raise ValueError(f"patch {patch_t} is larger than the image {size}")
+    full, inc = conv_macs(_annotate_centre(model, size, patch_t, float(tau), channels))
     if full == 0:
-        raise ValueError(f"{type(model).__name__} has no Conv2d layers: the theoretical speedup is undefined")
+        raise ValueError(f"{type(model).__name__} has no convolution layers: the theoretical speedup is "
+                         "undefined")
     return full / inc
 
 
@@ -79,7 +83,8 @@ def format_report(gm: fx.GraphModule) -> str:
             continue
         if info.state is PATCHED:
             b = info.box
-            box, area = f"{b.h}x{b.w} / {b.H}x{b.W}", f"{b.area_fraction:6.1%}"
+            box = f"{'x'.join(map(str, b.sizes))} / {'x'.join(map(str, b.full))}"
+            area = f"{b.area_fraction:6.1%}"
         else:
             box, area = "full", "100.0%"
         note = info.reason
