@@ -196,16 +196,16 @@ def projection_cases(draw, max_batch: int = 4, max_size: int = 13,
 
 
 @st.composite
-def conv_spec(draw, channels: int):
+def conv_spec(draw, channels: int, dims: int = 2):
     k = draw(st.integers(1, 5))
-    kh, kw = (k, k) if draw(st.booleans()) else (k, draw(st.integers(1, 5)))
+    kernel = (k,) * dims if draw(st.booleans()) else (k, *(draw(st.integers(1, 5)) for _ in range(dims - 1)))
     d = draw(st.integers(1, 2))
     s = draw(st.integers(1, 3))
     same = s == 1 and draw(st.booleans())
-    pad = "same" if same else (draw(st.integers(0, (kh - 1) // 2 + 1)), draw(st.integers(0, (kw - 1) // 2 + 1)))
+    pad = "same" if same else tuple(draw(st.integers(0, (kk - 1) // 2 + 1)) for kk in kernel)
     groups = draw(st.sampled_from([g for g in (1, 2, 3) if channels % g == 0]))
     out = groups * draw(st.integers(1, 3))
-    return {"op": "conv", "out": out, "kernel": (kh, kw), "stride": s, "pad": pad, "dilation": d,
+    return {"op": "conv", "out": out, "kernel": kernel, "stride": s, "pad": pad, "dilation": d,
             "groups": groups, "bias": draw(st.booleans())}
 
 
@@ -238,10 +238,15 @@ def inplace_spec(draw):
 
 
 @st.composite
-def block_spec(draw, channels: int):
-    kind = draw(st.sampled_from(["conv", "conv", "pool", "point", "residual", "concat", "inplace"]))
+def block_spec(draw, channels: int, dims: int = 2):
+    kinds = ["conv", "conv", "pool", "point", "residual", "concat", "inplace"]
+    kind = draw(st.sampled_from(kinds + (["pad"] if dims != 2 else [])))
     if kind == "conv":
-        return draw(conv_spec(channels))
+        return draw(conv_spec(channels, dims))
+    if kind == "pad":  # constant padding, as a module or F.pad (MONAI's EfficientNet stem)
+        return {"op": "pad", "before": tuple(draw(st.integers(0, 2)) for _ in range(dims)),
+                "after": tuple(draw(st.integers(0, 2)) for _ in range(dims)),
+                "value": draw(st.sampled_from([0.0, 0.5])), "module": draw(st.booleans())}
     if kind == "pool":
         return draw(pool_spec())
     if kind == "point":
@@ -267,71 +272,85 @@ def _out_channels(spec, channels):
 
 
 @st.composite
-def random_cnns(draw, max_blocks: int = 5):
-    """``(spec, in_channels)``: a random small CNN DAG."""
+def random_cnns(draw, max_blocks: int = 5, dims: int = 2):
+    """``(spec, in_channels)``: a random small CNN DAG with ``dims`` spatial axes."""
     in_ch = draw(st.sampled_from([1, 3]))
     blocks, ch = [], in_ch
     for _ in range(draw(st.integers(1, max_blocks))):
-        spec = draw(block_spec(ch))
+        spec = draw(block_spec(ch, dims))
         blocks.append(spec)
         ch = _out_channels(spec, ch)
     return blocks, in_ch
 
 
+_CONV = {1: _nn.Conv1d, 2: _nn.Conv2d, 3: _nn.Conv3d}
+_MAX = {1: _nn.MaxPool1d, 2: _nn.MaxPool2d, 3: _nn.MaxPool3d}
+_AVG = {1: _nn.AvgPool1d, 2: _nn.AvgPool2d, 3: _nn.AvgPool3d}
+_BN = {1: _nn.BatchNorm1d, 2: _nn.BatchNorm2d, 3: _nn.BatchNorm3d}
+_CPAD = {1: _nn.ConstantPad1d, 2: _nn.ConstantPad2d, 3: _nn.ConstantPad3d}
+_MAX_FN = {1: _F.max_pool1d, 2: _F.max_pool2d, 3: _F.max_pool3d}
+_ADAPTIVE = {1: _F.adaptive_avg_pool1d, 2: _F.adaptive_avg_pool2d, 3: _F.adaptive_avg_pool3d}
+
+
 class RandomNet(_nn.Module):
     """Interprets a spec from :func:`random_cnns`; ends with a global head."""
 
-    def __init__(self, blocks, in_channels: int, classes: int = 5):
+    def __init__(self, blocks, in_channels: int, classes: int = 5, dims: int = 2):
         super().__init__()
         self.blocks = blocks
+        self.dims = dims
         self.layers = _nn.ModuleList()
         ch = in_channels
         for spec in blocks:
-            self.layers.append(self._build(spec, ch))
+            self.layers.append(self._build(spec, ch, dims))
             ch = _out_channels(spec, ch)
         self.head = _nn.Linear(ch, classes)
 
     @staticmethod
-    def _build(spec, ch):
+    def _build(spec, ch, dims: int = 2):
         op = spec["op"]
+        conv = _CONV[dims]
         if op == "conv":
-            return _nn.Conv2d(ch, spec["out"], spec["kernel"], spec["stride"], spec["pad"], spec["dilation"],
-                              spec["groups"], spec["bias"])
+            return conv(ch, spec["out"], spec["kernel"], spec["stride"], spec["pad"], spec["dilation"],
+                        spec["groups"], spec["bias"])
         if op == "max":
-            return _nn.MaxPool2d(spec["kernel"], spec["stride"], spec["pad"], spec["dilation"],
-                                 ceil_mode=spec["ceil"])
+            return _MAX[dims](spec["kernel"], spec["stride"], spec["pad"], spec["dilation"],
+                              ceil_mode=spec["ceil"])
         if op == "avg":
-            return _nn.AvgPool2d(spec["kernel"], spec["stride"], spec["pad"], ceil_mode=spec["ceil"],
-                                 count_include_pad=spec["count_include_pad"])
+            return _AVG[dims](spec["kernel"], spec["stride"], spec["pad"], ceil_mode=spec["ceil"],
+                              count_include_pad=spec["count_include_pad"])
+        if op == "pad":
+            pairs = [v for b, a in zip(reversed(spec["before"]), reversed(spec["after"])) for v in (b, a)]
+            return _CPAD[dims](tuple(pairs), spec["value"]) if spec["module"] else _nn.Identity()
         if op == "point":
             fn = spec["fn"]
             if fn == "bn":
-                bn = _nn.BatchNorm2d(ch)
+                bn = _BN[dims](ch)
                 bn.running_mean.uniform_(-0.5, 0.5)
                 bn.running_var.uniform_(0.5, 2.0)
                 return bn
             if fn == "channel_scale":
                 m = _nn.Module()
-                m.scale = _nn.Parameter(torch.randn(1, ch, 1, 1))
+                m.scale = _nn.Parameter(torch.randn(1, ch, *(1,) * dims))
                 return m
             return _nn.Identity()
         if op == "inplace":
             m = _nn.Module()
-            m.conv = _nn.Conv2d(ch, ch, 3, 1, 1)
-            m.after = _nn.Conv2d(ch, ch, 1)
+            m.conv = conv(ch, ch, 3, 1, 1)
+            m.after = conv(ch, ch, 1)
             m.act = _nn.ReLU(inplace=True)
             return m
         if op == "residual":
             s, out, k = spec["stride"], spec["out"], spec["kernel"]
             m = _nn.Module()
-            m.conv1 = _nn.Conv2d(ch, out, k, s, k // 2)
-            m.conv2 = _nn.Conv2d(out, out, 3, 1, 1)
-            m.down = _nn.Conv2d(ch, out, 1, s) if (s != 1 or ch != out) else _nn.Identity()
+            m.conv1 = conv(ch, out, k, s, k // 2)
+            m.conv2 = conv(out, out, 3, 1, 1)
+            m.down = conv(ch, out, 1, s) if (s != 1 or ch != out) else _nn.Identity()
             return m
         m = _nn.Module()
-        m.a = _nn.Conv2d(ch, spec["out_a"], 1)
+        m.a = conv(ch, spec["out_a"], 1)
         kb = spec["kernel_b"]
-        m.b = _nn.Conv2d(ch, spec["out_b"], kb, 1, kb // 2)
+        m.b = conv(ch, spec["out_b"], kb, 1, kb // 2)
         return m
 
     def forward(self, x):
@@ -339,6 +358,9 @@ class RandomNet(_nn.Module):
             op = spec["op"]
             if op in ("conv", "max", "avg"):
                 x = layer(x)
+            elif op == "pad":
+                pairs = [v for b, a in zip(reversed(spec["before"]), reversed(spec["after"])) for v in (b, a)]
+                x = layer(x) if spec["module"] else _F.pad(x, pairs, value=spec["value"])
             elif op == "point":
                 fn = spec["fn"]
                 if fn == "relu":
@@ -360,9 +382,9 @@ class RandomNet(_nn.Module):
             else:
                 parts = [layer.a(x), layer.b(x)]
                 if spec["pool_branch"]:
-                    parts.append(_F.max_pool2d(x, 3, 1, 1))
+                    parts.append(_MAX_FN[self.dims](x, 3, 1, 1))
                 x = torch.cat(parts, 1)
-        return self.head(torch.flatten(_F.adaptive_avg_pool2d(x, 1), 1))
+        return self.head(torch.flatten(_ADAPTIVE[self.dims](x, 1), 1))
 
     @staticmethod
     def _inplace(spec, layer, x):
@@ -415,13 +437,15 @@ def dag_model(seed: int = 0) -> RandomNet:
 
 
 @st.composite
-def occlusion_settings(draw, channels: int):
-    """Image size, patch, stride and colour for a small occlusion experiment."""
-    h, w = draw(st.integers(12, 28)), draw(st.integers(12, 28))
-    ph, pw = draw(st.integers(1, min(h, 9))), draw(st.integers(1, min(w, 9)))
-    sy, sx = draw(st.integers(2, 7)), draw(st.integers(2, 7))
+def occlusion_settings(draw, channels: int, dims: int = 2):
+    """Image size, patch, stride and colour for a small occlusion experiment (``dims`` spatial
+    axes: volumes are kept small, signals long)."""
+    low, high = {1: (16, 60), 2: (12, 28), 3: (8, 14)}[dims]
+    size = tuple(draw(st.integers(low, high)) for _ in range(dims))
+    patch = tuple(draw(st.integers(1, min(n, 9 if dims < 3 else 5))) for n in size)
+    stride = tuple(draw(st.integers(2, 7 if dims < 3 else 4)) for _ in range(dims))
     if draw(st.booleans()):
         color = draw(st.floats(-2, 2, allow_nan=False))
     else:
         color = [draw(st.floats(-2, 2, allow_nan=False)) for _ in range(channels)]
-    return (h, w), (ph, pw), (sy, sx), color
+    return size, patch, stride, color
