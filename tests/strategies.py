@@ -10,10 +10,10 @@ from __future__ import annotations
 # Kernel cases: gather / projection / occlusion (tests/test_kernels.py)
 # ---------------------------------------------------------------------------
 # Small, odd, non-power-of-two shapes: the kernels run under TRITON_INTERPRET=1
-# on the CPU, where every program costs milliseconds. Windows are drawn so that
-# they touch every border of the stored map; patch offsets so that patches lie
-# fully inside, partly outside (clipped) or fully outside the window.
-
+# on the CPU, where every program costs milliseconds. Maps have ``axes`` spatial
+# axes (1, 2 or 3; 2 unless asked). Windows are drawn so that they touch every
+# border of the stored map; patch offsets so that patches lie fully inside,
+# partly outside (clipped) or fully outside the window.
 from dataclasses import dataclass
 from typing import Optional
 
@@ -24,6 +24,9 @@ from torch import Tensor
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # How a test tensor is laid out in memory; the kernels must read them all.
 KERNEL_LAYOUTS = ("contiguous", "channels_last", "transposed", "strided")
+# How an occlusion patch is weighted: plain colour, a profile per channel, one
+# profile for all channels, a factor per position, or a profile and a factor.
+OCCLUSION_FACTORS = ("none", "weight", "shared_weight", "scale", "weight_and_scale")
 
 
 def _kernel_channels() -> st.SearchStrategy[int]:
@@ -33,18 +36,25 @@ def _kernel_channels() -> st.SearchStrategy[int]:
 
 def _layout_tensor(shape: tuple[int, ...], dtype: torch.dtype, layout: str,
                    gen: torch.Generator) -> Tensor:
-    """A ``(N, C, H, W)`` tensor of random values with the given memory layout."""
-    n, c, h, w = shape
+    """A ``(N, C, *S)`` tensor of random values with the given memory layout:
+    ``contiguous``; ``channels_last`` (memory ``(N, *S, C)``); ``transposed``
+    (the spatial axes in reverse order in memory, H and W swapped for images;
+    for one axis, memory ``(C, N, L)``); ``strided`` (every other channel and
+    every other element along the last axis: no unit stride at all)."""
+    n, c, *spatial = shape
+    axes = len(spatial)
     # Cast first: .to() of a non-dense view would return a contiguous copy.
     if layout == "contiguous":
-        return torch.randn(n, c, h, w, generator=gen).to(dtype)
+        return torch.randn(shape, generator=gen).to(dtype)
     if layout == "channels_last":
-        return torch.randn(n, c, h, w, generator=gen).to(dtype).contiguous(
-            memory_format=torch.channels_last)
-    if layout == "transposed":  # H and W swapped in memory
-        return torch.randn(n, c, w, h, generator=gen).to(dtype).transpose(2, 3)
-    # Every other channel and every other element along W: no unit stride at all.
-    return torch.randn(n, 2 * c, h, 2 * w, generator=gen).to(dtype)[:, ::2, :, ::2]
+        return torch.randn(n, *spatial, c, generator=gen).to(dtype).movedim(-1, 1)
+    if layout == "transposed":
+        if axes == 1:
+            return torch.randn(c, n, *spatial, generator=gen).to(dtype).transpose(0, 1)
+        return torch.randn(n, c, *spatial[::-1], generator=gen).to(dtype).permute(
+            0, 1, *range(axes + 1, 1, -1))
+    wide = torch.randn(n, 2 * c, *spatial[:-1], 2 * spatial[-1], generator=gen).to(dtype)
+    return wide[:, ::2, ..., ::2]
 
 
 def _describe(tensor: Optional[Tensor]) -> str:
@@ -71,58 +81,77 @@ def _patch_offset(size: int, window: int) -> st.SearchStrategy[int]:
 
 @dataclass(frozen=True)
 class GatherCase:
-    """Arguments of ``gather_window_*`` (and, with ``color``, ``occlude_window_*``)."""
+    """Arguments of ``gather_window_*`` (and, with ``color``, ``weight`` and ``scale``,
+    ``occlude_window_*``)."""
 
-    stored: Tensor              # (1, C, Hs, Ws)
-    patch: Optional[Tensor]     # (B, C, h, w) or None
-    table: Tensor               # int64 (B, 4) [win_y, win_x, off_y, off_x]
-    window: tuple[int, int]     # (R, Rw)
-    patch_hw: tuple[int, int]   # (h, w), also when patch is None
-    color: Tensor               # (C,) colour for occlusion
+    stored: Tensor                  # (1, C, *S)
+    patch: Optional[Tensor]         # (B, C, *P) or None
+    table: Tensor                   # int64 (B, 2N) [w_0..w_{N-1}, o_0..o_{N-1}]
+    window: tuple[int, ...]         # N window sizes
+    patch_size: tuple[int, ...]     # P, also when patch is None
+    color: Tensor                   # (C,) colour for occlusion
+    weight: Optional[Tensor] = None  # float32 (C, *P) or (1, *P) occlusion profile
+    scale: Optional[Tensor] = None   # float32 (B,) occlusion factor per position
 
     def __repr__(self) -> str:  # tensors would flood the failure report
         return (f"GatherCase(stored={_describe(self.stored)}, patch={_describe(self.patch)}, "
-                f"table={self.table.tolist()}, window={self.window}, patch_hw={self.patch_hw}, "
-                f"color={self.color.tolist()})")
+                f"table={self.table.tolist()}, window={self.window}, "
+                f"patch_size={self.patch_size}, color={self.color.tolist()}, "
+                f"weight={_describe(self.weight)}, scale={_describe(self.scale)})")
 
 
 @st.composite
 def gather_cases(draw, max_batch: int = 4, max_size: int = 13, with_patch: Optional[bool] = None,
                  channels: Optional[st.SearchStrategy[int]] = None,
                  dtype: Optional[torch.dtype] = None,
-                 stored_layout: Optional[str] = None) -> GatherCase:
-    """Random gather (or occlusion) problems on a small padded stored map; ``dtype`` and
-    ``stored_layout`` are drawn unless given (tests parametrize over them)."""
+                 stored_layout: Optional[str] = None, axes: int = 2,
+                 factors: Optional[str] = None) -> GatherCase:
+    """Random gather (or occlusion) problems on a small padded stored map with ``axes``
+    spatial axes, each at most ``max_size`` long; ``dtype`` and ``stored_layout`` are
+    drawn unless given (tests parametrize over them). ``factors`` (one of
+    :data:`OCCLUSION_FACTORS`, or ``"any"`` to draw one) adds an occlusion weight
+    and/or scale."""
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     c = draw(channels if channels is not None else _kernel_channels())
-    hs, ws = draw(st.integers(1, max_size)), draw(st.integers(1, max_size))
+    size = [draw(st.integers(1, max_size)) for _ in range(axes)]
     batch = draw(st.integers(1, max_batch))
-    (r, y_start), (rw, x_start) = _axis_window(draw, hs), _axis_window(draw, ws)
-    h, w = draw(st.integers(1, r + 2)), draw(st.integers(1, rw + 2))
-    rows = [[draw(y_start), draw(x_start), draw(_patch_offset(h, r)), draw(_patch_offset(w, rw))]
+    windows = [_axis_window(draw, full) for full in size]
+    window = tuple(w for w, _ in windows)
+    patch_size = tuple(draw(st.integers(1, w + 2)) for w in window)
+    rows = [[draw(start) for _, start in windows]
+            + [draw(_patch_offset(p, w)) for p, w in zip(patch_size, window)]
             for _ in range(batch)]
     dtype = dtype if dtype is not None else draw(st.sampled_from(KERNEL_DTYPES))
     stored_layout = stored_layout or draw(st.sampled_from(KERNEL_LAYOUTS))
-    stored = _layout_tensor((1, c, hs, ws), dtype, stored_layout, gen)
+    stored = _layout_tensor((1, c, *size), dtype, stored_layout, gen)
     has_patch = draw(st.booleans()) if with_patch is None else with_patch
     patch = None
     if has_patch:
         # Sometimes another dtype: the launcher casts it to stored's.
         patch_dtype = draw(st.sampled_from((dtype, dtype, torch.float32)))
-        patch = _layout_tensor((batch, c, h, w), patch_dtype,
+        patch = _layout_tensor((batch, c, *patch_size), patch_dtype,
                                draw(st.sampled_from(KERNEL_LAYOUTS)), gen)
     color = torch.randn(c, generator=gen)
-    return GatherCase(stored, patch, torch.tensor(rows, dtype=torch.int64), (r, rw), (h, w),
-                      color)
+    weight = scale = None
+    if factors == "any":
+        factors = draw(st.sampled_from(OCCLUSION_FACTORS))
+    if factors in ("weight", "shared_weight", "weight_and_scale"):
+        profiles = 1 if factors == "shared_weight" else c
+        weight = _layout_tensor((1, profiles, *patch_size), torch.float32,
+                                draw(st.sampled_from(KERNEL_LAYOUTS)), gen)[0]
+    if factors in ("scale", "weight_and_scale"):
+        scale = torch.randn(2 * batch, generator=gen)[::2]  # strided: any layout is read
+    return GatherCase(stored, patch, torch.tensor(rows, dtype=torch.int64), window, patch_size,
+                      color, weight, scale)
 
 
 @dataclass(frozen=True)
 class ProjectionCase:
     """Arguments of ``project_to_full_*``."""
 
-    stored: Tensor   # (1, C, H, W)
-    patch: Tensor    # (B, C, h, w)
-    starts: Tensor   # int64 (B, 2) [y, x]
+    stored: Tensor   # (1, C, *S)
+    patch: Tensor    # (B, C, *P)
+    starts: Tensor   # int64 (B, N)
 
     def __repr__(self) -> str:
         return (f"ProjectionCase(stored={_describe(self.stored)}, patch={_describe(self.patch)}, "
@@ -132,19 +161,21 @@ class ProjectionCase:
 @st.composite
 def projection_cases(draw, max_batch: int = 4, max_size: int = 13,
                      dtype: Optional[torch.dtype] = None,
-                     stored_layout: Optional[str] = None) -> ProjectionCase:
-    """Random projections; patches mostly inside the map (the rewrite's contract),
-    sometimes clipped at a border (the torch reference drops those elements)."""
+                     stored_layout: Optional[str] = None, axes: int = 2) -> ProjectionCase:
+    """Random projections of maps with ``axes`` spatial axes; patches mostly inside the
+    map (the rewrite's contract), sometimes clipped at a border (the torch reference
+    drops those elements)."""
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     c = draw(_kernel_channels())
-    hf, wf = draw(st.integers(1, max_size)), draw(st.integers(1, max_size))
+    size = [draw(st.integers(1, max_size)) for _ in range(axes)]
     batch = draw(st.integers(1, max_batch))
-    h, w = draw(st.integers(1, hf)), draw(st.integers(1, wf))
-    starts = [[draw(_patch_offset(h, hf)), draw(_patch_offset(w, wf))] for _ in range(batch)]
+    patch_size = [draw(st.integers(1, full)) for full in size]
+    starts = [[draw(_patch_offset(p, full)) for p, full in zip(patch_size, size)]
+              for _ in range(batch)]
     dtype = dtype if dtype is not None else draw(st.sampled_from(KERNEL_DTYPES))
     stored_layout = stored_layout or draw(st.sampled_from(KERNEL_LAYOUTS))
-    stored = _layout_tensor((1, c, hf, wf), dtype, stored_layout, gen)
-    patch = _layout_tensor((batch, c, h, w), draw(st.sampled_from((dtype, torch.float32))),
+    stored = _layout_tensor((1, c, *size), dtype, stored_layout, gen)
+    patch = _layout_tensor((batch, c, *patch_size), draw(st.sampled_from((dtype, torch.float32))),
                            draw(st.sampled_from(KERNEL_LAYOUTS)), gen)
     return ProjectionCase(stored, patch, torch.tensor(starts, dtype=torch.int64))
 

@@ -40,16 +40,19 @@ def test_docstring_examples():
 def test_ptx_stats_counts_data_widths_and_divisions():
     ptx = textwrap.dedent("""\
         ld.global.b64 { %rd1 }, [ %rd2 + 0 ];
+        ld.global.b32 { %r1 }, [ %rd3 + 0 ];
         @%p1 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd5 + 0 ];
         @%p2 ld.global.v2.b32 { %r6, %r7 }, [ %rd6 + 0 ];
+        @%p5 ld.global.b32 { %r12 }, [ %rd12 + 0 ];
         @%p3 st.global.b16 [ %rd7 + 0 ], %rs1;
         st.global.v4.b32 [ %rd8 + 0 ], { %r2, %r3, %r4, %r5 };
         div.s32 %r8, %r9, %r10;
         @%p4 rem.s64 %rd9, %rd10, %rd11;
         div.rn.f32 %f1, %f2, %f3;
     """)
-    # The b64 table load is not data; the float division is not an integer one.
-    assert ptx_stats(ptx) == (frozenset({128, 64, 16}), 2, 2)
+    # Unpredicated scalar loads (a table entry, a scale) are a program's own scalars,
+    # not data; a masked scalar load is. The float division is not an integer one.
+    assert ptx_stats(ptx) == (frozenset({128, 64, 32, 16}), 3, 2)
 
 
 @pytest.mark.parametrize("registers, warps, expected", [
@@ -73,14 +76,26 @@ def test_problems_name_each_broken_property():
     assert len(bad.problems(vectorised=True)) == 3
 
 
+@pytest.mark.parametrize("axes, divisions, ok", [
+    (1, 0, True), (1, 1, False),   # signals: one row per position, nothing to decode
+    (2, 1, True), (2, 2, False),   # images: (b, i)
+    (3, 2, True), (3, 3, False),   # volumes: (b, d, i)
+])
+def test_row_decode_may_divide_once_per_axis_after_the_first(axes, divisions, ok):
+    code = KernelCode("k", "1x16x64", frozenset({128}), 0, divisions, 8, 32, 0, axes)
+    assert code.allowed_divisions == axes - 1
+    assert (code.problems(vectorised=True) == []) == ok
+
+
 @pytest.mark.parametrize("options, first_tile", [
     ([], "1x32x64"),                                  # the default launch config
     (["--max-rows", "4", "--tile", "16384"], "4x32x64"),  # several rows per program
 ])
 def test_kernels_compile_to_vectorised_division_free_code_for_sm90(tmp_path, options,
                                                                     first_tile):
-    """Every kernel variant of a realistic launch: 128-bit data accesses on channels-last
-    maps, one integer division (the row decode), no spills (``--check``)."""
+    """Every kernel variant of a realistic launch, for signals, images and volumes:
+    128-bit data accesses on channels-last maps, integer divisions only for the row
+    decode (one per spatial axis after the first), no spills (``--check``)."""
     result = _run_compiled(f"""
         import sys
         from krypton_fx.triton_kernels import codegen
@@ -89,8 +104,15 @@ def test_kernels_compile_to_vectorised_division_free_code_for_sm90(tmp_path, opt
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines()
             if line.startswith(("gather", "project", "occlude"))]
-    assert len(rows) == 18 and all(row.endswith("none") for row in rows), result.stdout
+    assert len(rows) == 30 and all(row.endswith("none") for row in rows), result.stdout
     assert rows[0].split()[5] == first_tile, rows[0]
+    header, = [line for line in result.stdout.splitlines() if line.startswith("kernel")]
+    divisions = {row[:header.index("tile")].strip(): int(row[header.index("tile"):].split()[4])
+                 for row in rows}
+    # The row decode's divisions: (b, d, i) of a volume takes two, a signal's b none.
+    volumes = [d for name, d in divisions.items() if name.split()[0].endswith("3d")]
+    assert len(volumes) == 10 and set(volumes) == {2}, divisions
+    assert divisions["gather1d float32 C=64 window 20"] == 0, divisions
 
 
 def test_codegen_check_sees_per_element_division_and_scalar_access(tmp_path):

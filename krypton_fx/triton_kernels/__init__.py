@@ -1,6 +1,21 @@
-"""Gather / projection / occlusion kernels.
+"""Gather / projection / occlusion ops: Triton kernels and their torch references.
 
-Each op lives in its own module with three parts: the private Triton kernel,
-its public launcher, and the torch implementation that is both the CPU
-backend and the reference the tests compare the kernel with.
+Layout (only the kernel modules import Triton, so the package imports and runs
+on machines without it):
+
+- ``reference.py``: the torch implementations, any number of spatial axes; the
+  CPU backend and the tests' reference. No Triton.
+- ``config.py``: :class:`LaunchConfig`, the kernels' launch settings, and the
+  :func:`launch_config` scope that changes them. No Triton.
+- ``_common.py``: launch geometry, shared jit helpers and the launchers' checks.
+- ``gather.py``, ``projection.py``, ``occlusion.py``: one op each, a private
+  ``@triton.jit`` kernel and its public launcher (1 to 3 spatial axes).
+- ``codegen.py``: what the kernels compile to for sm_90, checked without a GPU.
+
+:mod:`krypton_fx.ops` picks a kernel or its reference per call and imports the
+kernel modules only when it launches one.
 """
+
+from .config import LaunchConfig, current_launch_config, launch_config
+
+__all__ = ["LaunchConfig", "current_launch_config", "launch_config"]

@@ -2,13 +2,13 @@
 
 The kernels' speed rests on two properties of their generated code: the
 contiguous channel run of a channels-last row moves in 128-bit vectors, and
-there is no integer division per element (only one per program, to decode its
-row). Both can be read from the PTX, and PTX needs no GPU: Triton compiles for
-any architecture ahead of time. This module runs the real launchers on CPU
-tensors with the launch intercepted, so each kernel is specialised exactly as a
-real launch of that shape would be (dtypes, alignment, unit and 16-divisible
-strides, the tile ``_block_sizes`` picks), compiles it for the target, and
-reads the PTX and the cubin's resource usage::
+there is no integer division per element (only one or two per program, to
+decode its row). Both can be read from the PTX, and PTX needs no GPU: Triton
+compiles for any architecture ahead of time. This module runs the real launchers
+on CPU tensors with the launch intercepted, so each kernel is specialised exactly
+as a real launch of that shape would be (dtypes, alignment, unit and 16-divisible
+strides, the tile ``block_sizes`` picks), compiles it for the target, and reads
+the PTX and the cubin's resource usage::
 
     python -m krypton_fx.triton_kernels.codegen            # sm_90 table
     python -m krypton_fx.triton_kernels.codegen --check    # exit 1 if a property fails
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -45,18 +46,29 @@ class KernelCode:
     warps: int              # per program
     registers: int          # per thread, from the cubin
     stack: int              # bytes per thread, from the cubin: register spills
+    axes: int = 2           # spatial axes of the maps (the kernel's AXES)
 
     @property
     def occupancy(self) -> float:
         """Warp slots of an SM these programs can fill (see :func:`occupancy`)."""
         return occupancy(self.registers, self.warps)
 
+    @property
+    def allowed_divisions(self) -> int:
+        """Integer divisions the row decode needs, once per program: one per axis that
+        grid axis 0 holds besides the position, ``axes - 1``. It holds ``b`` for 1
+        axis (one row per position: none), ``(b, i)`` for 2 (one), ``(b, d, i)`` for 3
+        (two). Anything more is per-element work."""
+        return self.axes - 1
+
     def problems(self, vectorised: bool) -> list[str]:
-        """What breaks the kernels' properties: one division at most (the row
-        decode); where the layout allows it, only 128-bit data accesses; no spills."""
+        """What breaks the kernels' properties: no division but the row decode's
+        (:attr:`allowed_divisions`); where the layout allows it, only 128-bit data
+        accesses; no spills."""
         found = []
-        if self.divisions > 1:
-            found.append(f"{self.divisions} integer divisions (1 expected: the row decode)")
+        if self.divisions > self.allowed_divisions:
+            found.append(f"{self.divisions} integer divisions ({self.allowed_divisions} "
+                         f"expected: the row decode)")
         if vectorised and (self.scalar_data or self.vector_bits != {128}):
             found.append(f"data accesses of {sorted(self.vector_bits)} bits, "
                          f"{self.scalar_data} narrower than 128")
@@ -65,16 +77,19 @@ class KernelCode:
         return found
 
 
-_ACCESS = re.compile(r"\b(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\s+(.*)$", re.M)
+_ACCESS = re.compile(r"^\s*(@!?%p\d+\s+)?(ld|st)\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.b(\d+)\s+(.*)$",
+                     re.M)
 
 
 def ptx_stats(ptx: str) -> tuple[frozenset, int, int]:
     """``(vector_bits, scalar_data, divisions)`` of a kernel's PTX.
 
-    Data accesses are global loads/stores except 64-bit scalar loads (the int64
-    table entries, one per program). ``vector_bits`` holds each data access's
-    width (``v4.b32`` is 128); ``scalar_data`` counts those under 128 bits;
-    ``divisions`` counts ``div``/``rem`` instructions of any integer type.
+    Data accesses are global loads/stores except unpredicated scalar loads: a
+    program's own scalars (the int64 table entries, an occlusion's float32 scale),
+    loaded once, unmasked; every per-element load and store is masked, so
+    predicated. ``vector_bits`` holds each data access's width (``v4.b32`` is 128);
+    ``scalar_data`` counts those under 128 bits; ``divisions`` counts ``div``/``rem``
+    instructions of any integer type.
 
     Example:
         >>> bits, narrow, divisions = ptx_stats("ld.global.b64 { %rd1 }, [ %rd2 + 0 ];\\n"
@@ -84,9 +99,9 @@ def ptx_stats(ptx: str) -> tuple[frozenset, int, int]:
         ([16, 128], 1, 1)
     """
     widths = []
-    for op, lanes, bits, _ in _ACCESS.findall(ptx):
-        if op == "ld" and not lanes and bits == "64":
-            continue  # a table entry
+    for predicate, op, lanes, bits, _ in _ACCESS.findall(ptx):
+        if op == "ld" and not lanes and not predicate:
+            continue  # a per-program scalar
         widths.append(int(lanes or 1) * int(bits))
     divisions = len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:div|rem)\.(?:[su]\d+|full)", ptx, re.M))
     return frozenset(widths), sum(w < 128 for w in widths), divisions
@@ -137,6 +152,8 @@ def _resources(cubin: bytes) -> tuple[int, int]:
         report = subprocess.run([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", path],
                                 capture_output=True, text=True, check=True).stdout
     usage = re.search(r"REG:(\d+)\s+STACK:(\d+)", report)
+    if usage is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{report}")
     return int(usage.group(1)), int(usage.group(2))
 
 
@@ -154,42 +171,70 @@ def occupancy(registers: int, warps: int) -> float:
     return min(64, programs * warps) / 64
 
 
-def _cases() -> list[tuple[str, bool, Callable[[], object]]]:
-    """``(description, vectorised, launch)``: realistic layers in every dtype. ``vectorised``
-    says whether the layout allows 128-bit accesses throughout (channels-last maps
-    with 16-divisible channels; not the 3-channel NCHW input image)."""
+def _cases() -> list[tuple[str, bool, int, Callable[[], object]]]:
+    """``(description, vectorised, axes, launch)``: realistic layers in every dtype.
+    ``vectorised`` says whether the layout allows 128-bit accesses throughout
+    (channels-last maps with 16-divisible channels; not a 1- or 3-channel
+    channels-first input image)."""
     from .gather import gather_window_triton
     from .occlusion import occlude_window_triton
     from .projection import project_to_full_triton
 
-    def maps(batch, c, hw, patch, dtype):
-        stored = torch.zeros(1, c, hw, hw, dtype=dtype)
-        patches = torch.zeros(batch, c, patch, patch, dtype=dtype)
-        return (stored.contiguous(memory_format=torch.channels_last),
-                patches.contiguous(memory_format=torch.channels_last))
+    def maps(batch, c, size, patch, dtype):
+        """Channels-last stored map ``(1, c, *size)`` and patches ``(batch, c, *patch)``."""
+        stored = torch.zeros(1, c, *size, dtype=dtype)
+        patches = torch.zeros(batch, c, *patch, dtype=dtype)
+        return stored.movedim(1, -1).contiguous().movedim(-1, 1), \
+            patches.movedim(1, -1).contiguous().movedim(-1, 1)
 
-    table = torch.zeros(8, 4, dtype=torch.int64)
-    starts = torch.zeros(8, 2, dtype=torch.int64)
-    cases = []
+    def table(axes):
+        return torch.zeros(8, 2 * axes, dtype=torch.int64)
+
+    # (description, vectorised, axes, launch): each launch is a launcher with its arguments.
+    cases: list[tuple[str, bool, int, Callable[[], object]]] = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         name = str(dtype)[6:]
         # VGG16 conv1_2 (64 channels, 20-wide window of an 18-wide patch), ResNet layer1
         # (256, 14 of 12), a late layer (512, 6 of 4).
         for c, hw, window, patch in ((64, 226, 20, 18), (256, 58, 14, 12), (512, 16, 6, 4)):
-            stored, patches = maps(8, c, hw, patch, dtype)
-            cases.append((f"gather {name} C={c} window {window}", True,
-                          lambda s=stored, p=patches, w=window:
-                              gather_window_triton(s, p, table, (w, w))))
-        stored, _ = maps(8, 64, 58, 1, dtype)
-        cases.append((f"gather {name} C=64 no patch", True,
-                      lambda s=stored: gather_window_triton(s, None, table, (14, 14))))
-        stored, patches = maps(8, 512, 14, 6, dtype)
-        cases.append((f"project {name} C=512 14x14", True,
-                      lambda s=stored, p=patches: project_to_full_triton(s, p, starts)))
+            stored, patches = maps(8, c, (hw, hw), (patch, patch), dtype)
+            cases.append((f"gather {name} C={c} window {window}", True, 2,
+                          partial(gather_window_triton, stored, patches, table(2), (window, window))))
+        stored, _ = maps(8, 64, (58, 58), (1, 1), dtype)
+        cases.append((f"gather {name} C=64 no patch", True, 2,
+                      partial(gather_window_triton, stored, None, table(2), (14, 14))))
+        stored, patches = maps(8, 512, (14, 14), (6, 6), dtype)
+        cases.append((f"project {name} C=512 14x14", True, 2,
+                      partial(project_to_full_triton, stored, patches,
+                              torch.zeros(8, 2, dtype=torch.int64))))
         image = torch.zeros(1, 3, 224, 224, dtype=dtype)
-        cases.append((f"occlude {name} NCHW C=3", False,
-                      lambda i=image:
-                          occlude_window_triton(i, torch.zeros(3), table, (18, 18), (16, 16))))
+        cases.append((f"occlude {name} NCHW C=3", False, 2,
+                      partial(occlude_window_triton, image, torch.zeros(3), table(2), (18, 18),
+                              (16, 16))))
+        # Volumes: a 16^3 window of 64 channels (patch 14^3), a 12^3 map of 256 channels
+        # projected, a one-channel NCDHW scan occluded with a gaussian profile (MONAI).
+        stored, patches = maps(8, 64, (20, 20, 20), (14, 14, 14), dtype)
+        cases.append((f"gather3d {name} C=64 window 16", True, 3,
+                      partial(gather_window_triton, stored, patches, table(3), (16, 16, 16))))
+        stored, patches = maps(8, 256, (12, 12, 12), (4, 4, 4), dtype)
+        cases.append((f"project3d {name} C=256 12^3", True, 3,
+                      partial(project_to_full_triton, stored, patches,
+                              torch.zeros(8, 3, dtype=torch.int64))))
+        image = torch.zeros(1, 1, 40, 40, 40, dtype=dtype)
+        cases.append((f"occlude3d {name} C=1 gaussian", False, 3,
+                      partial(occlude_window_triton, image, torch.zeros(1), table(3),
+                              (18, 18, 18), (16, 16, 16), weight=torch.ones(1, 16, 16, 16))))
+    # Signals (one spatial axis) and the other occlusion modes, in float32.
+    stored, patches = maps(8, 64, (300,), (18,), torch.float32)
+    cases.append(("gather1d float32 C=64 window 20", True, 1,
+                  partial(gather_window_triton, stored, patches, table(1), (20,))))
+    cases.append(("occlude float32 C=3 mean_patch", False, 2,
+                  partial(occlude_window_triton, torch.zeros(1, 3, 224, 224), torch.zeros(3),
+                          table(2), (18, 18), (16, 16), scale=torch.ones(8))))
+    image, weight = maps(1, 16, (24, 24, 24), (8, 8, 8), torch.float32)
+    cases.append(("occlude3d float32 C=16 weight, scale", True, 3,
+                  partial(occlude_window_triton, image, torch.zeros(16), table(3), (10, 10, 10),
+                          (8, 8, 8), weight=weight[0], scale=torch.ones(8))))
     return cases
 
 
@@ -203,7 +248,7 @@ def compile_cases(arch: int = 90) -> list[tuple[KernelCode, bool]]:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
     kernels = (_gather_window_kernel, _project_to_full_kernel, _occlude_window_kernel)
     results = []
-    for description, vectorised, launch in _cases():
+    for description, vectorised, axes, launch in _cases():
         with contextlib.ExitStack() as exits:
             recorded = [exits.enter_context(_intercepted(k)) for k in kernels]
             launch()
@@ -214,7 +259,7 @@ def compile_cases(arch: int = 90) -> list[tuple[KernelCode, bool]]:
         registers, stack = _resources(compiled.asm["cubin"])
         tile = f"{kwargs['ROWS']}x{kwargs['BLOCK_J']}x{kwargs['BLOCK_C']}"
         results.append((KernelCode(description, tile, bits, scalar, divisions, kwargs["num_warps"],
-                                   registers, stack), vectorised))
+                                   registers, stack, axes), vectorised))
     return results
 
 
@@ -231,28 +276,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int, default=None,
                         help="warps per program (default: the kernels' own setting)")
     args = parser.parse_args(argv)
-    from .gather import _config
+    from .config import launch_config
 
-    for name, value in (("max_rows", args.max_rows), ("tile_elements", args.tile),
-                        ("num_warps", args.warps)):
-        if value is not None:
-            if value < 1:
-                parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-            setattr(_config, name, value)
+    changes = {name: value for name, value in (("max_rows", args.max_rows),
+                                               ("tile_elements", args.tile),
+                                               ("num_warps", args.warps)) if value is not None}
+    for name, value in changes.items():
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     failures = 0
-    print(f"{'kernel':<34} {'tile':<10} {'warps':>5} {'data bits':<10} {'<128':>5} {'div':>4} "
+    print(f"{'kernel':<38} {'tile':<10} {'warps':>5} {'data bits':<10} {'<128':>5} {'div':>4} "
           f"{'regs':>5} {'stack':>6} {'occup.':>7}  problems")
-    for code, vectorised in compile_cases(args.arch):
+    with launch_config(**changes):
+        compiled = compile_cases(args.arch)
+    for code, vectorised in compiled:
         problems = code.problems(vectorised)
         failures += bool(problems)
         bits = ",".join(str(b) for b in sorted(code.vector_bits))
-        print(f"{code.case:<34} {code.tile:<10} {code.warps:>5} {bits:<10} {code.scalar_data:>5} "
+        print(f"{code.case:<38} {code.tile:<10} {code.warps:>5} {bits:<10} {code.scalar_data:>5} "
               f"{code.divisions:>4} {code.registers:>5} {code.stack:>6} {code.occupancy:>6.0%}  "
               f"{'; '.join(problems) or 'none'}")
     print(f"sm_{args.arch}. tile: rows x columns x channels a program copies; data bits: "
-          "widths of the data loads/stores; div: integer div/rem instructions; regs, stack: "
-          "per thread, from the cubin; occup.: warp slots of an SM that programs of these "
-          "warps and registers can fill (at most 32 programs an SM)")
+          "widths of the data loads/stores; div: integer div/rem instructions (the row decode "
+          "may take one per spatial axis after the first: 0, 1, 2 for signals, images, "
+          "volumes); regs, stack: per thread, from the cubin; occup.: warp slots of an SM "
+          "that programs of these warps and registers can fill (at most 32 programs an SM)")
     return 1 if args.check and failures else 0
 
 

@@ -1,93 +1,200 @@
-"""Input occlusion: windows of the image with each position's patch colour
-written in (the first node's input). With a full-size window it yields the
-occluded image batch that naive occlusion runs."""
+"""Input occlusion, 1 to 3 spatial axes: windows of the image with each position's
+occlusion patch applied (the first node's input). With a full-size window it
+yields the occluded image batch that naive occlusion runs.
+
+Inside the patch an element becomes ``color[c]`` (plain replacement), or, with a
+``weight`` profile and/or a per-position ``scale``, ``image * w + color[c]`` with
+``w = weight[c, i - o] * scale[b]``: MONAI's gaussian mode is a ``weight`` and
+colour 0, its mean_patch mode a ``scale`` and colour 0. The torch version is
+:func:`~krypton_fx.triton_kernels.reference.occlude_window_torch`.
+"""
 
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .gather import (_RowLaunch, _check_index, _check_map, _check_window, _in_patch,
-                     _load_row_tile, _row_masks, _row_tile, _store_row_tile, gather_window_torch)
+from ._common import (
+    RowLaunch,
+    _in_patch,
+    _load_row_tile,
+    _row_masks,
+    _row_tile,
+    _store_row_tile,
+    _table_row,
+    as_volume,
+    check_index,
+    check_map,
+    check_sizes,
+    check_tensor,
+    volume_size,
+)
 
-__all__ = ["occlude_window_triton", "occlude_window_torch"]
+# Kept importable from here, where it used to live (callers and tests patch this name).
+from .reference import occlude_window_torch  # noqa: F401
+
+__all__ = ["occlude_window_triton"]
+
+# How a weight profile covers the channels (the kernel's WEIGHT constexpr).
+_NO_WEIGHT, _WEIGHT_PER_CHANNEL, _WEIGHT_SHARED = 0, 1, 2
 
 
-# Same launch geometry as the gather (see gather.py): one program per ROWS output
-# rows of one position, a (BLOCK_J, BLOCK_C) tile of each row's columns and
-# channels. Window and patch sizes only enter scalar math and compares: not
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to nearest-even in ``dtype``, as torch's ``.to(dtype)`` rounds.
+
+    bfloat16 is rounded on the bits (torch's own formula; NaN stays NaN): the
+    interpreter's float32-to-bfloat16 cast truncates, so the cast would be exact on
+    the GPU and wrong in the tests. The GPU's cast gives the same result.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = tl.where(x == x, bits + ((bits >> 16) & 1) + 0x7FFF, 0x7FC00000)
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        rounded = x.to(dtype)
+    return rounded
+
+
+# Same launch geometry as the gather (see _common.py): one program per ROWS output
+# rows of one (position, depth), a (BLOCK_J, BLOCK_C) tile of each row's columns
+# and channels. Window and patch sizes only enter scalar math and compares: not
 # specialising on them saves compiles; strides and C stay specialised
 # (vectorisation).
-@triton.jit(do_not_specialize=["R", "RW", "PATCH_H", "PATCH_W", "stride_tb", "stride_tk"])
+@triton.jit(do_not_specialize=["D", "R", "RW", "PATCH_D", "PATCH_H", "PATCH_W",
+                               "stride_tb", "stride_tk"])
 def _occlude_window_kernel(
-    out_ptr,        # (B, R, Rw, C) output, contiguous: channels-last (B, C, R, Rw)
-    image_ptr,      # (1, C, Hs, Ws) image, any strides
-    color_ptr,      # (C,) patch colour, contiguous, in the image's dtype
-    table_ptr,      # int64 (B, 4) rows [win_y, win_x, off_y, off_x]
+    out_ptr,        # (B, D, R, Rw, C) output, contiguous: channels-last (B, C, D, R, Rw)
+    image_ptr,      # (1, C, Ds, Hs, Ws) image, any strides
+    color_ptr,      # (C,) patch colour, contiguous: the image's dtype, float32 if weighted
+    table_ptr,      # int64 (B, 2 * AXES) rows [window start..., patch offset...]
+    weight_ptr,     # float32 (C or 1, d, h, w) weight profile; unused without WEIGHT
+    scale_ptr,      # float32 (B,) factor per position; unused without HAS_SCALE
     C,              # channels
-    R,              # window height
+    D,              # window depth (1 below 3 axes)
+    R,              # window height (1 for 1 axis)
     RW,             # window width
+    PATCH_D,        # occlusion patch depth d
     PATCH_H,        # occlusion patch height h
     PATCH_W,        # occlusion patch width w
     stride_ic,      # image stride along C
-    stride_ih,      # image stride along H
+    stride_id,      # image stride along D (unused below 3 axes)
+    stride_ih,      # image stride along H (unused for 1 axis)
     stride_iw,      # image stride along W
+    stride_wc,      # weight stride along C (unused unless WEIGHT is per channel)
+    stride_wd,      # weight stride along d
+    stride_wh,      # weight stride along h
+    stride_ww,      # weight stride along w
+    stride_sb,      # scale stride along B
     stride_tb,      # table stride along B
-    stride_tk,      # table stride along its 4 columns
+    stride_tk,      # table stride along its columns
+    AXES: tl.constexpr,       # spatial axes of the image: 1, 2 or 3
+    WEIGHT: tl.constexpr,     # 0: no weight; 1: one profile per channel; 2: one for all
+    HAS_SCALE: tl.constexpr,  # multiply by scale[b]
     BLOCK_J: tl.constexpr,    # window columns per program
     BLOCK_C: tl.constexpr,    # channels per program
     ROWS: tl.constexpr,       # rows per program
-    WIDE: tl.constexpr,       # int64 in-row offsets (see gather._row_tile)
+    WIDE: tl.constexpr,       # int64 in-row offsets (see _common._row_tile)
 ):
-    b, i0, j, c, j_mask, c_mask = _row_tile(R, RW, C, ROWS, BLOCK_J, BLOCK_C, WIDE)
+    b, d, i0, row0, j, c, j_mask, c_mask = _row_tile(D, R, RW, C, AXES, ROWS, BLOCK_J, BLOCK_C,
+                                                     WIDE)
 
     # The position's table row, once per program, as scalars.
     entry = table_ptr + b * stride_tb
-    win_y = tl.load(entry)
-    win_x = tl.load(entry + stride_tk)
-    off_y = tl.load(entry + 2 * stride_tk)
-    px = j - tl.load(entry + 3 * stride_tk)       # column in the patch: a test per j
+    win_d, win_y, win_x = _table_row(entry, stride_tk, 0, AXES)
+    off_d, off_y, off_x = _table_row(entry, stride_tk, AXES, AXES)
+    px = j - off_x                                # column in the patch: a test per j
+    pd = d - off_d                                # depth in the patch: one scalar test
     color = tl.load(color_ptr + c, mask=c_mask, other=0)
+    if HAS_SCALE:
+        position_scale = tl.load(scale_ptr + b * stride_sb)
 
     for r in tl.static_range(ROWS):
         i = i0 + r
         row_mask, tile_mask = _row_masks(i, R, j_mask, c_mask, ROWS)
         py = i - off_y                            # row in the patch: one scalar test
-        in_patch = _in_patch(py, px, row_mask, PATCH_H, PATCH_W)
-
-        # The image is only read where the patch does not cover the element.
+        in_patch = _in_patch(pd, py, px, row_mask, PATCH_D, PATCH_H, PATCH_W, AXES)
         image_row = image_ptr + (win_y + i) * stride_ih + win_x * stride_iw
-        value = _load_row_tile(image_row, j, c, stride_iw, stride_ic,
-                               tile_mask & ~in_patch[:, None])
-        value = tl.where(in_patch[:, None], color[None, :], value)
+        if AXES == 3:
+            image_row += (win_d + d) * stride_id
 
-        _store_row_tile(out_ptr, value, b * R + i, j, c, row_mask, c_mask, RW, C)
+        if WEIGHT == 0 and not HAS_SCALE:
+            # Plain replacement: the image is only read where the patch does not cover it.
+            value = _load_row_tile(image_row, j, c, stride_iw, stride_ic,
+                                   tile_mask & ~in_patch[:, None])
+            value = tl.where(in_patch[:, None], color[None, :], value)
+        else:
+            # image * (weight * scale) + color in float32, rounded once: the torch
+            # reference's order (the launch turns off FMA contraction, so it stays exact).
+            value = _load_row_tile(image_row, j, c, stride_iw, stride_ic, tile_mask)
+            weight_row = weight_ptr + py * stride_wh - off_x * stride_ww
+            if AXES == 3:
+                weight_row += pd * stride_wd
+            if WEIGHT == 1:
+                factor = _load_row_tile(weight_row, j, c, stride_ww, stride_wc,
+                                        in_patch[:, None] & c_mask[None, :])
+                if HAS_SCALE:
+                    factor = factor * position_scale
+            elif WEIGHT == 2:
+                factor = tl.load(weight_row + j * stride_ww, mask=in_patch, other=0)[:, None]
+                if HAS_SCALE:
+                    factor = factor * position_scale
+            else:
+                factor = position_scale
+            occluded = value.to(tl.float32) * factor + color[None, :]
+            value = tl.where(in_patch[:, None], _round_to(occluded, out_ptr.dtype.element_ty),
+                             value)
+
+        _store_row_tile(out_ptr, value, row0 + r, j, c, row_mask, c_mask, RW, C)
 
 
-def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: tuple[int, int],
-                          patch_hw: tuple[int, int]) -> Tensor:
-    """Triton input occlusion; same contract as :func:`occlude_window_torch`.
+def _check_factor(name: str, factor: Tensor, shapes: list[tuple[int, ...]],
+                  device: torch.device) -> Tensor:
+    """Raise unless ``factor`` is a floating tensor of one of ``shapes`` on ``device``;
+    returns it as float32 (the kernel's arithmetic)."""
+    check_tensor(name, factor)
+    if tuple(factor.shape) not in shapes:
+        raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, "
+                         f"got {tuple(factor.shape)}")
+    if not factor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {factor.dtype}")
+    if factor.device != device:
+        raise ValueError(f"{name} is on {factor.device} but the image is on {device}")
+    return factor.to(torch.float32)
 
-    A gather whose patch is the constant colour: the patch is never
-    materialised, each covered element takes ``color[c]``.
+
+def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: Sequence[int],
+                          patch_size: Sequence[int], weight: Optional[Tensor] = None,
+                          scale: Optional[Tensor] = None) -> Tensor:
+    """Triton input occlusion; same contract as
+    :func:`~krypton_fx.triton_kernels.reference.occlude_window_torch`, for 1 to 3
+    spatial axes.
+
+    A gather whose patch is computed, never materialised: each covered element
+    takes ``color[c]``, or ``image * w + color[c]`` with a weight profile and/or scale.
 
     Args:
-        image: ``(1, C, Hs, Ws)`` image, float32/float16/bfloat16, any memory
-            format, padded so every window is inside (not checked).
+        image: ``(1, C, *S)`` image with N = 1, 2 or 3 spatial axes,
+            float32/float16/bfloat16, any memory format, padded so every window is
+            inside (not checked).
         color: ``C`` patch colour values (any shape with ``C`` elements, on the
-            image's device); cast to the image's dtype.
-        table: int64 ``(B, 4)`` ``[win_y, win_x, off_y, off_x]``.
-        window: ``(R, Rw)``.
-        patch_hw: occlusion patch ``(h, w)``.
+            image's device); cast to the image's dtype (to float32 when weighted).
+        table: int64 ``(B, 2N)`` ``[w_0..w_{N-1}, o_0..o_{N-1}]``.
+        window: ``N`` window sizes.
+        patch_size: ``N`` occlusion patch sizes.
+        weight: floating ``(C, *patch_size)`` or ``(1, *patch_size)`` profile, or None.
+        scale: floating ``(B,)`` factor per position, or None.
 
     Returns:
-        ``(B, C, R, Rw)`` channels-last tensor of the image's dtype.
+        ``(B, C, *window)`` channels-last tensor of the image's dtype.
 
     Raises:
         ValueError: on a wrong shape or a device mismatch.
-        TypeError: on a wrong dtype.
+        TypeError: on a wrong type or dtype.
 
     Example (on CUDA, or on the CPU under ``TRITON_INTERPRET=1``):
         >>> table = torch.tensor([[0, 0, 0, 0]])
@@ -96,49 +203,43 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: t
         >>> out[0, 0].tolist()  # doctest: +SKIP
         [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
     """
-    _check_map("image", image)
-    _check_index("table", table, 4, image.device)
-    r, rw = _check_window(window)
-    patch_h, patch_w = _check_window(patch_hw, "patch_hw")
+    axes = check_map("image", image)
+    check_index("table", table, 2 * axes, image.device)
+    window = check_sizes(window, axes)
+    patch_size = check_sizes(patch_size, axes, "patch_size")
     batch, channels = table.shape[0], image.shape[1]
-    if not isinstance(color, Tensor):
-        raise TypeError(f"color must be a tensor, got {type(color).__name__}")
+    check_tensor("color", color)
     if color.numel() != channels:
         raise ValueError(f"color must have {channels} values, got shape {tuple(color.shape)}")
     if color.device != image.device:
         raise ValueError(f"color is on {color.device} but the image is on {image.device}")
-    color = color.reshape(channels).to(image.dtype).contiguous()
-    launch = _RowLaunch(batch, channels, (r, rw), image)
+    weighted = weight is not None or scale is not None
+    color = color.reshape(channels).to(torch.float32 if weighted else image.dtype).contiguous()
+    weight_mode = _NO_WEIGHT
+    if weight is not None:
+        weight = _check_factor("weight", weight, [(channels, *patch_size), (1, *patch_size)],
+                               image.device)
+        weight_mode = _WEIGHT_PER_CHANNEL if weight.shape[0] == channels else _WEIGHT_SHARED
+        if channels == 1:
+            weight_mode = _WEIGHT_SHARED  # one channel: the same profile, loaded per column
+    if scale is not None:
+        scale = _check_factor("scale", scale, [(batch,)], image.device)
+    launch = RowLaunch(batch, channels, window, image)
     if launch.empty:
         return launch.out
+    image_v = as_volume(image)
+    # Without a weight or scale the kernel never reads them: the colour stands in.
+    weight_arg = as_volume(weight[None])[0] if weight is not None else color
+    weight_strides = weight_arg.stride() if weight is not None else (0, 0, 0, 0)
+    scale_arg = scale if scale is not None else color
     _occlude_window_kernel[launch.grid](
-        launch.out, image, color, table,
-        channels, r, rw, patch_h, patch_w,
-        image.stride(1), image.stride(2), image.stride(3),
+        launch.out, image_v, color, table, weight_arg, scale_arg,
+        channels, *volume_size(window), *volume_size(patch_size),
+        *image_v.stride()[1:],
+        *weight_strides,
+        scale_arg.stride(0),
         table.stride(0), table.stride(1),
-        **launch.kwargs((image.stride(3), image.stride(1))),
+        WEIGHT=weight_mode, HAS_SCALE=scale is not None, enable_fp_fusion=False,
+        **launch.kwargs((image_v.stride(4), image_v.stride(1))),
     )
     return launch.out
-
-
-def occlude_window_torch(image: Tensor, color: Tensor, table: Tensor, window: tuple[int, int],
-                         patch_hw: tuple[int, int]) -> Tensor:
-    """Torch input occlusion; also the kernel's reference.
-
-    Args:
-        image: ``(1, C, Hs, Ws)`` image, padded so every window is inside.
-        color: ``(C,)`` patch colour.
-        table: int64 ``(B, 4)`` ``[win_y, win_x, off_y, off_x]`` as for
-            :func:`gather_window_torch`.
-        window: ``(R, Rw)``.
-        patch_hw: occlusion patch ``(h, w)``.
-
-    Example:
-        >>> out = occlude_window_torch(torch.ones(1, 1, 3, 3), torch.zeros(1),
-        ...                            torch.tensor([[0, 0, 0, 0]]), (3, 3), (2, 2))
-        >>> out[0, 0].tolist()
-        [[0.0, 0.0, 1.0], [0.0, 0.0, 1.0], [1.0, 1.0, 1.0]]
-    """
-    batch, c = table.shape[0], image.shape[1]
-    patch = color.to(image.dtype).view(1, c, 1, 1).expand(batch, c, *patch_hw)
-    return gather_window_torch(image, patch, table, window)
