@@ -21,8 +21,12 @@ from krypton_fx import geometry as geo
 from krypton_fx.geometry import AxisSpec
 
 
-def _randomise_batch_norm(model: nn.Module) -> nn.Module:
+def _randomise_batch_norm(model: nn.Module, kaiming: bool = False) -> nn.Module:
+    """Non-trivial BatchNorm statistics; with ``kaiming``, convs re-initialised at unit gain
+    (MONAI's EfficientNet initialises so small that its random-init output barely moves)."""
     for m in model.modules():
+        if kaiming and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nn.init.kaiming_normal_(m.weight)
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.3, 0.3)
             m.running_var.uniform_(0.5, 2.0)
@@ -58,12 +62,12 @@ MONAI_3D = {
 @pytest.mark.parametrize("name", list(MONAI_3D))
 def test_monai_3d_classifiers_are_exact(name):
     torch.manual_seed(0)
-    model = _randomise_batch_norm(MONAI_3D[name](2))
+    model = _randomise_batch_norm(MONAI_3D[name](2), kaiming=name.startswith("EfficientNet"))
     # non-cubic volume, patch and stride; strides that do not divide the size
     image = torch.randn(2, 32, 36, 33) * 2
-    _, got, want = _exact(model, image, patch=(9, 12, 7), stride=(13, 11, 14), color=[0.5, -1.0])
+    _, got, want = _exact(model, image, patch=(9, 12, 7), stride=(13, 11, 14), color=[20.0, -15.0])
     span = float(want.heatmap.max() - want.heatmap.min())
-    assert span > 1e-6  # the map is not flat: a wrong incremental graph would show
+    assert span > 1e-3  # far above the tolerance: a wrong incremental graph would show
 
 
 def test_constant_padding_is_local_not_global():
