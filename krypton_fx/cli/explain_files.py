@@ -42,7 +42,7 @@ def _check_options(args) -> None:
     for option in ("out", "npy"):
         if getattr(args, option) is not None:
             raise CLIError(f"--{option} writes one image's output; with --out-dir every image gets "
-                           "DIR/<stem>.png and DIR/<stem>.npy: drop --{option}")
+                           f"DIR/<stem>.png and DIR/<stem>.npy: drop --{option}")
     if args.devices is not None and args.device is not None:
         raise CLIError("give --device or --devices, not both")
     if args.ray is not None and args.devices is not None:

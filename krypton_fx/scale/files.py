@@ -25,7 +25,7 @@ from .many import DEFAULT_CHUNK, ExplainerCache, iter_results
 from .outputs import OutputFolder, Task, error_row, result_row
 from .sources import Item
 
-__all__ = ["FileJob", "FileWorker", "default_reader"]
+__all__ = ["FileJob", "FileWorker", "default_reader", "array_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,22 @@ def default_reader(path: str, channels: int = 3):
     return x, picture, None
 
 
+def array_input(a) -> torch.Tensor:
+    """An image array as a model input: ``(H, W[, C])`` uint8 (as image readers give) to ``(C, H, W)``
+    in ``[0, 1]``; any other array is taken as ``(C, H, W)`` as it is."""
+    t = torch.as_tensor(np.asarray(a))
+    if t.dtype == torch.uint8:
+        t = (t[:, :, None] if t.dim() == 2 else t).permute(2, 0, 1).float().div_(255.0)
+    return t.float() if not t.is_floating_point() else t
+
+
 @dataclasses.dataclass
 class FileJob:
     """Everything a worker needs to explain image files into ``out_dir``; it pickles.
 
     Attributes:
         model: the model, on the CPU (each worker moves its own copy to its device).
-        out_dir: the output folder.
+        out_dir: the output folder, or None to return the maps without writing them.
         compile_kwargs: ``krypton_fx.compile`` arguments but ``image_size``, ``color``
             and ``device`` (patch, stride, tau, batch_size, backend, output, channels).
         reader: path -> ``(model input (C, H, W), picture in [0, 1] (H, W[, 3]) or None,
@@ -58,7 +67,7 @@ class FileJob:
     """
 
     model: nn.Module
-    out_dir: str
+    out_dir: Optional[str]
     compile_kwargs: dict = dataclasses.field(default_factory=dict)
     reader: Optional[Callable[[str], tuple]] = None
     color: Any = 0.0
@@ -105,21 +114,28 @@ class FileWorker:
         self.device = torch.device(device)
         model = copy.deepcopy(job.model) if copy_model else job.model
         self.cache = ExplainerCache(model, device=self.device, color=job.color, **job.compile_kwargs)
-        self.folder = OutputFolder(job.out_dir, job.fingerprint)
+        self.folder = OutputFolder(job.out_dir, job.fingerprint) if job.out_dir is not None else None
         self.reader = job.reader or functools.partial(default_reader, channels=self.cache.channels)
 
-    def _items(self, tasks: Iterable[Task], pictures: dict) -> Iterator[Item]:
+    def _items(self, tasks: Iterable[Task], pictures: dict, arrays: Optional[dict]) -> Iterator[Item]:
         for task in tasks:
             try:
-                x, picture, color = self.reader(task.path)
+                if arrays is not None and task.index in arrays:
+                    x, picture, color = array_input(arrays.pop(task.index)), None, None
+                else:
+                    x, picture, color = self.reader(task.path)
             except (ValueError, TypeError, OSError) as e:
                 yield Item(task.index, task.path, None, None, Path(task.path), e)
                 continue
             pictures[task.index] = picture
             yield Item(task.index, task.path, x, self.job.label, Path(task.path), color=color)
 
-    def run(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, dict, Optional[np.ndarray]]]:
-        """``(task, summary row, map or None)`` per task, in order; a bad image is an error row."""
+    def run(self, tasks: Iterable[Task], arrays: Optional[dict] = None
+            ) -> Iterator[tuple[Task, dict, Optional[np.ndarray]]]:
+        """``(task, summary row, map or None)`` per task, in order; a bad image is an error row.
+
+        ``arrays`` (task index -> image array) gives images that are not files.
+        """
         by_index = {}
         pictures: dict = {}
 
@@ -128,7 +144,7 @@ class FileWorker:
                 by_index[t.index] = t
                 yield t
 
-        items = self._items(remember(tasks), pictures)
+        items = self._items(remember(tasks), pictures, arrays)
         for item, res in iter_results(self.cache, items, drill_down=self.job.drill_down, chunk=self.job.chunk):
             task = by_index.pop(item.index)
             picture = pictures.pop(item.index, None)
@@ -138,8 +154,9 @@ class FileWorker:
             start = time.perf_counter()
             try:
                 row = result_row(task, res, res.stats["seconds"], self.job.categories)
-                write_picture = _picture_writer(self.job, task, res, picture, item.image.shape[1:])
-                self.folder.write(task, res.heatmap.numpy(), write_picture, row)
+                if self.folder is not None:
+                    write_picture = _picture_writer(self.job, task, res, picture, item.image.shape[1:])
+                    self.folder.write(task, res.heatmap.numpy(), write_picture, row)
             except (OSError, ValueError) as e:
                 yield task, error_row(task, e), None
                 continue

@@ -127,7 +127,8 @@ def expand_inputs(specs: Iterable[PathLike], exclude: Optional[PathLike] = None)
 
     Args:
         specs: what the user named.
-        exclude: a folder whose files are never inputs (the output folder).
+        exclude: a folder that folders and globs do not look into (the output folder);
+            a file named there explicitly stays an input.
 
     Returns:
         ``(paths, notes)``: the inputs, and one line for each glob that matched nothing.
@@ -140,9 +141,9 @@ def expand_inputs(specs: Iterable[PathLike], exclude: Optional[PathLike] = None)
     def inside_excluded(p: Path) -> bool:
         return skip is not None and (os.path.realpath(p) + os.sep).startswith(skip + os.sep)
 
-    def add(p: Path) -> None:
+    def add(p: Path, walked: bool = False) -> None:
         key = os.path.realpath(p)
-        if key not in seen and not inside_excluded(p):
+        if key not in seen and not (walked and inside_excluded(p)):
             seen.add(key)
             paths.append(p)
 
@@ -158,14 +159,14 @@ def expand_inputs(specs: Iterable[PathLike], exclude: Optional[PathLike] = None)
                 for name in sorted(files):
                     f = Path(root) / name
                     if not _is_hidden(f, path) and not f.is_dir():
-                        add(f)
+                        add(f, walked=True)
         elif not path.exists() and _GLOB_CHARS & set(text):
             matches = sorted(glob.glob(os.path.expanduser(text), recursive=True))
             files = [Path(m) for m in matches if not Path(m).is_dir()]
             if not files:
                 notes.append(f"{text} matches no file")
             for f in files:
-                add(f)
+                add(f, walked=True)
         else:
             add(path)
     return paths, notes

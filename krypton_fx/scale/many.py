@@ -12,7 +12,9 @@ here or in the callers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -26,6 +28,48 @@ from .sources import Item, LabelSpec, iter_items
 __all__ = ["explain_many", "explain_chunk", "ExplainerCache", "DEFAULT_CHUNK"]
 
 logger = logging.getLogger(__name__)
+
+class _TraceGuard:
+    """torch.fx tracing patches ``torch.nn.Module.__call__`` process-wide while it runs, so no model may
+    run in another thread meanwhile: compiles are exclusive, runs are shared (and a waiting compile
+    goes first, so that busy workers cannot starve it)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._runs = 0
+        self._tracing = False
+        self._waiting = 0
+
+    @contextlib.contextmanager
+    def run(self):
+        with self._cond:
+            while self._tracing or self._waiting:
+                self._cond.wait()
+            self._runs += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._runs -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def trace(self):
+        with self._cond:
+            self._waiting += 1
+            while self._tracing or self._runs:
+                self._cond.wait()
+            self._waiting -= 1
+            self._tracing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._tracing = False
+                self._cond.notify_all()
+
+
+_GUARD = _TraceGuard()
 
 # Images per chunk: what one packed run may hold (each image keeps its stored activations alive).
 DEFAULT_CHUNK = 16
@@ -41,10 +85,12 @@ def explain_chunk(explainer: Explainer, images: Sequence[Tensor], labels: Sequen
     is one ``Explainer.__call__``. Drill-down always runs per image.
     """
     run_many = getattr(explainer, "run_many", None)
-    if run_many is not None and drill_down is None and len(images) > 1:
-        return list(run_many(torch.stack([x.reshape(explainer.image_chw) for x in images]), list(labels),
-                             batch_size))
-    return [explainer(x, label=y, drill_down=drill_down, batch_size=batch_size) for x, y in zip(images, labels)]
+    with _GUARD.run():
+        if run_many is not None and drill_down is None and len(images) > 1:
+            return list(run_many(torch.stack([x.reshape(explainer.image_chw) for x in images]), list(labels),
+                                 batch_size))
+        return [explainer(x, label=y, drill_down=drill_down, batch_size=batch_size)
+                for x, y in zip(images, labels)]
 
 
 class ExplainerCache:
@@ -98,7 +144,8 @@ class ExplainerCache:
         key = self._key(size, color)
         ex = self._by_key.get(key)
         if ex is None:
-            ex = compile_explainer(self.model, image_size=key[0], color=list(key[1]), **self.kwargs)
+            with _GUARD.trace():
+                ex = compile_explainer(self.model, image_size=key[0], color=list(key[1]), **self.kwargs)
             self._by_key[key] = ex
             self.compiles += 1
             logger.debug("compiled %s for %s", type(self.model).__name__, key[0])
