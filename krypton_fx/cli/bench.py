@@ -9,6 +9,7 @@ import gc
 import json
 import math
 import re
+from typing import Optional
 
 from ..models import input_channels, torchvision_names
 from . import options as opt
@@ -102,7 +103,6 @@ def run(args) -> int:
                 results.append({"model": name, "status": "skipped", "reason": reason})
                 line = f"{name:<{width}}skipped: {reason}"
             else:
-                mib = 1 << 20
                 results.append({"model": name, "status": "ok", "theoretical": m.theoretical,
                                 "speedup": m.speedup, "ratio": m.speedup / m.theoretical,
                                 "naive_s": m.naive_s, "incremental_s": m.incremental_s,

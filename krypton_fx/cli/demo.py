@@ -33,7 +33,6 @@ _DEMO_CLASSES = ("healthy", "lesion")
 
 def run(args) -> int:
     import numpy as np
-    import torch
 
     from .. import lesions
     from ..explainer import compile as compile_explainer

@@ -1,5 +1,5 @@
-"""``krypton-fx explain``: an occlusion heat map of one image (``--out``), or of many into a folder
-(``--out-dir``: see :mod:`.explain_files`)."""
+"""``krypton-fx explain``: its options, and an occlusion heat map of one image (``--out``); many
+images into a folder (``--out-dir``) are :mod:`.explain_files`'s."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ..models import input_channels, load_model
 from . import options as opt
-from .errors import CLIError, first_line, warn
+from .errors import CLIError, warn
+from .explain_files import run_files
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
 from .images import patch_color, preprocessing_for, read_image, to_model_mode
 
-__all__ = ["add_parser", "run", "check_settings", "probe_model"]
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
@@ -79,47 +80,8 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
     return p
 
 
-def check_settings(args):
-    """The checks every explain run makes before reading anything: ``(patch, stride, drill_down)``."""
-    patch, stride = opt.pair(args.patch), opt.pair(args.stride)
-    if args.size is not None:
-        opt.check_patch(patch, (args.size, args.size))
-    drill = opt.drill_down(args.drill_down, args.stage1_stride, stride)
-    if stride[0] > patch[0] or stride[1] > patch[1]:
-        warn(f"--stride {stride[0]}x{stride[1]} is larger than --patch {patch[0]}x{patch[1]}: pixels between "
-             "the patches are never occluded, so the map cannot show them")
-    return patch, stride, drill
-
-
-def probe_model(loaded, x, device, label, output) -> int:
-    """One plain inference: a wrong --label or a model that is no classifier fails here, in a second,
-    before compiling and the long run. Returns the number of classes."""
-    import torch
-
-    channels, size_hw = x.shape[0], tuple(x.shape[-2:])
-    with torch.no_grad():
-        loaded.model.to(device)
-        try:
-            logits = loaded.model(x[None].to(device))
-        except Exception as e:  # RuntimeError from a conv, AssertionError from ViT's size check, ...
-            raise CLIError(f"{loaded.name} cannot run on a {channels}x{size_hw[0]}x{size_hw[1]} image "
-                           f"({first_line(e)}); try another --size") from None
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-        raise CLIError(f"{loaded.name} does not return class scores of shape (N, classes); "
-                       "explain works on classifiers")
-    classes = logits.shape[1]
-    if classes == 1 and output == "prob":
-        warn(f"{loaded.name} has one output: its softmax probability is 1 everywhere, so the map is flat; "
-             "use --output logit (or a model with two or more classes)")
-    if label is not None and label >= classes:
-        raise CLIError(f"--label {label} is out of range: {loaded.name} has {classes} classes "
-                       f"(0..{classes - 1})")
-    return classes
-
-
 def run(args) -> int:
     if args.out_dir is not None:
-        from .explain_files import run_files
         return run_files(args)
     for option in ("devices", "ray", "workers"):
         if getattr(args, option) is not None:
@@ -138,7 +100,7 @@ def _explain_one(args) -> int:
 
     from ..explainer import compile as compile_explainer
 
-    patch, stride, drill = check_settings(args)
+    patch, stride, drill = opt.check_settings(args)
     out_png = output_file(args.out or "heat.png", "--out", PICTURE_FORMATS, inputs=[args.image])
     out_npy = output_file(args.npy, "--npy", inputs=[args.image], example="heat.npy") if args.npy else None
     if out_npy is not None and out_npy.resolve() == out_png.resolve():
@@ -152,7 +114,7 @@ def _explain_one(args) -> int:
     x = prep.transform(to_model_mode(picture, channels))
     size_hw = tuple(x.shape[-2:])
     opt.check_patch(patch, size_hw)
-    probe_model(loaded, x, device, args.label, args.output)
+    opt.probe_model(loaded, x, device, args.label, args.output)
 
     color = patch_color(args.color, x, prep.mean, prep.std)
     ex = compile_explainer(model, patch=patch, stride=stride, color=color, image_size=size_hw,

@@ -21,7 +21,6 @@ from ..scale.imagefiles import expand_inputs
 from ..scale.outputs import OutputFolder
 from . import options as opt
 from .errors import PROG, CLIError, warn
-from .explain import check_settings, probe_model
 from .files import output_dir
 from .images import ImageReader, preprocessing_for
 
@@ -53,7 +52,7 @@ def _check_options(args) -> None:
 
 def run_files(args) -> int:
     _check_options(args)
-    patch, stride, drill = check_settings(args)
+    patch, stride, drill = opt.check_settings(args)
     try:
         devices = parse_devices(args.devices) if args.devices else [opt.resolve_device(args.device)]
     except ValueError as e:
@@ -109,7 +108,7 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
         except ValueError:
             continue
         opt.check_patch(patch, tuple(x.shape[-2:]))
-        probe_model(loaded, x, torch.device("cpu"), args.label, args.output)
+        opt.probe_model(loaded, x, torch.device("cpu"), args.label, args.output)
         break
     if loaded.warning:
         warn(loaded.warning)

@@ -1,4 +1,4 @@
-"""Argument types and the checks that several commands share (patch, device, drill-down)."""
+"""Argument types and the checks that several commands share (patch, device, drill-down, the model)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import math
 import re
 from typing import Callable, Optional, Sequence, Union
 
-from .errors import CLIError
+from .errors import CLIError, first_line, warn
 
 __all__ = ["int_at_least", "positive_int", "non_negative_int", "int_or_pair", "fraction", "tau", "color",
-           "finite_float", "positions", "pair", "drill_down", "resolve_device", "check_patch"]
+           "finite_float", "positions", "pair", "drill_down", "resolve_device", "check_patch",
+           "check_settings", "probe_model"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -129,3 +130,41 @@ def check_patch(patch: tuple[int, int], size_hw: Sequence[int], size_option: str
     if patch[0] > size_hw[0] or patch[1] > size_hw[1]:
         raise CLIError(f"--patch {patch[0]}x{patch[1]} is larger than the {size_hw[0]}x{size_hw[1]} model "
                        f"input; use a smaller --patch or a larger {size_option}")
+
+
+def check_settings(args):
+    """The checks every explain run makes before reading anything: ``(patch, stride, drill_down)``."""
+    patch, stride = pair(args.patch), pair(args.stride)
+    if args.size is not None:
+        check_patch(patch, (args.size, args.size))
+    drill = drill_down(args.drill_down, args.stage1_stride, stride)
+    if stride[0] > patch[0] or stride[1] > patch[1]:
+        warn(f"--stride {stride[0]}x{stride[1]} is larger than --patch {patch[0]}x{patch[1]}: pixels between "
+             "the patches are never occluded, so the map cannot show them")
+    return patch, stride, drill
+
+
+def probe_model(loaded, x, device, label, output) -> int:
+    """One plain inference: a wrong --label or a model that is no classifier fails here, in a second,
+    before compiling and the long run. Returns the number of classes."""
+    import torch
+
+    channels, size_hw = x.shape[0], tuple(x.shape[-2:])
+    with torch.no_grad():
+        loaded.model.to(device)
+        try:
+            logits = loaded.model(x[None].to(device))
+        except Exception as e:  # RuntimeError from a conv, AssertionError from ViT's size check, ...
+            raise CLIError(f"{loaded.name} cannot run on a {channels}x{size_hw[0]}x{size_hw[1]} image "
+                           f"({first_line(e)}); try another --size") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise CLIError(f"{loaded.name} does not return class scores of shape (N, classes); "
+                       "explain works on classifiers")
+    classes = logits.shape[1]
+    if classes == 1 and output == "prob":
+        warn(f"{loaded.name} has one output: its softmax probability is 1 everywhere, so the map is flat; "
+             "use --output logit (or a model with two or more classes)")
+    if label is not None and label >= classes:
+        raise CLIError(f"--label {label} is out of range: {loaded.name} has {classes} classes "
+                       f"(0..{classes - 1})")
+    return classes

@@ -128,7 +128,8 @@ def run_on_ray(job: FileJob, tasks: Sequence[Task], address: Optional[str] = "au
     """``(task, row, None)`` for every task, as the actors finish them (the maps are in the output folder)."""
     ray = _ray()
     _quiet(ray)
-    init_ray(address, log_to_driver=False)  # failures come back as rows; worker logs would only be noise
+    # Failures come back as rows; worker logs and Ray's start-up notes would only be noise.
+    init_ray(address, log_to_driver=False, logging_level=logging.ERROR)
     per_batch = images_per_batch or max(1, min(job.chunk, -(-len(tasks) // (2 * (workers or 2)))))
     # Workers run elsewhere (another folder, another node): they get absolute paths.
     job = dataclasses.replace(job, out_dir=os.path.abspath(job.out_dir)) if job.out_dir else job

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .imagefiles import load_image
-from .many import DEFAULT_CHUNK, ExplainerCache, iter_results
+from .many import DEFAULT_CHUNK, ExplainerCache, iter_results, no_tracing
 from .outputs import OutputFolder, Task, error_row, result_row
 from .sources import Item
 
@@ -112,7 +112,8 @@ class FileWorker:
     def __init__(self, job: FileJob, device="cpu", copy_model: bool = False):
         self.job = job
         self.device = torch.device(device)
-        model = copy.deepcopy(job.model) if copy_model else job.model
+        with no_tracing():
+            model = copy.deepcopy(job.model) if copy_model else job.model
         self.cache = ExplainerCache(model, device=self.device, color=job.color, **job.compile_kwargs)
         self.folder = OutputFolder(job.out_dir, job.fingerprint) if job.out_dir is not None else None
         self.reader = job.reader or functools.partial(default_reader, channels=self.cache.channels)
@@ -123,7 +124,8 @@ class FileWorker:
                 if arrays is not None and task.index in arrays:
                     x, picture, color = array_input(arrays.pop(task.index)), None, None
                 else:
-                    x, picture, color = self.reader(task.path)
+                    with no_tracing():  # readers may run torchvision transforms: nn.Modules
+                        x, picture, color = self.reader(task.path)
             except (ValueError, TypeError, OSError) as e:
                 yield Item(task.index, task.path, None, None, Path(task.path), e)
                 continue

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
@@ -23,9 +25,10 @@ from torch import Tensor, nn
 
 from ..explainer import Explainer, OcclusionResult
 from ..explainer import compile as compile_explainer
+from ..models import input_channels
 from .sources import Item, LabelSpec, iter_items
 
-__all__ = ["explain_many", "explain_chunk", "ExplainerCache", "DEFAULT_CHUNK"]
+__all__ = ["explain_many", "explain_chunk", "ExplainerCache", "DEFAULT_CHUNK", "no_tracing"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +74,17 @@ class _TraceGuard:
 
 _GUARD = _TraceGuard()
 
+
+def no_tracing():
+    """A context in which no torch.fx trace runs in another thread of this process.
+
+    Wrap any code that calls an ``nn.Module`` (torchvision transforms included)
+    or copies one, in a thread that runs beside workers that may compile.
+    """
+    return _GUARD.run()
+
+_WARM: "weakref.WeakSet[Explainer]" = weakref.WeakSet()
+
 # Images per chunk: what one packed run may hold (each image keeps its stored activations alive).
 DEFAULT_CHUNK = 16
 
@@ -85,7 +99,11 @@ def explain_chunk(explainer: Explainer, images: Sequence[Tensor], labels: Sequen
     is one ``Explainer.__call__``. Drill-down always runs per image.
     """
     run_many = getattr(explainer, "run_many", None)
-    with _GUARD.run():
+    # An explainer's first run checks the traced graph against the model and, on CUDA, captures its
+    # CUDA graphs: alone, as a capture must not overlap other threads' GPU work.
+    first = explainer not in _WARM
+    with _GUARD.trace() if first else _GUARD.run():
+        _WARM.add(explainer)
         if run_many is not None and drill_down is None and len(images) > 1:
             return list(run_many(torch.stack([x.reshape(explainer.image_chw) for x in images]), list(labels),
                                  batch_size))
@@ -124,7 +142,6 @@ class ExplainerCache:
         else:
             raise TypeError(f"explain_many takes an Explainer or a torch.nn.Module, got {type(base).__name__}")
         if "channels" not in self.kwargs:
-            from ..models import input_channels
             self.kwargs["channels"] = input_channels(self.model)
         self.channels = int(self.kwargs["channels"])
         self._by_key: dict = {}
@@ -249,8 +266,9 @@ def explain_many(explainer_or_model: Union[Explainer, nn.Module], images: Any, l
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(images) if hasattr(images, "__len__") else None, desc="krypton_fx images",
-                   unit="image")
+        counted = getattr(images, "dataset", images)  # a DataLoader's len() counts batches
+        bar = tqdm(total=len(counted) if hasattr(counted, "__len__") and not isinstance(counted, (str, os.PathLike))
+                   else None, desc="krypton_fx images", unit="image")
     try:
         for item, res in iter_results(cache, items, batch_size, drill_down, chunk,
                                       on_chunk=bar.update if bar is not None else None):
