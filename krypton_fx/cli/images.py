@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 from ..scale import imagefiles
 from .errors import CLIError
 
-__all__ = ["read_image", "to_model_mode", "Preprocessing", "preprocessing_for", "patch_color",
+__all__ = ["read_image", "to_model_mode", "Preprocessing", "preprocessing_for", "patch_color", "ImageReader",
            "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
