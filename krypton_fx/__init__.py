@@ -18,9 +18,10 @@ from .approx import DrillDown, TuneResult, tune
 from .explainer import Explainer, OcclusionResult, compile, naive_occlusion
 from .report import theoretical_speedup
 from .tracing import TraceError, trace
+from .scale import explain_many
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "naive_occlusion", "theoretical_speedup", "Explainer", "OcclusionResult",
            "trace", "TraceError", "geometry", "registry", "tracing",
-           "DrillDown", "tune", "TuneResult"]
+           "DrillDown", "tune", "TuneResult", "explain_many"]

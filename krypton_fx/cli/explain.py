@@ -1,0 +1,160 @@
+"""``krypton-fx explain``: its options, and an occlusion heat map of one image (``--out``); many
+images into a folder (``--out-dir``) are :mod:`.explain_files`'s."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+from ..models import input_channels, load_model
+from . import options as opt
+from .errors import CLIError, warn
+from .explain_files import run_files
+from .files import PICTURE_FORMATS, output_file, save_figure, write_files
+from .images import patch_color, preprocessing_for, read_image, to_model_mode
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
+    p = sub.add_parser("explain", help="occlusion heat map of one image, or of many into a folder",
+                       formatter_class=formatter_class,
+                       description="Explain a CNN's prediction on IMAGE with an exact occlusion heat map; "
+                                   "with --out-dir, on every image of the files, folders and globs given.")
+    p.add_argument("image", metavar="IMAGE", nargs="+",
+                   help="PNG, JPEG or TIFF file; with --out-dir any number of files, folders and globs")
+    p.add_argument("--model", required=True, metavar="NAME|module:callable|file.pt",
+                   help="torchvision model name (resnet18), package.module:callable returning an "
+                        "nn.Module, or a .pt file with a whole pickled model (unpickling runs code "
+                        "from the file: use only files you trust)")
+    p.add_argument("--weights", metavar="ENUM|PATH|none",
+                   help="torchvision weights (ResNet18_Weights.IMAGENET1K_V1, DEFAULT), a state-dict or "
+                        "checkpoint file (read with weights_only=True: it never runs code), or none "
+                        "(random init); default: DEFAULT for torchvision names, the model as built "
+                        "otherwise")
+    p.add_argument("--num-classes", type=opt.positive_int, metavar="N",
+                   help="outputs of a torchvision model whose --weights file was fine-tuned")
+    p.add_argument("--patch", type=opt.int_or_pair, default=16, metavar="N|HxW", help="occlusion patch size")
+    p.add_argument("--stride", type=opt.int_or_pair, default=4, metavar="N|HxW", help="patch stride")
+    p.add_argument("--color", type=opt.color, default="gray", metavar="black|gray|mean|FLOAT",
+                   help="patch colour in the model's input space: black and gray are pixel values 0 "
+                        "and 0.5 normalised, mean the image's per-channel mean, a number is used as is")
+    p.add_argument("--label", type=opt.non_negative_int, metavar="N",
+                   help="class to explain (default: the predicted class)")
+    p.add_argument("--tau", type=opt.tau, default=1.0, help="projective-field threshold; 1 is exact")
+    p.add_argument("--output", choices=("prob", "logit"), default="prob",
+                   help="what the map records: the softmax probability of the label, or its raw logit")
+    p.add_argument("--drill-down", type=opt.fraction, metavar="R",
+                   help="adaptive drill-down: a coarse pass at --stage1-stride, then --stride only on "
+                        "the fraction R of cells with the largest drop (approximate; default off)")
+    p.add_argument("--stage1-stride", type=opt.positive_int, metavar="N",
+                   help="coarse stride of --drill-down in pixels (default: 2 x --stride)")
+    p.add_argument("--device", metavar="cpu|cuda", help="default: cuda if available, else cpu")
+    p.add_argument("--batch-size", type=opt.positive_int, metavar="N",
+                   help="positions per batch (default: what fits in memory)")
+    p.add_argument("--size", type=opt.positive_int, metavar="N",
+                   help="model input size: resize the shorter side to N, centre-crop NxN (default 224, "
+                        "or the weights' own crop size)")
+    p.add_argument("--mean", type=opt.finite_float, nargs="+", metavar="M",
+                   help="per-channel normalisation mean (default ImageNet's, or the weights' own)")
+    p.add_argument("--std", type=opt.finite_float, nargs="+", metavar="S",
+                   help="per-channel normalisation std (default ImageNet's, or the weights' own)")
+    p.add_argument("--out", metavar="PNG", help="picture to write (one IMAGE; default heat.png)")
+    p.add_argument("--npy", metavar="NPY", help="also write the raw heat map (numpy .npy; one IMAGE)")
+    p.add_argument("--seed", type=int, default=0, help="seed of random initialisation (--weights none)")
+    many = p.add_argument_group("many images (--out-dir)")
+    many.add_argument("--out-dir", metavar="DIR",
+                      help="explain every IMAGE (files, folders, globs) into DIR: <stem>.png, <stem>.npy "
+                           "and summary.csv; a rerun skips complete images")
+    many.add_argument("--overwrite", action="store_true", help="redo images whose outputs are complete")
+    many.add_argument("--devices", metavar="all|cuda:0,cuda:1|cpu",
+                      help="one worker per device over a shared queue (instead of --device)")
+    many.add_argument("--ray", metavar="auto|ADDRESS",
+                      help="run the workers on a Ray cluster (pip install 'krypton_fx[ray]'): auto joins "
+                           "the running cluster or starts a local one")
+    many.add_argument("--workers", type=opt.positive_int, metavar="N",
+                      help="Ray workers (default: one per GPU of the cluster, else 2)")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    if args.out_dir is not None:
+        return run_files(args)
+    for option in ("devices", "ray", "workers"):
+        if getattr(args, option) is not None:
+            raise CLIError(f"--{option} works with --out-dir DIR (many images); add --out-dir")
+    if args.overwrite:
+        raise CLIError("--overwrite works with --out-dir DIR; --out and --npy are always overwritten")
+    if len(args.image) > 1:
+        raise CLIError(f"{len(args.image)} images given but --out writes one picture; use --out-dir DIR "
+                       "for many images")
+    args.image = args.image[0]
+    return _explain_one(args)
+
+
+def _explain_one(args) -> int:
+    import numpy as np
+
+    from ..explainer import compile as compile_explainer
+
+    patch, stride, drill = opt.check_settings(args)
+    out_png = output_file(args.out or "heat.png", "--out", PICTURE_FORMATS, inputs=[args.image])
+    out_npy = output_file(args.npy, "--npy", inputs=[args.image], example="heat.npy") if args.npy else None
+    if out_npy is not None and out_npy.resolve() == out_png.resolve():
+        raise CLIError("--out and --npy name the same file; give them different names")
+    picture = read_image(args.image)
+    device = opt.resolve_device(args.device)
+    loaded = load_model(args.model, args.weights, args.num_classes, args.seed)
+    model = loaded.model
+    channels = input_channels(model)
+    prep = preprocessing_for(loaded.weights, args.size, args.mean, args.std, channels)
+    x = prep.transform(to_model_mode(picture, channels))
+    size_hw = tuple(x.shape[-2:])
+    opt.check_patch(patch, size_hw)
+    opt.probe_model(loaded, x, device, args.label, args.output)
+
+    color = patch_color(args.color, x, prep.mean, prep.std)
+    ex = compile_explainer(model, patch=patch, stride=stride, color=color, image_size=size_hw,
+                           tau=args.tau, batch_size=args.batch_size, device=device, channels=channels,
+                           output=args.output)
+    if loaded.warning:
+        warn(loaded.warning)
+    start = time.perf_counter()
+    res = ex(x, label=args.label, drill_down=drill, progress=True)
+    seconds = time.perf_counter() - start
+
+    from ..viz import heatmap_figure
+
+    heat = res.heatmap.numpy()
+    cats = loaded.categories
+    label_name = cats[res.label] if cats and res.label < len(cats) else None
+    approx = [f"tau={args.tau:g}"] if args.tau < 1.0 else []
+    if drill is not None:
+        s1 = res.stats["stage1_stride"]
+        approx.append(f"drill-down r={drill.r:g} from stride {s1[0]}x{s1[1]}")
+    exact = ", ".join(approx + ["approximate"]) if approx else "exact"
+    fig = heatmap_figure(prep.display(x), heat, res.patch, res.stride, res.label, res.base_prob,
+                         label_name=label_name, output=res.output,
+                         subtitle=(f"{loaded.name}, {Path(args.image).name}: patch {patch[0]}x{patch[1]}, "
+                                   f"stride {stride[0]}x{stride[1]}, {heat.shape[0]}x{heat.shape[1]} "
+                                   f"positions ({exact})"))
+    fmt = out_png.suffix.lower().lstrip(".")
+    writers = {out_png: functools.partial(save_figure, fig, fmt)}
+    if out_npy is not None:
+        writers[out_npy] = functools.partial(np.save, arr=heat)
+    write_files(writers)
+
+    name = f" '{label_name}'" if label_name else ""
+    print(f"{loaded.name} on {args.image} ({prep.description}): class {res.label}{name}, "
+          f"{'P' if args.output == 'prob' else 'logit'} = {res.base_prob:.4f}")
+    run_ = res.stats.get("positions_run", ex.positions)
+    ran = f"{run_} of {ex.positions} positions run" if run_ != ex.positions else f"{ex.positions} positions"
+    what = "P" if args.output == "prob" else "logit"
+    print(f"heat map {heat.shape[0]}x{heat.shape[1]} ({ran}, batch {min(ex.batch_size, run_)}) "
+          f"in {seconds:.2f} s on {device}; lowest {what} {heat.min():.4f}")
+    for path in writers:
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,134 @@
+"""``krypton-fx explain FILES_DIRS_GLOBS... --out-dir OUT``: many images into a folder.
+
+Per image ``OUT/<stem>.png`` and ``OUT/<stem>.npy``, and ``OUT/summary.csv``
+with one row per image (:mod:`krypton_fx.scale.outputs` has the contract:
+atomic writes, stable names for equal stems, resumption). A bad image is a
+row with status ``error`` and the others go on; the exit status is then 1,
+with a one-line count on stderr. Workers: one on ``--device``, one per
+device of ``--devices``, or Ray actors with ``--ray``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..models import input_channels, load_model
+from ..scale.devices import parse_devices, run_on_devices
+from ..scale.files import FileJob
+from ..scale.imagefiles import expand_inputs
+from ..scale.outputs import OutputFolder
+from . import options as opt
+from .errors import PROG, CLIError, warn
+from .files import output_dir
+from .images import ImageReader, preprocessing_for
+
+__all__ = ["run_files", "fingerprint"]
+
+
+def fingerprint(args, patch, stride) -> dict:
+    """The settings that make a map: an output made with other ones is not reused."""
+    drill = None if args.drill_down is None else [args.drill_down, args.stage1_stride]
+    return {"model": args.model, "weights": args.weights, "num_classes": args.num_classes,
+            "seed": args.seed if (args.weights or "").lower() == "none" else None,
+            "size": args.size, "mean": args.mean, "std": args.std, "patch": list(patch),
+            "stride": list(stride), "color": args.color, "label": args.label, "tau": args.tau,
+            "output": args.output, "drill_down": drill}
+
+
+def _check_options(args) -> None:
+    for option in ("out", "npy"):
+        if getattr(args, option) is not None:
+            raise CLIError(f"--{option} writes one image's output; with --out-dir every image gets "
+                           f"DIR/<stem>.png and DIR/<stem>.npy: drop --{option}")
+    if args.devices is not None and args.device is not None:
+        raise CLIError("give --device or --devices, not both")
+    if args.ray is not None and args.devices is not None:
+        raise CLIError("--ray places the workers on the cluster's devices; drop --devices (or --ray)")
+    if args.workers is not None and args.ray is None:
+        raise CLIError("--workers sets the number of Ray workers; add --ray auto (or use --devices)")
+
+
+def run_files(args) -> int:
+    _check_options(args)
+    patch, stride, drill = opt.check_settings(args)
+    try:
+        devices = parse_devices(args.devices) if args.devices else [opt.resolve_device(args.device)]
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    paths, notes = expand_inputs(args.image, exclude=args.out_dir)
+    for note in notes:
+        warn(note)
+    if not paths:
+        raise CLIError(f"no input files in {' '.join(args.image)}; give image files, folders or globs")
+
+    with output_dir(args.out_dir, "--out-dir") as out:
+        folder = OutputFolder(out, fingerprint(args, patch, stride), overwrite=args.overwrite)
+        folder.clean_temporaries()
+        tasks, todo, done = folder.plan([str(p) for p in paths])
+        rows = dict(done)
+        where = f"Ray ({args.ray})" if args.ray else ", ".join(map(str, devices))
+        start = time.perf_counter()
+        try:
+            if todo:
+                job = _job(args, out, folder.fingerprint, patch, stride, drill, todo)
+                if args.ray is not None:
+                    from ..scale.cluster import run_on_ray
+                    results = run_on_ray(job, todo, address=args.ray, workers=args.workers)
+                else:
+                    results = run_on_devices(job, todo, devices)
+                _collect(results, rows, len(tasks), len(done))
+        finally:  # interrupted or not, the summary lists what is done
+            summary = folder.write_summary([rows[t.index] for t in tasks if t.index in rows])
+    seconds = time.perf_counter() - start
+    failed = sum(r["status"] == "error" for r in rows.values())
+    made = sum(r["status"] == "ok" for r in rows.values())
+    print(f"{len(tasks)} images: {made} explained, {len(done)} complete from an earlier run, {failed} failed "
+          f"({seconds:.1f} s on {where})")
+    print(f"wrote {summary}")
+    if failed:
+        print(f"{PROG}: {failed} of {len(tasks)} images failed; see the error column of {summary}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob:
+    """Load the model, check it on the first readable image, and describe the work for the workers."""
+    import torch
+
+    loaded = load_model(args.model, args.weights, args.num_classes, args.seed)
+    channels = input_channels(loaded.model)
+    prep = preprocessing_for(loaded.weights, args.size, args.mean, args.std, channels)
+    reader = ImageReader(prep, channels, args.color)
+    for task in todo:  # the first image that reads: a model that cannot run on it fails now, once
+        try:
+            x, _, _ = reader(task.path)
+        except ValueError:
+            continue
+        opt.check_patch(patch, tuple(x.shape[-2:]))
+        opt.probe_model(loaded, x, torch.device("cpu"), args.label, args.output)
+        break
+    if loaded.warning:
+        warn(loaded.warning)
+    if args.color == "mean":
+        warn("--color mean gives every image its own patch colour, so each image is compiled anew (slower)")
+    compile_kwargs = dict(patch=patch, stride=stride, tau=args.tau, batch_size=args.batch_size,
+                          output=args.output, channels=channels)
+    return FileJob(loaded.model.cpu(), str(out), compile_kwargs, reader=reader, label=args.label,
+                   drill_down=drill, fingerprint=settings, model_name=loaded.name,
+                   categories=loaded.categories)
+
+
+def _collect(results, rows: dict, total: int, initial: int) -> None:
+    """Rows as the workers finish them, with one progress bar over images; errors as warnings."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, initial=initial, desc=PROG, unit="image", disable=None, file=sys.stderr) as bar:
+        for task, row, _ in results:
+            rows[task.index] = row
+            if row["status"] == "error":
+                said = row["error"] if task.path in row["error"] else f"{task.path}: {row['error']}"
+                bar.write(f"{PROG}: warning: {said}", file=sys.stderr)
+            bar.update(1)

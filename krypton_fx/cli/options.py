@@ -1,0 +1,170 @@
+"""Argument types and the checks that several commands share (patch, device, drill-down, the model)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import re
+from typing import Callable, Optional, Sequence, Union
+
+from .errors import CLIError, first_line, warn
+
+__all__ = ["int_at_least", "positive_int", "non_negative_int", "int_or_pair", "fraction", "tau", "color",
+           "finite_float", "positions", "pair", "drill_down", "resolve_device", "check_patch",
+           "check_settings", "probe_model"]
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+
+
+def int_or_pair(text: str) -> Union[int, tuple[int, int]]:
+    """``16`` or ``16x8`` / ``16,8`` (height, width), every value >= 1."""
+    parts = re.split(r"[x,]", text.strip().lower())
+    if len(parts) > 2:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
+    values = tuple(positive_int(p) for p in parts)
+    return values[0] if len(values) == 1 else values  # type: ignore[return-value]
+
+
+def fraction(text: str, note: str = "") -> float:
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1]{note}, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1]{note}, got {value}")
+    return value
+
+
+tau = functools.partial(fraction, note=" (1 is exact)")
+
+
+def color(text: str) -> Union[str, float]:
+    """argparse type: black, gray, mean or a finite number."""
+    name = text.strip().lower()
+    if name in ("black", "gray", "grey", "mean"):
+        return "gray" if name == "grey" else name
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected black, gray, mean or a number in the model's input space, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (``nan`` and ``inf`` parse as floats but are no use)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def positions(text: str) -> Optional[int]:
+    return None if text.strip().lower() == "all" else positive_int(text)
+
+
+def pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+def drill_down(r: Optional[float], stage1: Optional[int], stride: tuple[int, int]):
+    """The DrillDown of --drill-down / --stage1-stride, or None."""
+    if r is None:
+        if stage1 is not None:
+            raise CLIError("--stage1-stride needs --drill-down R (the fraction of cells to refine)")
+        return None
+    from ..approx import DrillDown
+    if stage1 is None:
+        stage1 = (2 * stride[0], 2 * stride[1])
+    elif stage1 < max(stride):
+        raise CLIError(f"--stage1-stride {stage1} is finer than --stride {stride[0]}x{stride[1]}; "
+                       "give a coarser stage-one stride")
+    return DrillDown(r=r, stage1_stride=stage1)
+
+
+def resolve_device(text: Optional[str], option: str = "--device"):
+    """A torch.device from ``--device`` (default: cuda if available), checked against the machine."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"{option} must be cpu or cuda (or cuda:N), got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CLIError(f"{option} must be cpu or cuda (or cuda:N), got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"{option} {text} was requested but CUDA is not available on this machine; "
+                           f"use {option} cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"{option} {text}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                           "use cuda:0")
+    return device
+
+
+def check_patch(patch: tuple[int, int], size_hw: Sequence[int], size_option: str = "--size") -> None:
+    if patch[0] > size_hw[0] or patch[1] > size_hw[1]:
+        raise CLIError(f"--patch {patch[0]}x{patch[1]} is larger than the {size_hw[0]}x{size_hw[1]} model "
+                       f"input; use a smaller --patch or a larger {size_option}")
+
+
+def check_settings(args):
+    """The checks every explain run makes before reading anything: ``(patch, stride, drill_down)``."""
+    patch, stride = pair(args.patch), pair(args.stride)
+    if args.size is not None:
+        check_patch(patch, (args.size, args.size))
+    drill = drill_down(args.drill_down, args.stage1_stride, stride)
+    if stride[0] > patch[0] or stride[1] > patch[1]:
+        warn(f"--stride {stride[0]}x{stride[1]} is larger than --patch {patch[0]}x{patch[1]}: pixels between "
+             "the patches are never occluded, so the map cannot show them")
+    return patch, stride, drill
+
+
+def probe_model(loaded, x, device, label, output) -> int:
+    """One plain inference: a wrong --label or a model that is no classifier fails here, in a second,
+    before compiling and the long run. Returns the number of classes."""
+    import torch
+
+    channels, size_hw = x.shape[0], tuple(x.shape[-2:])
+    with torch.no_grad():
+        loaded.model.to(device)
+        try:
+            logits = loaded.model(x[None].to(device))
+        except Exception as e:  # RuntimeError from a conv, AssertionError from ViT's size check, ...
+            raise CLIError(f"{loaded.name} cannot run on a {channels}x{size_hw[0]}x{size_hw[1]} image "
+                           f"({first_line(e)}); try another --size") from None
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise CLIError(f"{loaded.name} does not return class scores of shape (N, classes); "
+                       "explain works on classifiers")
+    classes = logits.shape[1]
+    if classes == 1 and output == "prob":
+        warn(f"{loaded.name} has one output: its softmax probability is 1 everywhere, so the map is flat; "
+             "use --output logit (or a model with two or more classes)")
+    if label is not None and label >= classes:
+        raise CLIError(f"--label {label} is out of range: {loaded.name} has {classes} classes "
+                       f"(0..{classes - 1})")
+    return classes
