@@ -79,12 +79,13 @@ def main(argv=None) -> int:
         best = {"naive": float("inf"), "loop": float("inf"), "many": float("inf")}
         for _ in range(args.rounds):
             if args.naive:
-                t, _ = timed(lambda: [krypton_fx.naive_occlusion(model, x, PATCH, stride, 0.0, batch_size=BATCH)
-                                      for x in images], device)
+                t, _ = timed(lambda s=stride: [krypton_fx.naive_occlusion(model, x, PATCH, s, 0.0,
+                                                                          batch_size=BATCH) for x in images],
+                             device)
                 best["naive"] = min(best["naive"], t)
-            t, loop = timed(lambda: [ex(x) for x in images], device)
+            t, loop = timed(lambda e=ex: [e(x) for x in images], device)
             best["loop"] = min(best["loop"], t)
-            t, many = timed(lambda: list(krypton_fx.explain_many(ex, images)), device)
+            t, many = timed(lambda e=ex: list(krypton_fx.explain_many(e, images)), device)
             best["many"] = min(best["many"], t)
             assert all(torch.equal(a.heatmap, b.heatmap) for a, b in zip(loop, many)), "maps differ"
         rate = {k: args.images / v for k, v in best.items()}

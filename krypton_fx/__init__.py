@@ -17,8 +17,8 @@ from . import geometry, registry, tracing
 from .approx import DrillDown, TuneResult, tune
 from .explainer import Explainer, OcclusionResult, compile, naive_occlusion
 from .report import theoretical_speedup
-from .tracing import TraceError, trace
 from .scale import explain_many
+from .tracing import TraceError, trace
 
 __version__ = "0.1.0"
 
