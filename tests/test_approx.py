@@ -165,7 +165,7 @@ def test_eq48_bound(r):
     dict(r=0.0, speedup=2.0), dict(r=1.5, speedup=1.0), dict(r=-0.1, stage1_stride=8),
     dict(r=True, stage1_stride=8), dict(r=0.25), dict(r=0.25, speedup=2.0, stage1_stride=8),
     dict(r=0.25, speedup=0.5), dict(r=0.25, speedup=float("nan")), dict(r=0.25, speedup="2"),
-    dict(r=0.25, stage1_stride=0), dict(r=0.25, stage1_stride=(8,)), dict(r=0.25, stage1_stride=(8, 0)),
+    dict(r=0.25, stage1_stride=0), dict(r=0.25, stage1_stride=(8, 8, 8, 8)), dict(r=0.25, stage1_stride=(8, 0)),
     dict(r=0.25, stage1_stride=8.0), dict(r=0.25, stage1_stride=True),
 ])
 def test_invalid_drill_down_raises(kwargs):

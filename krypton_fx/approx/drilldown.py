@@ -39,13 +39,14 @@ Number = Union[int, float]
 Pair = Union[Number, Sequence[Number]]
 
 
-def _as_pair(value: Pair) -> tuple[float, float]:
+def _as_tuple(value: Pair, n: int = 2) -> tuple[float, ...]:
+    """A number (the same on every axis) or one per axis, as floats."""
     if isinstance(value, (int, float)):
-        return float(value), float(value)
-    pair = tuple(float(v) for v in value)
-    if len(pair) != 2:
-        raise ValueError(f"expected a number or a (height, width) pair, got {value!r}")
-    return pair  # type: ignore[return-value]
+        return (float(value),) * n
+    values = tuple(float(v) for v in value)
+    if len(values) != n:
+        raise ValueError(f"expected a number or {n} numbers (one per spatial axis), got {value!r}")
+    return values
 
 
 # --- eqs. 46-48 -------------------------------------------------------------------
@@ -61,8 +62,9 @@ def drill_down_speedup(s1: Pair, s2: Pair, r: float) -> float:
         >>> drill_down_speedup(16, 4, 0.25)
         3.2
     """
-    (a, b), (c, d) = _as_pair(s1), _as_pair(s2)
-    return (a * b) / (c * d + r * a * b)
+    n = len(s2) if isinstance(s2, Sequence) else len(s1) if isinstance(s1, Sequence) else 2
+    a, c = math.prod(_as_tuple(s1, n)), math.prod(_as_tuple(s2, n))
+    return a / (c + r * a)
 
 
 def max_drill_down_speedup(r: float) -> float:
@@ -75,10 +77,11 @@ def max_drill_down_speedup(r: float) -> float:
     return 1.0 / r
 
 
-def stage1_stride(speedup: float, s2: Pair, r: float) -> tuple[float, float]:
+def stage1_stride(speedup: float, s2: Pair, r: float) -> tuple[float, ...]:
     """Stage-one stride that gives ``speedup`` (eq. 47), per axis.
 
-    ``S1 = sqrt(speedup / (1 - r * speedup)) * S2``.
+    ``S1 = sqrt(speedup / (1 - r * speedup)) * S2`` for images; with ``n``
+    spatial axes the root is the ``n``-th (positions scale with ``1 / S^n``).
 
     Raises:
         ValueError: if ``speedup >= 1/r`` (eq. 48: no stride reaches it).
@@ -94,9 +97,10 @@ def stage1_stride(speedup: float, s2: Pair, r: float) -> tuple[float, float]:
     if r * speedup >= 1.0:
         raise ValueError(f"speedup {speedup:g} is impossible with r={r:g}: drill-down can reach at "
                          f"most 1/r = {max_drill_down_speedup(r):g} (eq. 48); lower speedup or r")
-    factor = math.sqrt(speedup / (1.0 - r * speedup))
-    sy, sx = _as_pair(s2)
-    return factor * sy, factor * sx
+    n = len(s2) if isinstance(s2, Sequence) else 2
+    # positions scale with 1 / prod(S): each axis grows by the n-th root of the factor
+    factor = (speedup / (1.0 - r * speedup)) ** (1.0 / n)
+    return tuple(factor * s for s in _as_tuple(s2, n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +108,7 @@ class DrillDown:
     """Adaptive drill-down settings (section 4.3).
 
     Give exactly one of ``speedup`` (the stage-one stride then follows from
-    eq. 47) or ``stage1_stride`` (pixels, an int or ``(h, w)``).
+    eq. 47) or ``stage1_stride`` (pixels, an int or one per spatial axis).
 
     Attributes:
         r: fraction of heat-map cells re-run at the compiled stride, in (0, 1].
@@ -122,7 +126,7 @@ class DrillDown:
 
     r: float = 0.25
     speedup: Optional[float] = None
-    stage1_stride: Optional[Union[int, tuple[int, int]]] = None
+    stage1_stride: Optional[Union[int, tuple[int, ...]]] = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, (int, float)) or not 0.0 < self.r <= 1.0:
@@ -137,21 +141,26 @@ class DrillDown:
             stage1_stride(self.speedup, 1, self.r)  # raises if eq. 48 rules the target out
         else:
             s = self.stage1_stride
-            pair = (s, s) if isinstance(s, int) else tuple(s) if isinstance(s, (tuple, list)) else None
-            if pair is None or len(pair) != 2 or not all(
-                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in pair):
-                raise ValueError(f"DrillDown stage1_stride must be an int >= 1 or a (h, w) pair of them, "
-                                 f"got {s!r}")
-            object.__setattr__(self, "stage1_stride", pair)
+            values = (s, s) if isinstance(s, int) else tuple(s) if isinstance(s, (tuple, list)) else None
+            if values is None or not 1 <= len(values) <= 3 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+                raise ValueError(f"DrillDown stage1_stride must be an int >= 1 or one such int per spatial "
+                                 f"axis, got {s!r}")
+            object.__setattr__(self, "stage1_stride", values)
 
-    def stage1_step(self, s2: tuple[int, int]) -> tuple[int, int]:
+    def stage1_step(self, s2: tuple[int, ...]) -> tuple[int, ...]:
         """Stage-one step in heat-map cells of the compiled stride ``s2``, at least 1 per axis.
 
         The stage-one stride is rounded to the nearest multiple of ``s2`` so
         that stage one is a subset of the compiled grid.
         """
         s1 = self.stage1_stride if self.speedup is None else stage1_stride(self.speedup, s2, self.r)
-        return tuple(max(1, int(round(a / b))) for a, b in zip(s1, s2))  # type: ignore[return-value]
+        if len(s1) != len(s2):
+            if len(set(s1)) != 1:
+                raise ValueError(f"DrillDown stage1_stride {s1} has {len(s1)} axes but the explainer has "
+                                 f"{len(s2)}: give an int or one value per axis")
+            s1 = (s1[0],) * len(s2)  # an int given as a number means every axis
+        return tuple(max(1, int(round(a / b))) for a, b in zip(s1, s2))
 
     def run(self, explainer: "Explainer", image: Tensor, label=None, batch_size: Optional[int] = None,
             progress: bool = False) -> OcclusionResult:
@@ -236,34 +245,40 @@ def run_drill_down(ex: "Explainer", image: Tensor, dd: DrillDown, label: Optiona
     if not isinstance(dd, DrillDown):
         raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(dd).__name__}")
     start = time.perf_counter()
-    hm, wm = ex.grid
-    ky, kx = dd.stage1_step(ex.stride)
+    grid, cells = ex.grid, math.prod(ex.grid)
+    steps = dd.stage1_step(ex.stride)
     logits, stored = ex.prepare(image)
     label = common.label_index(label, logits.shape[-1])
     label = int(logits.argmax(1)) if label is None else label
     base = float(common.scores(logits, label, ex.output))
 
-    rows, cols = stage1_grid(hm, ky), stage1_grid(wm, kx)
-    stage1 = (rows.view(-1, 1) * wm + cols.view(1, -1)).reshape(-1)
-    coarse = ex.run_positions(stage1, stored, label, batch_size, progress).view(len(rows), len(cols))
-    upsampled = (upsample_matrix(rows, hm) @ coarse.double() @ upsample_matrix(cols, wm).T).float()
-
-    measured = torch.zeros(hm * wm, dtype=torch.bool)
+    samples = [stage1_grid(n, k) for n, k in zip(grid, steps)]
+    # Row-major flat index of every combination of sampled rows, columns (and slices).
+    stage1 = torch.zeros(1, dtype=torch.int64)
+    for axis_samples, n in zip(samples, grid):
+        stage1 = (stage1.view(-1, 1) * n + axis_samples.view(1, -1)).reshape(-1)
+    coarse = ex.run_positions(stage1, stored, label, batch_size, progress).view(*(len(a) for a in samples))
+    # Piecewise-linear upsampling, one axis at a time (bilinear for images, trilinear for volumes).
+    upsampled = coarse.double()
+    for axis, (axis_samples, n) in enumerate(zip(samples, grid)):
+        upsampled = torch.movedim(torch.tensordot(upsample_matrix(axis_samples, n), upsampled,
+                                                  dims=([1], [axis])), 0, axis)
+    measured = torch.zeros(cells, dtype=torch.bool)
     measured[stage1] = True
-    heat = upsampled.reshape(-1).clone()
+    heat = upsampled.float().reshape(-1).clone()
     heat[stage1] = coarse.reshape(-1)  # exact copies, not interpolation round-off
     drop = base - heat
-    chosen = torch.argsort(drop, descending=True, stable=True)[:math.ceil(dd.r * hm * wm)]
+    chosen = torch.argsort(drop, descending=True, stable=True)[:math.ceil(dd.r * cells)]
     stage2 = chosen[~measured[chosen]].sort().values
     if len(stage2):
         heat[stage2] = ex.run_positions(stage2, stored, label, batch_size, progress)
 
     run = len(stage1) + len(stage2)
-    s1_px = (ky * ex.stride[0], kx * ex.stride[1])
-    stats = RunStats(hm * wm, min(batch_size or ex.batch_size, run), run, time.perf_counter() - start,
+    s1_px = tuple(k * s for k, s in zip(steps, ex.stride))
+    stats = RunStats(cells, min(batch_size or ex.batch_size, run), run, time.perf_counter() - start,
                      stage1_stride=s1_px, stage1_positions=len(stage1), stage2_positions=len(stage2), r=dd.r,
                      expected_speedup=drill_down_speedup(s1_px, ex.stride, dd.r),
-                     achieved_speedup=hm * wm / run)
-    return OcclusionResult(heat.view(hm, wm), label, base, ex.stride, ex.patch, ex.output, stats)
+                     achieved_speedup=cells / run)
+    return OcclusionResult(heat.view(grid), label, base, ex.stride, ex.patch, ex.output, stats)
 
 
