@@ -275,3 +275,26 @@ def test_patch_with_the_wrong_number_of_axes(kwargs, match):
     args = {"patch": 4, "image_size": (12, 14, 10), "channels": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         krypton_fx.compile(Volume(), **args)
+
+
+# --- the Captum drop-in on volumes and signals -----------------------------------------------------
+
+
+@pytest.mark.parametrize("net,shape,window,strides,target", [
+    (Volume, (2, 2, 12, 14, 10), (2, 4, 3, 5), (2, 3, 3, 2), 1),  # border windows cut off too
+    (ECG, (2, 12, 300), (12, 40), (12, 25), [1, 2]),
+])
+def test_captum_occlusion_on_volumes_and_signals(net, shape, window, strides, target):
+    captum = pytest.importorskip("captum.attr")
+    from krypton_fx.captum import Occlusion
+
+    torch.manual_seed(4)
+    model = _randomise_batch_norm(net())
+    x = torch.randn(*shape)
+    kw = dict(sliding_window_shapes=window, strides=strides, target=target, baselines=0.5)
+    ours = Occlusion(model)
+    got = ours.attribute(x, **kw)
+    assert ours.last_path == "incremental", ours.last_fallback_reason
+    want = captum.Occlusion(model).attribute(x, **kw)
+    assert float(want.abs().max()) > 1e-3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 from collections import OrderedDict
@@ -293,8 +294,9 @@ class Occlusion:
         if extra_args is not None:
             return "additional_forward_args are given"
         x = inputs[0]
-        if x.dim() != 4 or x.numel() == 0:
-            return f"the input is not a non-empty (N, C, H, W) image batch (shape {tuple(x.shape)})"
+        if x.dim() not in (3, 4, 5) or x.numel() == 0:
+            return ("the input is not a non-empty (N, C, *spatial) batch with 1 to 3 spatial axes "
+                    f"(shape {tuple(x.shape)})")
         n, c = x.shape[:2]
         if windows[0][0] != c:
             return "the window does not span all channels"
@@ -335,12 +337,12 @@ class Occlusion:
             value = float(baseline)
             return [(value,) * c] * n if math.isfinite(value) else "the baseline is not finite"
         full = torch.broadcast_to(baseline.reshape((1, *baseline.shape)), (1, *x.shape))[0]
-        corner = full[:, :, :1, :1]
+        corner = full[(slice(None), slice(None), *[slice(0, 1)] * (x.dim() - 2))]
         if not bool((full == corner).all()):
             return "the baseline varies inside the window"
         if not bool(torch.isfinite(corner).all()):
             return "the baseline is not finite"
-        return [tuple(float(v) for v in corner[i, :, 0, 0].tolist()) for i in range(n)]
+        return [tuple(float(v) for v in corner[i].reshape(c).tolist()) for i in range(n)]
 
     def _explainer(self, x: Tensor, window, stride, color: tuple[float, ...]) -> Union[Explainer, str]:
         """The cached explainer for this image size, window, stride and colour (compiled once)."""
@@ -362,24 +364,27 @@ class Occlusion:
 
     def _attribute_incremental(self, x: Tensor, plan: _IncrementalPlan, ppe: int, bar) -> tuple[Tensor, ...]:
         model = self.forward_func
-        n, c, height, width = x.shape
-        (wh, ww), (sh, sw) = plan.window, plan.stride
+        n, c, *dims = x.shape
+        window, stride = tuple(plan.window), tuple(plan.stride)
         explainers, classes = plan.explainers, plan.classes
 
-        # Captum's grid has one more row/column than the compiled one when the
+        # Captum's grid has one more row/column (slice) than the compiled one when the
         # last window is cut off at the border; those run as plain forwards.
-        rows, cols = _shift_counts((height, width), (wh, ww), (sh, sw))
+        counts = _shift_counts(tuple(dims), window, stride)
+        cells = math.prod(counts)
         grid = explainers[0].grid
-        border = [(i, j) for i in range(rows) for j in range(cols) if i >= grid[0] or j >= grid[1]]
+        border = [cell for cell in itertools.product(*map(range, counts))
+                  if any(i >= g for i, g in zip(cell, grid))]
         batch = ppe * n  # the images Captum puts in one forward call
         inner = explainers[0].positions
         # Every incremental batch of the call has the same size (at most Captum's), the last
         # one of each example padded by repeating its last position.
         chunk = _balanced_chunks(inner, batch)
         bar.update(1)  # the unoccluded forward, run by the plan
-        progress = _WindowProgress(bar, math.ceil(rows * cols / ppe), n * rows * cols)
+        progress = _WindowProgress(bar, math.ceil(cells / ppe), n * cells)
 
-        occluded = torch.empty(n, rows, cols, dtype=torch.float64)
+        occluded = torch.empty(n, *counts, dtype=torch.float64)
+        inside = (slice(None), *(slice(0, g) for g in grid))
         positions = torch.arange(inner)
         for k, (ex, label) in enumerate(zip(explainers, classes)):
             _, stored = ex.prepare(x[k])
@@ -390,26 +395,28 @@ class Occlusion:
                 scores[lo:lo + len(part)] = ex.run_positions(padded, stored, label,
                                                              batch_size=chunk)[:len(part)]
                 progress.advance(len(part))
-            occluded[k, :grid[0], :grid[1]] = scores.view(grid).double()
-            color = torch.tensor(plan.colors[k], dtype=x.dtype, device=x.device).view(c, 1, 1)
+            occluded[k][inside[1:]] = scores.view(grid).double()
+            color = torch.tensor(plan.colors[k], dtype=x.dtype, device=x.device).view(c, *(1,) * len(dims))
             for lo in range(0, len(border), batch):
-                cells = border[lo:lo + batch]
-                images = x[k].unsqueeze(0).repeat(len(cells), 1, 1, 1)
-                for b, (i, j) in enumerate(cells):
-                    images[b, :, i * sh:i * sh + wh, j * sw:j * sw + ww] = color  # slicing cuts at the border
+                part_cells = border[lo:lo + batch]
+                images = x[k].unsqueeze(0).repeat(len(part_cells), *(1,) * (len(dims) + 1))
+                for b, cell in enumerate(part_cells):
+                    region = tuple(slice(i * s, i * s + w) for i, s, w in zip(cell, stride, window))
+                    images[(b, slice(None), *region)] = color  # slicing cuts at the border
                 out = _as_output_tensor(model(images))[:, label].double().cpu()
-                for b, (i, j) in enumerate(cells):
-                    occluded[k, i, j] = out[b]
-                progress.advance(len(cells))
+                for b, cell in enumerate(part_cells):
+                    occluded[(k, *cell)] = out[b]
+                progress.advance(len(part_cells))
 
-        drop = plan.base.view(n, 1, 1) - occluded
+        drop = plan.base.view(n, *(1,) * len(dims)) - occluded
         # Sum over each element's covering windows: a transposed convolution of
-        # the per-window drops with a window of ones, cropped to the image.
-        ones = torch.ones(1, 1, wh, ww, dtype=torch.float64)
-        totals = F.conv_transpose2d(drop.unsqueeze(1), ones, stride=(sh, sw))[:, :, :height, :width]
-        counts = F.conv_transpose2d(torch.ones(1, 1, rows, cols, dtype=torch.float64), ones,
-                                    stride=(sh, sw))[:, :, :height, :width]
-        attribution = (totals / counts).float().expand(n, c, height, width).contiguous()
-        self.last_stats.update(positions=rows * cols, incremental_positions=inner * n,
+        # the per-window drops with a window of ones, cropped to the input.
+        transpose = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(dims)]
+        ones = torch.ones(1, 1, *window, dtype=torch.float64)
+        crop = (slice(None), slice(None), *(slice(0, d) for d in dims))
+        totals = transpose(drop.unsqueeze(1), ones, stride=stride)[crop]
+        covering = transpose(torch.ones(1, 1, *counts, dtype=torch.float64), ones, stride=stride)[crop]
+        attribution = (totals / covering).float().expand(n, c, *dims).contiguous()
+        self.last_stats.update(positions=cells, incremental_positions=inner * n,
                                plain_forwards=len(border) * n, batch_size=chunk)
         return (attribution.to(x.device),)
