@@ -116,8 +116,30 @@ def color_patch(color: Tensor, positions: Tensor, patch: tuple[int, ...]) -> Ten
 _VIEW_TO_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_POOL_3D = (nn.AvgPool3d, nn.MaxPool3d, F.avg_pool3d, F.max_pool3d)
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+@fx.wrap
+def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...]) -> Tensor:
+    """A 1x1x1 convolution (no padding, no groups) as a matrix product over channels.
+
+    PyTorch's CPU backend runs 1x1x1 ``conv3d`` through its slow im2col path
+    (and copies a channels-last input first); on a channels-last map the same
+    sum is one GEMM whose output is channels-last again, with no copy.
+    """
+    if any(s != 1 for s in stride):
+        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
+    # The graph keeps maps channels-last (a no-op then): the GEMM's output is channels-last too.
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    return F.linear(x.movedim(1, -1), weight.flatten(1), bias).movedim(-1, 1)
+
+
+def _is_pointwise_3d(weight_shape, stride, padding, dilation, groups) -> bool:
+    """A 3-D conv that :func:`pointwise_conv` computes: kernel 1, no padding, one group."""
+    return (len(weight_shape) == 5 and all(k == 1 for k in weight_shape[2:]) and groups == 1
+            and all(p == 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,))))
 
 
 @fx.wrap
@@ -267,11 +289,18 @@ class _Emitter:
             # Batched conv, but on the channels-last weight copy (see _conv_params).
             weight, bias = self._conv_params(n)
             args = fx.map_arg(n.args, lookup)
-            self.env[n] = self.graph.call_function(
-                _CONV[type(mod)], (args[0], weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups))
+            if _is_pointwise_3d(mod.weight.shape, mod.stride, mod.padding, mod.dilation, mod.groups):
+                self.env[n] = self.graph.call_function(pointwise_conv, (args[0], weight, bias, mod.stride))
+            else:
+                self.env[n] = self.graph.call_function(
+                    _CONV[type(mod)], (args[0], weight, bias, mod.stride, mod.padding, mod.dilation, mod.groups))
             return
         # clean, point, merge and dense nodes run as written, on their new inputs.
         self.env[n] = new = self.graph.node_copy(n, lookup)
+        if info.state is DENSE and (type(mod) in _POOL_3D or n.target in _POOL_3D):
+            # as for windowed 3-D pools (see _windowed_local): keep the maps channels-last
+            self.env[n] = self.graph.call_method("contiguous", (new,),
+                                                 {"memory_format": torch.channels_last_3d})
         if info.state is DENSE and new.op == "call_method" and new.target in _VIEW_TO_RESHAPE:
             # A projected map is channels-last, which .view() refuses (x.view(x.size(0), -1)
             # after a conv); the graph is functional, so reshape gives the same values.
@@ -311,8 +340,22 @@ class _Emitter:
                 kwargs = fx.map_arg(n.kwargs, lambda m: self.env[m])
                 weight = args[1] if len(args) > 1 else kwargs["weight"]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if nd == 3 and all(k == 1 for k in local.kernel) and local.groups == 1:
+                return g.call_function(pointwise_conv, (window, weight, bias, local.stride))
             return g.call_function(_CONV_FN[nd], (window, weight, bias, local.stride, zeros, local.dilation,
                                                   local.groups))
+        out = self._windowed_pool(info, window)
+        if nd == 3:
+            # 3-D pools return contiguous maps on the CPU: back to channels-last once here,
+            # or every later concat and 1x1x1 conv would convert again.
+            out = g.call_method("contiguous", (out,), {"memory_format": torch.channels_last_3d})
+        return out
+
+    def _windowed_pool(self, info: PatchInfo, window: fx.Node) -> fx.Node:
+        local = info.local
+        nd = local.ndim
+        g = self.graph
+        zeros = (0,) * nd
         if local.op == "max":
             return g.call_function(_MAX_POOL[nd], (window, local.kernel, local.stride, zeros,
                                                    local.dilation, False))
