@@ -23,7 +23,7 @@ import torch
 import torchvision
 
 import krypton_fx
-from krypton_fx.benchmark import measure
+from krypton_fx.benchmark import measure, time_breakdown
 
 SIZES = {"inception_v3": 299}
 GOALS_CPU = {"vgg16": 6.0, "resnet18": 2.0, "inception_v3": 1.6}
@@ -35,37 +35,12 @@ def _mib(value):
     """Bytes as MiB; None (not measured: the CPU) stays None."""
     return None if value is None else value / 2**20
 
+
 def build(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     kwargs = {"init_weights": False, "aux_logits": False} if name in ("inception_v3", "googlenet") else {}
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, **kwargs).eval()
     return model.to(device=device, dtype=dtype)
-
-
-def profile_breakdown(ex, image, positions: int, batch_size: int) -> dict[str, float]:
-    """Seconds per category (conv, gather, projection, occlusion, other) of incremental runs."""
-    from torch.profiler import ProfilerActivity, profile
-    _, stored = ex.prepare(image)
-    pos = torch.arange(positions) + max(0, ex.positions // 2 - positions // 2)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if image.is_cuda else [])
-    with profile(activities=activities) as prof:
-        ex.run_positions(pos, stored, 0, batch_size)
-    cats = {"conv": 0.0, "gather": 0.0, "projection": 0.0, "occlusion": 0.0}
-    total = 0.0
-    for evt in prof.key_averages():
-        dev_time = getattr(evt, "device_time_total", 0.0) if image.is_cuda else 0.0
-        if evt.key.startswith("krypton::"):
-            cats[evt.key.split("::")[1]] += (dev_time or evt.cpu_time_total) / 1e6
-        elif evt.key in ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_convolution_mode",
-                         "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::convolution_overrideable"):
-            cats["conv"] += (dev_time or evt.self_cpu_time_total) / 1e6
-        if not image.is_cuda:
-            total += evt.self_cpu_time_total / 1e6
-    if image.is_cuda:
-        total = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()) / 1e6
-    cats["other"] = max(0.0, total - sum(cats.values()))
-    cats["total"] = total
-    return cats
 
 
 def main(argv=None) -> int:
@@ -127,7 +102,7 @@ def main(argv=None) -> int:
               f"{goals.get(name, float('nan')):5.1f} {row['naive_peak_mib'] or float('nan'):9.0f} "
               f"{row['incremental_peak_mib'] or float('nan'):8.0f} {m.max_abs_diff:8.1e}", flush=True)
         if args.profile:
-            cats = profile_breakdown(ex, image, min(m.positions, 2 * batch), batch)
+            cats = time_breakdown(ex, image, min(m.positions, 2 * batch), batch)
             total = cats.pop("total") or 1.0
             print("    where krypton time goes: " + ", ".join(
                 f"{k} {v / total:5.1%}" for k, v in cats.items()), flush=True)

@@ -26,7 +26,7 @@ from .passes.rewrite import channels_last
 from .report import conv_macs, theoretical_speedup
 from .tracing import eval_mode
 
-__all__ = ["Measurement", "measure", "reset_peak_memory", "peak_memory"]
+__all__ = ["Measurement", "measure", "reset_peak_memory", "peak_memory", "time_breakdown"]
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -152,3 +152,42 @@ def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_siz
     return Measurement(count, batch_size, naive_s, inc_s, naive_s / inc_s,
                        theoretical_speedup(model, size, ex.patch, tau=ex.tau, channels=image.shape[0]),
                        full / max(executed, 1), naive_peak, inc_peak, _max_abs_diff(naive, inc))
+
+
+_CONV_KERNELS = ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_convolution_mode",
+                 "aten::thnn_conv2d", "aten::_slow_conv2d_forward", "aten::slow_conv3d_forward",
+                 "aten::convolution_overrideable", "aten::_nnpack_spatial_convolution")
+
+
+def time_breakdown(ex: Explainer, image: torch.Tensor, positions: int, batch_size: int) -> dict[str, float]:
+    """Seconds per category (conv, gather, projection, occlusion, other, total) of one
+    incremental run over ``positions`` centre positions, from torch's profiler.
+
+    ``conv`` counts the convolution kernels and the 1x1x1 convolutions the
+    incremental graph runs as matrix products (``krypton::pointwise_conv``).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    _, stored = ex.prepare(image)
+    pos = torch.arange(positions) + max(0, ex.positions // 2 - positions // 2)
+    cuda = image.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        ex.run_positions(pos, stored, 0, batch_size)
+    cats = {"conv": 0.0, "gather": 0.0, "projection": 0.0, "occlusion": 0.0}
+    total = 0.0
+    for evt in prof.key_averages():
+        dev_time = getattr(evt, "device_time_total", 0.0) if cuda else 0.0
+        if evt.key == "krypton::pointwise_conv":
+            cats["conv"] += (dev_time or evt.cpu_time_total) / 1e6
+        elif evt.key.startswith("krypton::"):
+            cats[evt.key.split("::")[1]] += (dev_time or evt.cpu_time_total) / 1e6
+        elif evt.key in _CONV_KERNELS:
+            cats["conv"] += (dev_time or evt.self_cpu_time_total) / 1e6
+        if not cuda:
+            total += evt.self_cpu_time_total / 1e6
+    if cuda:
+        total = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages()) / 1e6
+    cats["other"] = max(0.0, total - sum(cats.values()))
+    cats["total"] = total
+    return cats

@@ -9,6 +9,7 @@ import math
 import os
 import threading
 import time
+from collections import OrderedDict
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -17,149 +18,19 @@ from torch import Tensor, fx, nn
 from . import common
 from . import geometry as geo
 from .common import IntOrTuple
-from .ops import BACKENDS, occlude_window
+from .naive import naive_occlusion
+from .ops import BACKENDS
 from .passes.functionalize import functionalize
 from .passes.patch_prop import META_KEY, PatchInfo, PatchProp, State, annotate
 from .passes.rewrite import IncrementalProgram, rewrite
 from .report import format_report
+from .results import OcclusionResult, RunStats
 from .tracing import describe_change, eval_mode, model_signature, trace
 
-__all__ = ["OcclusionResult", "RunStats", "Explainer", "Settings", "compile", "naive_occlusion"]
+__all__ = ["OcclusionResult", "RunStats", "Explainer", "Settings", "compile", "naive_occlusion",
+           "clear_cache"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class OcclusionResult:
-    """An occlusion heat map.
-
-    Attributes:
-        heatmap: float32 CPU tensor ``(H_M, W_M)``; cell ``(i, j)`` is the
-            probability (or logit) of ``label`` with the patch's top-left
-            corner at ``(i * Sy, j * Sx)``.
-        label: the explained class.
-        base_prob: probability (or logit) of ``label`` without occlusion.
-        stride: ``(Sy, Sx)`` between heat-map cells, in image pixels.
-        patch: ``(h, w)`` occlusion patch.
-        output: ``"prob"`` or ``"logit"``.
-        stats: counts and time of the run (:class:`RunStats`).
-    """
-
-    heatmap: Tensor
-    label: int
-    base_prob: float
-    stride: tuple[int, int]
-    patch: tuple[int, int]
-    output: str = "prob"
-    stats: "RunStats" = dataclasses.field(default_factory=lambda: RunStats(0, 0))
-
-
-@dataclasses.dataclass
-class RunStats:
-    """What a run did. Also readable as a mapping (``stats["positions_run"]``, ``stats.get(...)``).
-
-    Attributes:
-        positions: cells of the heat map.
-        batch_size: positions per batch that ran.
-        positions_run: positions inferred (fewer than ``positions`` with drill-down).
-        seconds: wall-clock time of the run.
-        stage1_stride: drill-down: stage-one stride in pixels.
-        stage1_positions: drill-down: positions of stage one.
-        stage2_positions: drill-down: positions of stage two.
-        r: drill-down: fraction of cells refined.
-        expected_speedup: drill-down: eq. 46 at the stage-one stride used.
-        achieved_speedup: drill-down: ``positions / positions_run``.
-    """
-
-    positions: int
-    batch_size: int
-    positions_run: Optional[int] = None
-    seconds: float = 0.0
-    stage1_stride: Optional[tuple[int, ...]] = None
-    stage1_positions: Optional[int] = None
-    stage2_positions: Optional[int] = None
-    r: Optional[float] = None
-    expected_speedup: Optional[float] = None
-    achieved_speedup: Optional[float] = None
-
-    def __post_init__(self):
-        if self.positions_run is None:
-            self.positions_run = self.positions
-
-    def __getitem__(self, key: str):
-        if key not in {f.name for f in dataclasses.fields(self)} or getattr(self, key) is None:
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default=None):
-        try:
-            return self[key]
-        except KeyError:
-            return default
-
-
-# --- naive baseline ---------------------------------------------------------------
-
-
-@torch.no_grad()
-def naive_occlusion(model: nn.Module, image: Tensor, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
-                    color: Union[float, Sequence[float]] = 0.0, label: Optional[int] = None,
-                    batch_size: Optional[int] = None, output: str = "prob",
-                    progress: bool = False, spatial_dims: Optional[int] = None) -> OcclusionResult:
-    """Naive occlusion: one full inference per patch position, batched (eqs. 1-6).
-
-    The baseline krypton_fx is measured against, and its exactness oracle.
-
-    Args:
-        spatial_dims: spatial axes of ``image`` (1, 2 or 3). By default the
-            length of a tuple ``patch`` or ``stride``, else 3 for a 5-D image
-            and 2 otherwise: give it for a volume without its batch axis
-            ``(C, D, H, W)`` or a signal ``(C, L)``.
-
-    Example:
-        >>> import torchvision
-        >>> model = torchvision.models.resnet18(num_classes=10)
-        >>> res = naive_occlusion(model, torch.rand(3, 64, 64), patch=16, stride=16)
-        >>> tuple(res.heatmap.shape)
-        (4, 4)
-    """
-    start = time.perf_counter()
-    output = common.output_kind(output)
-    batch_size = common.batch_size(batch_size)
-    dtype = common.model_dtype(model)
-    nd = spatial_dims or _axes_of(patch, stride, image)
-    image = common.image_batch(image, dtype=dtype, spatial_dims=nd)
-    patch_t, stride_t = common.int_tuple(patch, nd, "patch"), common.int_tuple(stride, nd, "stride")
-    size = tuple(image.shape[2:])
-    if any(p > n for p, n in zip(patch_t, size)):
-        raise ValueError(f"patch {patch_t} is larger than the image {size}; use a smaller patch")
-    *starts, grid = geo.occlusion_grid(size, patch_t, stride_t)
-    device = common.resolve_device(None, model)
-    image = image.to(device)
-    col = common.color_values(color, image.shape[1], image.dtype).to(device)
-    with eval_mode(model):
-        logits = model(image.clone())  # a model that edits its input in place must not edit ours
-        label = common.label_index(label, logits.shape[-1])
-        label = int(logits.argmax(1)) if label is None else label
-        base = float(common.scores(logits, label, output))
-        count = len(starts[0])
-        batch = min(batch_size or common.default_batch_size(device, 4 * image[0].numel() * 8), count)
-        out = torch.empty(count, dtype=torch.float32)
-        # The whole image is the window, the patch sits at the position's start.
-        table = torch.stack([torch.zeros_like(s) for s in starts] + starts, 1).to(device)
-        for lo in common.progress(range(0, count, batch), progress, "naive occlusion"):
-            occluded = occlude_window(image, col, table[lo:lo + batch], size, patch_t, backend="torch")
-            out[lo:lo + batch] = common.scores(model(occluded.contiguous()), label, output).cpu()
-    return OcclusionResult(out.view(grid), label, base, stride_t, patch_t, output,
-                           RunStats(count, batch, seconds=time.perf_counter() - start))
-
-
-def _axes_of(patch, stride, image) -> int:
-    """Spatial axes of a naive run: a tuple patch/stride says; else 3 for a 5-D image, else 2."""
-    for value in (patch, stride):
-        if isinstance(value, Sequence) and not isinstance(value, str):
-            return len(value)
-    return 3 if isinstance(image, Tensor) and image.dim() == 5 else 2
 
 
 # --- the compiled explainer ------------------------------------------------------------
@@ -201,6 +72,11 @@ class Settings:
     autowrap_functions: tuple[Callable, ...] = ()
 
 
+# Batches of one size a process runs before the explainer captures a CUDA graph for it:
+# a capture costs about two eager batches, a replay saves most of one.
+CAPTURE_AFTER = 4
+
+
 @dataclasses.dataclass
 class _Build:
     """Everything compiled from the model as it was at one moment."""
@@ -232,7 +108,12 @@ class Explainer:
         self._starts = tuple(starts)
         self._lock = threading.RLock()
         self._graphs: dict = {}
-        self._build = self._compile()
+        self._graph_uses: dict[int, int] = {}
+        # Tracing fails fast, here; the rest of the compile (PatchProp, rewrite) runs on the
+        # first image, whose run through the traced graph then also yields that image's
+        # stored activations (see _compile).
+        self._traced = self._trace()
+        self._build: Optional[_Build] = None
 
     # Settings, by their old names.
     patch = property(lambda self: self.settings.patch)
@@ -244,10 +125,10 @@ class Explainer:
     cuda_graphs = property(lambda self: self.settings.cuda_graphs)
     image_chw = property(lambda self: (self.settings.channels, *self.settings.image_size))
     # What the current build holds.
-    graph_module = property(lambda self: self._build.graph_module)
-    program = property(lambda self: self._build.program)
-    color = property(lambda self: self._build.color)
-    bytes_per_position = property(lambda self: self._build.bytes_per_position)
+    graph_module = property(lambda self: self._current().graph_module)
+    program = property(lambda self: self._current().program)
+    color = property(lambda self: self._current().color)
+    bytes_per_position = property(lambda self: self._current().bytes_per_position)
 
     @property
     def batch_size(self) -> int:
@@ -264,30 +145,59 @@ class Explainer:
         """Spatial axes of the images (1, 2 or 3)."""
         return len(self.settings.image_size)
 
-    def _compile(self) -> _Build:
-        """Trace, functionalize, annotate and rewrite the model as it is now."""
+    def _trace(self) -> tuple[tuple, fx.GraphModule]:
+        """The model's signature and its traced graph (not yet functional)."""
+        s = self.settings
+        return model_signature(self.model), trace(self.model, s.leaf_modules, s.autowrap_functions)
+
+    def _compile(self, image: Optional[Tensor] = None) -> tuple[_Build, Optional[tuple[Tensor, list[Tensor]]]]:
+        """Functionalize, annotate and rewrite the traced model.
+
+        PatchProp runs the traced graph once; on ``image`` (the first image
+        to explain) that run is also the image's unoccluded pass, so its
+        output and stored activations are returned with the build and the
+        first call costs no extra forward for compiling. Without an image a
+        zero image of the compiled size is used (geometry depends only on
+        shapes).
+        """
         s, model = self.settings, self.model
-        signature = model_signature(model)
+        signature, gm = self._traced
         dtype = common.model_dtype(model)
         color = common.color_values(s.color, s.channels, dtype).to(s.device)
-        gm = trace(model, s.leaf_modules, s.autowrap_functions)
-        example = torch.zeros(1, s.channels, *s.image_size, dtype=dtype, device=s.device)
+        example = image if image is not None else torch.zeros(1, s.channels, *s.image_size, dtype=dtype,
+                                                              device=s.device)
         with eval_mode(model):
             gm = functionalize(gm, example)
             prop = annotate(gm, example, s.patch, self._starts, tau=s.tau, what=type(model).__name__)
         program = rewrite(gm, backend=s.backend, color=color)
         program.module.to(s.device)
         self._graphs.clear()
-        return _Build(gm, program, dtype, color, _bytes_per_position(prop), signature)
+        self._graph_uses.clear()
+        build = _Build(gm, program, dtype, color, _bytes_per_position(prop), signature)
+        if image is None:
+            return build, None
+        by_name = {n.name: v for n, v in prop.stored.items()}
+        stored = [spec.prepare(by_name[spec.node]) for spec in program.stored]
+        return build, (prop.result, stored)
 
-    def _current(self) -> _Build:
-        """The build for the model as it is now: compiled again if anything was replaced."""
+    def _current(self, image: Optional[Tensor] = None) -> _Build:
+        """The build for the model as it is now: compiled (again) if there is none yet or
+        anything was replaced since."""
+        with self._lock:
+            build, _ = self._current_and_first(image)
+            return build
+
+    def _current_and_first(self, image: Optional[Tensor]):
         signature = model_signature(self.model)
-        if signature != self._build.signature:
+        if self._traced[0] != signature:
             logger.info("%s changed since it was compiled (%s): compiling again",
-                        type(self.model).__name__, describe_change(self._build.signature, signature))
-            self._build = self._compile()
-        return self._build
+                        type(self.model).__name__, describe_change(self._traced[0], signature))
+            self._traced = self._trace()
+            self._build = None
+        if self._build is not None:
+            return self._build, None
+        self._build, first = self._compile(image)
+        return self._build, first
 
     def infos(self) -> list[tuple[fx.Node, PatchInfo]]:
         """Every node of the traced graph with its PatchProp annotation."""
@@ -302,37 +212,47 @@ class Explainer:
         that tracing cannot see) raises instead of giving a wrong map.
         """
         with self._lock:
-            build = self._current()
-            image = common.image_batch(image, self.image_chw, build.dtype).to(self.device)
+            dtype = common.model_dtype(self.model)
+            image = common.image_batch(image, self.image_chw, dtype).to(self.device)
+            build, first = self._current_and_first(image)
             build.program.refresh_weights()
             with eval_mode(self.model):
-                logits, raw = build.program.capture(image)
+                if first is not None:
+                    logits, stored = first
+                else:
+                    logits, raw = build.program.capture(image)
+                    stored = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
                 if not build.verified:
                     _check_same_output(self.model, image, logits)
                     build.verified = True
-            stored = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
             return logits, stored
 
     @torch.no_grad()
     def run_positions(self, positions: Tensor, stored: list[Tensor], label: int,
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """Scores of ``label`` for the given occlusion position indices (any subset, any order)."""
-        batch = max(1, min(common.batch_size(batch_size) or self.batch_size, len(positions)))
+        batch = common.batch_size(batch_size) or self.batch_size
+        if not self.cuda_graphs:
+            batch = min(batch, len(positions))  # a CUDA graph pads a short batch to its own size
+        batch = max(1, batch)
         positions = positions.to(self.device)
         scores = []
         with self._lock, eval_mode(self.model):
-            run = self._batch_runner(batch, stored) if len(positions) else None
+            run = self._batch_runner(batch, stored, -(-len(positions) // batch)) if len(positions) else None
             for lo in common.progress(range(0, len(positions), batch), progress, "krypton_fx"):
                 logits = run(positions[lo:lo + batch])
                 scores.append(common.scores(logits, label, self.output))
         # One device-to-host copy at the end: no synchronisation per batch.
         return torch.cat(scores).cpu() if scores else torch.empty(0)
 
-    def _batch_runner(self, batch: int, stored: list[Tensor]) -> Callable[[Tensor], Tensor]:
-        """The incremental graph for this batch size: CUDA-graph replay where enabled.
+    def _batch_runner(self, batch: int, stored: list[Tensor], batches: int) -> Callable[[Tensor], Tensor]:
+        """The incremental graph for this batch size: CUDA-graph replay where it pays.
 
-        One captured graph is kept per batch size in use (a short last batch
-        is padded to its graph's size, never captured anew).
+        Capturing costs a few eager runs of the graph: a graph is captured
+        once this batch size has run :data:`CAPTURE_AFTER` batches in this
+        process (this call's included), and then kept, one per batch size in
+        use (a short batch is padded to its graph's size, never captured
+        anew). Until then batches run eagerly.
         """
         module = self.program.module
         if not self.cuda_graphs:
@@ -345,6 +265,9 @@ class Explainer:
             del self._graphs[key]
         runner = self._graphs.get((batch, pointers))
         if runner is None:
+            uses = self._graph_uses[batch] = self._graph_uses.get(batch, 0) + batches
+            if uses < CAPTURE_AFTER:
+                return lambda pos: module(pos, *stored)
             runner = self._graphs[(batch, pointers)] = GraphedBatch(module, batch, stored)
         runner.load(stored)
         return runner
@@ -429,11 +352,44 @@ def _check_backend(backend: str, device: torch.device) -> None:
                          "slowly on the CPU (for tests)")
 
 
+# Explainers of recent compiles, newest last: compile() with the same model and settings
+# returns the same explainer (it follows the model's later changes by itself).
+_CACHE: OrderedDict[tuple, Explainer] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+CACHE_SIZE = 16
+
+
+def clear_cache() -> None:
+    """Forget every cached explainer (and the references it holds to models and device memory).
+
+    Example:
+        >>> clear_cache()
+    """
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def _cached(model: nn.Module, settings: Settings) -> Explainer:
+    key = (id(model), settings)
+    with _CACHE_LOCK:
+        ex = _CACHE.get(key)
+        if ex is not None and ex.model is model:
+            _CACHE.move_to_end(key)
+            return ex
+    ex = Explainer(model, settings)
+    with _CACHE_LOCK:
+        _CACHE[key] = ex
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return ex
+
+
 def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
             color: Union[float, Sequence[float]] = 0.0, image_size: IntOrTuple = (224, 224),
             tau: float = 1.0, batch_size: Optional[int] = None, device=None, backend: str = "auto",
             output: str = "prob", channels: int = 3, leaf_modules: Iterable[type] = (),
-            autowrap_functions: Iterable[Callable] = (), cuda_graphs: Optional[bool] = None) -> Explainer:
+            autowrap_functions: Iterable[Callable] = (), cuda_graphs: Optional[bool] = None,
+            cache: bool = True) -> Explainer:
     """Compile ``model`` into an incremental occlusion explainer.
 
     Args:
@@ -455,6 +411,14 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
         leaf_modules: module types to keep opaque when tracing.
         autowrap_functions: functions to keep opaque when tracing.
         cuda_graphs: replay each batch from a CUDA graph (default: on for CUDA).
+        cache: return the explainer of an earlier compile of the same model with the same
+            settings (the last :data:`CACHE_SIZE` are kept; :func:`clear_cache` forgets
+            them). Safe: an explainer uses the model as it is at each call.
+
+    The model is traced here (a model that does not trace fails here); the
+    rest of the compile runs on the first image, so that the first call
+    costs one extra forward at most (the check that the traced graph
+    reproduces the model).
 
     Example:
         >>> import torchvision, krypton_fx
@@ -488,4 +452,4 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     settings = Settings(patch_t, stride_t, color_values, size, int(channels), float(tau), batch_size,
                         dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
                         tuple(leaf_modules), tuple(autowrap_functions))
-    return Explainer(model, settings)
+    return _cached(model, settings) if cache else Explainer(model, settings)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .. import common
-from ..explainer import OcclusionResult, RunStats
+from ..results import OcclusionResult, RunStats
 
 if TYPE_CHECKING:  # annotations only: the explainer calls DrillDown.run, not the other way round
     from ..explainer import Explainer

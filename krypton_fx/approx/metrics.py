@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..explainer import OcclusionResult
+from ..results import OcclusionResult
 
 __all__ = ["heatmap_ssim", "drop_kept", "MIN_PROB_DROP"]
 

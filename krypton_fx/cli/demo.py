@@ -36,7 +36,7 @@ def run(args) -> int:
 
     from .. import lesions
     from ..explainer import compile as compile_explainer
-    from ..explainer import naive_occlusion
+    from ..naive import naive_occlusion
     from ..report import theoretical_speedup
     from ..viz import heatmap_figure, upsample_heatmap
 

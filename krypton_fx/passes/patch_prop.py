@@ -180,6 +180,7 @@ class PatchProp(fx.Interpreter):
         self.infos: dict[fx.Node, PatchInfo] = {}
         self.stored: dict[fx.Node, Tensor] = {}
         self.shapes: dict[fx.Node, tuple[int, ...]] = {}
+        self.result: Any = None  # what the graph returned (set by annotate)
         self._seen_source = False
 
     def run_node(self, n: fx.Node) -> Any:
@@ -341,4 +342,5 @@ def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, ...], starts
     if not isinstance(out, Tensor) or out.dim() != 2:
         raise ValueError("the model must return class scores of shape (N, classes); got "
                          f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+    prop.result = out
     return prop

@@ -28,6 +28,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.profiler import record_function
 
 from ..ops import gather_window, occlude_window, project_to_full
 from ..registry import Kind
@@ -131,9 +132,10 @@ def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tu
     """
     if any(s != 1 for s in stride):
         x = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
-    # The graph keeps maps channels-last (a no-op then): the GEMM's output is channels-last too.
-    x = x.contiguous(memory_format=torch.channels_last_3d)
-    return F.linear(x.movedim(1, -1), weight.flatten(1), bias).movedim(-1, 1)
+    with record_function("krypton::pointwise_conv"):
+        # The graph keeps maps channels-last (a no-op then): the GEMM's output is channels-last too.
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        return F.linear(x.movedim(1, -1), weight.flatten(1), bias).movedim(-1, 1)
 
 
 def _is_pointwise_3d(weight_shape, stride, padding, dilation, groups) -> bool:

@@ -23,9 +23,10 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..explainer import Explainer, OcclusionResult
+from ..explainer import Explainer
 from ..explainer import compile as compile_explainer
 from ..models import input_channels
+from ..results import OcclusionResult
 from .sources import Item, LabelSpec, iter_items
 
 __all__ = ["explain_many", "explain_chunk", "ExplainerCache", "DEFAULT_CHUNK", "no_tracing"]
