@@ -22,7 +22,7 @@ from .naive import naive_occlusion
 from .ops import BACKENDS
 from .passes.functionalize import functionalize
 from .passes.patch_prop import META_KEY, PatchInfo, PatchProp, State, annotate
-from .passes.rewrite import IncrementalProgram, rewrite
+from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill, rewrite
 from .report import format_report
 from .results import OcclusionResult, RunStats
 from .tracing import describe_change, eval_mode, model_signature, trace
@@ -55,6 +55,9 @@ class Settings:
         cuda_graphs: replay batches from CUDA graphs.
         leaf_modules: module types kept opaque when tracing.
         autowrap_functions: functions kept opaque when tracing.
+        axis_starts: explicit patch starts per axis (their product is the grid),
+            instead of multiples of ``stride``; None: multiples of ``stride``.
+        fill: what the patch holds beyond a colour (MONAI's occlusion modes).
     """
 
     patch: tuple[int, ...]
@@ -70,6 +73,8 @@ class Settings:
     cuda_graphs: bool
     leaf_modules: tuple[type, ...] = ()
     autowrap_functions: tuple[Callable, ...] = ()
+    axis_starts: Optional[tuple[tuple[int, ...], ...]] = None
+    fill: PatchFill = NO_FILL
 
 
 # Batches of one size a process runs before the explainer captures a CUDA graph for it:
@@ -104,7 +109,10 @@ class Explainer:
     def __init__(self, model: nn.Module, settings: Settings):
         self.model = model
         self.settings = settings
-        *starts, self.grid = geo.occlusion_grid(settings.image_size, settings.patch, settings.stride)
+        if settings.axis_starts is not None:
+            *starts, self.grid = geo.grid_from_starts(settings.axis_starts)
+        else:
+            *starts, self.grid = geo.occlusion_grid(settings.image_size, settings.patch, settings.stride)
         self._starts = tuple(starts)
         self._lock = threading.RLock()
         self._graphs: dict = {}
@@ -169,7 +177,7 @@ class Explainer:
         with eval_mode(model):
             gm = functionalize(gm, example)
             prop = annotate(gm, example, s.patch, self._starts, tau=s.tau, what=type(model).__name__)
-        program = rewrite(gm, backend=s.backend, color=color)
+        program = rewrite(gm, backend=s.backend, color=color, fill=s.fill)
         program.module.to(s.device)
         self._graphs.clear()
         self._graph_uses.clear()
@@ -204,13 +212,37 @@ class Explainer:
         return [(n, n.meta[META_KEY]) for n in self.graph_module.graph.nodes]
 
     @torch.no_grad()
-    def prepare(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Run the unoccluded image once: its output and the stored activations.
+    def prepare(self, image: Tensor, scale: Optional[Tensor] = None,
+                color: Optional[Tensor] = None) -> tuple[Tensor, list[Tensor]]:
+        """Run the unoccluded image once: its output and the incremental graph's inputs for it
+        (the stored activations, then this image's ``scale`` and ``color`` where the
+        compiled ``fill`` asks for them).
 
         The first image of each build is also run through the model itself:
         a traced graph that does not reproduce the model (Python-side state
         that tracing cannot see) raises instead of giving a wrong map.
+
+        Args:
+            image: the image.
+            scale: ``(positions,)`` per-position factors (``fill.scaled``).
+            color: ``(C,)`` this image's patch colour (``fill.image_color``).
         """
+        fill = self.settings.fill
+        if fill.scaled != (scale is not None) or fill.image_color != (color is not None):
+            raise ValueError("prepare() takes scale= exactly when compiled with fill.scaled and color= "
+                             "exactly when compiled with fill.image_color")
+        extra = []
+        if scale is not None:
+            extra.append(torch.as_tensor(scale).reshape(-1).to(self.device, torch.float32))
+            if extra[-1].numel() != self.positions:
+                raise ValueError(f"scale has {extra[-1].numel()} values for {self.positions} positions")
+        if color is not None:
+            extra.append(common.color_values(color, self.settings.channels,
+                                             common.model_dtype(self.model)).to(self.device))
+        logits, stored = self._prepare(image)
+        return logits, stored + extra
+
+    def _prepare(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
         with self._lock:
             dtype = common.model_dtype(self.model)
             image = common.image_batch(image, self.image_chw, dtype).to(self.device)
@@ -231,6 +263,11 @@ class Explainer:
     def run_positions(self, positions: Tensor, stored: list[Tensor], label: int,
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """Scores of ``label`` for the given occlusion position indices (any subset, any order)."""
+        return self._run(positions, stored, batch_size, progress,
+                         lambda logits: common.scores(logits, label, self.output))
+
+    def _run(self, positions: Tensor, stored: list[Tensor], batch_size: Optional[int], progress: bool,
+             keep: Callable[[Tensor], Tensor]) -> Tensor:
         batch = common.batch_size(batch_size) or self.batch_size
         if not self.cuda_graphs:
             batch = min(batch, len(positions))  # a CUDA graph pads a short batch to its own size
@@ -240,10 +277,16 @@ class Explainer:
         with self._lock, eval_mode(self.model):
             run = self._batch_runner(batch, stored, -(-len(positions) // batch)) if len(positions) else None
             for lo in common.progress(range(0, len(positions), batch), progress, "krypton_fx"):
-                logits = run(positions[lo:lo + batch])
-                scores.append(common.scores(logits, label, self.output))
+                scores.append(keep(run(positions[lo:lo + batch])))
         # One device-to-host copy at the end: no synchronisation per batch.
         return torch.cat(scores).cpu() if scores else torch.empty(0)
+
+    @torch.no_grad()
+    def run_outputs(self, positions: Tensor, stored: list[Tensor], batch_size: Optional[int] = None,
+                    progress: bool = False) -> Tensor:
+        """The model's whole output (every class, before any softmax) for the given positions,
+        float32 on the CPU: what MONAI's occlusion sensitivity averages."""
+        return self._run(positions, stored, batch_size, progress, lambda logits: logits.float())
 
     def _batch_runner(self, batch: int, stored: list[Tensor], batches: int) -> Callable[[Tensor], Tensor]:
         """The incremental graph for this batch size: CUDA-graph replay where it pays.
@@ -389,7 +432,8 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
             tau: float = 1.0, batch_size: Optional[int] = None, device=None, backend: str = "auto",
             output: str = "prob", channels: int = 3, leaf_modules: Iterable[type] = (),
             autowrap_functions: Iterable[Callable] = (), cuda_graphs: Optional[bool] = None,
-            cache: bool = True) -> Explainer:
+            cache: bool = True, axis_starts: Optional[Sequence[Sequence[int]]] = None,
+            fill: Optional[PatchFill] = None) -> Explainer:
     """Compile ``model`` into an incremental occlusion explainer.
 
     Args:
@@ -411,6 +455,12 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
         leaf_modules: module types to keep opaque when tracing.
         autowrap_functions: functions to keep opaque when tracing.
         cuda_graphs: replay each batch from a CUDA graph (default: on for CUDA).
+        axis_starts: explicit patch starts, one sequence per spatial axis (the grid
+            is their product, row-major), instead of the multiples of ``stride``
+            (MONAI's windows end flush with the image).
+        fill: what the occluded patch holds beyond ``color``
+            (:class:`krypton_fx.passes.PatchFill`: MONAI's gaussian, mean_patch
+            and mean_img modes).
         cache: return the explainer of an earlier compile of the same model with the same
             settings (the last :data:`CACHE_SIZE` are kept; :func:`clear_cache` forgets
             them). Safe: an explainer uses the model as it is at each call.
@@ -449,7 +499,14 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     color_values = tuple(float(v) for v in common.color_values(color, channels, torch.float64))
     common.color_values(color, channels, common.model_dtype(model))  # fails now, not at the first call
     model.to(dev)
+    starts = None
+    if axis_starts is not None:
+        starts = tuple(tuple(int(v) for v in axis) for axis in axis_starts)
+        if len(starts) != nd or any(not axis or min(axis) < 0 or max(axis) + p > n
+                                    for axis, p, n in zip(starts, patch_t, size)):
+            raise ValueError(f"axis_starts must give {nd} non-empty lists of starts at which the patch "
+                             f"{patch_t} fits inside {size}")
     settings = Settings(patch_t, stride_t, color_values, size, int(channels), float(tau), batch_size,
                         dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
-                        tuple(leaf_modules), tuple(autowrap_functions))
+                        tuple(leaf_modules), tuple(autowrap_functions), starts, fill or NO_FILL)
     return _cached(model, settings) if cache else Explainer(model, settings)

@@ -22,6 +22,7 @@ __all__ = [
     "Box",
     "AxisSpec",
     "occlusion_grid",
+    "grid_from_starts",
     "positions_per_axis",
     "output_start",
     "output_size",
@@ -73,6 +74,19 @@ def occlusion_grid(image_size: Sequence[int], patch: Sequence[int], stride: Sequ
     axes = [torch.arange(n, dtype=torch.int64) * s for n, s in zip(grid, stride)]
     starts = torch.meshgrid(*axes, indexing="ij")
     return (*(t.reshape(-1) for t in starts), grid)
+
+
+def grid_from_starts(axis_starts: Sequence[Sequence[int]]):
+    """Like :func:`occlusion_grid`, from explicit patch starts per axis (row-major product).
+
+    Example:
+        >>> ys, xs, shape = grid_from_starts([(0, 4, 6), (0, 3)])
+        >>> shape, ys.tolist(), xs.tolist()
+        ((3, 2), [0, 0, 4, 4, 6, 6], [0, 3, 0, 3, 0, 3])
+    """
+    axes = [torch.tensor(list(a), dtype=torch.int64) for a in axis_starts]
+    starts = torch.meshgrid(*axes, indexing="ij")
+    return (*(t.reshape(-1) for t in starts), tuple(len(a) for a in axes))
 
 
 @dataclasses.dataclass(frozen=True)

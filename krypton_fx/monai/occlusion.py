@@ -19,7 +19,7 @@ A call runs in three steps:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from monai.data import MetaTensor
@@ -30,7 +30,12 @@ from monai.utils import ensure_tuple_rep
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .rules import MODES, OcclusionRule, activate_outputs, occlusion_rule, plain_tensor
+from .. import common
+from ..explainer import Explainer
+from ..explainer import compile as compile_explainer
+from ..passes.rewrite import PatchFill
+from ..tracing import TraceError
+from .rules import MODES, OcclusionRule, activate_outputs, gaussian_profile, occlusion_rule, plain_tensor
 from .windows import WindowGrid, blend_windows, window_grid
 
 __all__ = ["OcclusionSensitivity"]
@@ -97,6 +102,8 @@ class OcclusionSensitivity:
         self.activate = activate
         self.last_path: str | None = None
         self.last_path_reason: str | None = None
+        self._explainers: dict = {}
+        self._explainers_of: Any = nn_module
 
     def __call__(self, x: Tensor, b_box: Sequence | None = None, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Occlusion map and most probable class of one image.
@@ -133,7 +140,7 @@ class OcclusionSensitivity:
         grid = window_grid(spatial, ensure_tuple_rep(self.mask_size, len(spatial)),
                            ensure_tuple_rep(self.overlap, len(spatial)), b_box)
         rule = occlusion_rule(self.mode, x, grid)
-        path, reason = self.choose_path(x, rule, kwargs)
+        path, reason = self.choose_path(x, rule, kwargs, grid)
         logger.debug("OcclusionSensitivity: %d windows of %s, %s path (%s)", grid.n_windows,
                      grid.mask_size, path, reason)
         with eval_mode(self.nn_module):
@@ -163,7 +170,8 @@ class OcclusionSensitivity:
 
     # --- the seam: engines -------------------------------------------------------------------
 
-    def choose_path(self, x: Tensor, rule: OcclusionRule, kwargs: Mapping[str, Any]) -> tuple[str, str]:
+    def choose_path(self, x: Tensor, rule: OcclusionRule, kwargs: Mapping[str, Any],
+                    grid: Optional[WindowGrid] = None) -> tuple[str, str]:
         """Which engine infers the windows, and why: ``("plain" | "incremental", reason)``.
 
         Called before the model is put in eval mode, so ``self.nn_module.training``
@@ -177,20 +185,57 @@ class OcclusionSensitivity:
             return "plain", f"extra model arguments ({', '.join(sorted(kwargs))})"
         if getattr(self.nn_module, "training", False):
             return "plain", "the model is in training mode"
-        return "plain", "no incremental engine is plugged in yet"
+        if not isinstance(self.nn_module, nn.Module):
+            return "plain", "the model is not an nn.Module"
+        if not 1 <= x.ndim - 2 <= 3:
+            return "plain", f"{x.ndim - 2} spatial axes (the incremental engine takes 1 to 3)"
+        if x.dtype != common.model_dtype(self.nn_module) or not x.is_floating_point():
+            return "plain", f"the image is {x.dtype} but the model computes in {common.model_dtype(self.nn_module)}"
+        if grid is None:
+            return "plain", "no window grid"
+        try:
+            self._explainer(x, rule.mode, grid)
+        except TraceError as e:
+            return "plain", f"the model does not trace: {str(e).splitlines()[0]}"
+        return "incremental", f"{rule.mode} occlusion of a traceable model: exact incremental inference"
 
     def incremental_outputs(self, x: Tensor, grid: WindowGrid, rule: OcclusionRule,
                             kwargs: Mapping[str, Any]) -> Tensor:
-        """INCREMENTAL ENGINE SEAM: the same ``(n_windows, classes)`` array as :meth:`plain_outputs`.
+        """The same ``(n_windows, classes)`` array as :meth:`plain_outputs`, by incremental inference.
 
-        Runs inside MONAI's ``eval_mode`` (eval, no gradients). Must return the
-        activated outputs (``activate_outputs(logits, self.activate, x.shape[1])``;
-        MONAI activates each batch of ``n_batch`` windows, which only matters
-        to an activate callable that mixes rows) for the windows in
-        ``grid.corners()`` order, where window ``i``'s box of ``x`` holds
-        ``rule.occluded_regions(x, grid, [i])``, in ``x``'s dtype and device.
+        The windows are the explainer's positions (``grid.axis_starts``, row-major as MONAI
+        scans them); each mode is an input-occlusion rule of the compiled graph: a constant
+        colour (float, ``mean_img``: this image's colour), the window times MONAI's Gaussian
+        profile (gaussian), the window times its own mean (``mean_patch``: a factor per
+        position). Outputs are activated per batch of ``n_batch`` windows, as MONAI does.
         """
-        raise NotImplementedError("no incremental engine is plugged in; choose_path must return 'plain'")
+        ex = self._explainer(x, rule.mode, grid)
+        image = plain_tensor(x)[0]
+        scale = rule.window_mul if rule.mode == "mean_patch" else None
+        color = rule.add.reshape(1).expand(x.shape[1]) if rule.mode == "constant" else None
+        _, inputs = ex.prepare(image, scale=scale, color=color)
+        logits = ex.run_outputs(torch.arange(grid.n_windows), inputs, batch_size=self.n_batch,
+                                progress=self.verbose).to(device=x.device, dtype=x.dtype)
+        return torch.cat([activate_outputs(logits[i:i + self.n_batch], self.activate, x.shape[1])
+                          for i in range(0, grid.n_windows, self.n_batch)])
+
+    def _explainer(self, x: Tensor, mode: str, grid: WindowGrid) -> Explainer:
+        """The compiled explainer for this image size, window grid and mode (one per key)."""
+        key = (tuple(x.shape[1:]), grid.mask_size, grid.axis_starts, mode, x.dtype, str(x.device))
+        if self._explainers_of is not self.nn_module:  # a new model: the old ones are stale
+            self._explainers, self._explainers_of = {}, self.nn_module
+        if key not in self._explainers:
+            if mode == "gaussian":
+                fill = PatchFill(weight=gaussian_profile(x, grid.mask_size)[0])
+            elif mode == "mean_patch":
+                fill = PatchFill(scaled=True)
+            else:  # a constant: the colour (MONAI's float or the image's mean) comes with each image
+                fill = PatchFill(image_color=True)
+            self._explainers[key] = compile_explainer(
+                self.nn_module, patch=grid.mask_size, image_size=tuple(x.shape[2:]), channels=x.shape[1],
+                output="logit", device=x.device, batch_size=self.n_batch, axis_starts=grid.axis_starts,
+                fill=fill, color=0.0)
+        return self._explainers[key]
 
     def plain_outputs(self, x: Tensor, grid: WindowGrid, rule: OcclusionRule,
                       kwargs: Mapping[str, Any]) -> Tensor:

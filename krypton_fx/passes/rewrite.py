@@ -34,7 +34,7 @@ from ..ops import gather_window, occlude_window, project_to_full
 from ..registry import Kind
 from .patch_prop import DENSE, META_KEY, PATCHED, PatchInfo, Read
 
-__all__ = ["StoredSpec", "IncrementalProgram", "rewrite", "build_capture_module"]
+__all__ = ["StoredSpec", "PatchFill", "IncrementalProgram", "rewrite", "build_capture_module"]
 
 
 def channels_last(ndim: int) -> torch.memory_format:
@@ -64,6 +64,37 @@ class StoredSpec:
         return value.contiguous(memory_format=channels_last(len(self.pad)))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)  # compared by identity: it may hold a tensor
+class PatchFill:
+    """What the occluded patch holds, beyond a plain colour (MONAI's occlusion modes).
+
+    Inside the patch the image becomes ``image * w + color`` with
+    ``w = weight[c, i] * scale[b]`` (a missing factor is 1); with neither
+    factor the colour replaces the image (``w = 0``), as in plain occlusion.
+
+    Attributes:
+        weight: ``(C or 1, *patch)`` profile the patch multiplies the image by
+            (MONAI's gaussian mode), or None.
+        scaled: each position has its own factor, given per image as the
+            graph's ``occlusion_scale`` input (``(P,)``, MONAI's mean_patch).
+        image_color: the colour is given per image as the graph's
+            ``occlusion_color`` input (``(C,)``, MONAI's mean_img), instead of
+            the compiled one.
+    """
+
+    weight: Optional[Tensor] = None
+    scaled: bool = False
+    image_color: bool = False
+
+    @property
+    def reads_image(self) -> bool:
+        """The patch's values depend on the image under it."""
+        return self.weight is not None or self.scaled
+
+
+NO_FILL = PatchFill()  # a plain colour: the default of every compile (one object: compared by identity)
+
+
 @dataclasses.dataclass
 class IncrementalProgram:
     """The rewrite's result.
@@ -75,12 +106,16 @@ class IncrementalProgram:
             ``capture(image) -> (output, *raw_stored)``.
         weights: ``(buffer name, model parameter)`` of the channels-last conv
             weight copies the incremental graph uses.
+        fill: what the patch holds; with ``fill.scaled`` / ``fill.image_color``
+            the graph takes the per-image ``occlusion_scale`` / ``occlusion_color``
+            after ``*stored``.
     """
 
     module: fx.GraphModule
     stored: list[StoredSpec]
     capture: fx.GraphModule
     weights: list[tuple[str, Tensor]] = dataclasses.field(default_factory=list)
+    fill: PatchFill = NO_FILL
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -178,12 +213,16 @@ def _pad_for(read: Read) -> tuple[tuple[int, int], ...]:
 class _Emitter:
     """Builds the incremental graph node by node (env-dict style, as in fx's own transforms)."""
 
-    def __init__(self, gm: fx.GraphModule, backend: str, color: Tensor):
+    def __init__(self, gm: fx.GraphModule, backend: str, color: Tensor, fill: PatchFill):
         self.gm = gm
         self.backend = backend
+        self.fill = fill
         self.graph = fx.Graph()
         self.tables = nn.Module()
         self.tables.register_buffer("color", color.detach().clone())
+        if fill.weight is not None:
+            self.tables.register_buffer("patch_weight", fill.weight.detach().to(color.dtype).clone())
+        self._fill_inputs: dict[str, fx.Node] = {}
         self.env: dict[fx.Node, Any] = {}
         self.source: Optional[fx.Node] = None
         self.stored: list[StoredSpec] = []
@@ -207,12 +246,38 @@ class _Emitter:
                 pad = _pad_for(read)
                 old = pads.setdefault(key, pad)
                 pads[key] = tuple((max(a, c), max(b, d)) for (a, b), (c, d) in zip(old, pad))
+        if self.fill.reads_image:
+            # The patch's values come from the image under it: store the image (unpadded at least).
+            source = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+            box = source.meta[META_KEY].box
+            pads.setdefault((source, 0.0), ((0, 0),) * box.ndim)
         for key, pad in pads.items():
             self._stored_index[key] = len(self.stored)
             self.stored.append(StoredSpec(key[0].name, pad, key[1]))
             self.stored_nodes.append(key[0])
         self.positions = self.graph.placeholder("positions")
         self._stored_ph = [self.graph.placeholder(f"stored_{i}_{s.node}") for i, s in enumerate(self.stored)]
+        if self.fill.scaled:
+            scale = self.graph.placeholder("occlusion_scale")
+            self._fill_inputs["scale"] = self.graph.call_function(operator.getitem, (scale, self.positions))
+        if self.fill.image_color:
+            self._fill_inputs["color"] = self.graph.placeholder("occlusion_color")
+
+    def _color(self) -> fx.Node:
+        """The patch colour: the compiled one, or this image's (``fill.image_color``)."""
+        if "color" in self._fill_inputs:
+            return self._fill_inputs["color"]
+        return self.graph.get_attr("krypton_tables.color")
+
+    def _occlude(self, stored: fx.Node, table: fx.Node, window: tuple[int, ...],
+                 patch: tuple[int, ...]) -> fx.Node:
+        """Input occlusion of ``window`` with the patch filled as ``self.fill`` says."""
+        kwargs: dict[str, Any] = {"backend": self.backend}
+        if self.fill.weight is not None:
+            kwargs["weight"] = self.graph.get_attr("krypton_tables.patch_weight")
+        if "scale" in self._fill_inputs:
+            kwargs["scale"] = self._fill_inputs["scale"]
+        return self.graph.call_function(occlude_window, (stored, self._color(), table, window, patch), kwargs)
 
     def _table(self, values: Tensor) -> fx.Node:
         """Register a per-position int64 table and index it with this batch's positions."""
@@ -256,9 +321,7 @@ class _Emitter:
         window = w.sizes
         if read.node is self.source:
             table = self._table(torch.stack(starts + offsets, 1))
-            color = self.graph.get_attr("krypton_tables.color")
-            return self.graph.call_function(
-                occlude_window, (stored, color, table, window, info.box.sizes), {"backend": self.backend})
+            return self._occlude(stored, table, window, info.box.sizes)
         if patched and read.is_projection and not any(a or b for a, b in spec.pad):
             table = self._table(torch.stack(offsets, 1))
             return self.graph.call_function(project_to_full, (stored, self.env[read.node], table),
@@ -274,9 +337,16 @@ class _Emitter:
         info: PatchInfo = n.meta[META_KEY]
         if n.op == "placeholder":
             self.source = n
-            if info.state is PATCHED:
-                color = self.graph.get_attr("krypton_tables.color")
-                self.env[n] = self.graph.call_function(color_patch, (color, self.positions, info.box.sizes))
+            if info.state is PATCHED and self.fill.reads_image:
+                # The patch itself: the image under it, weighted (a window equal to the patch).
+                index = self._stored_index[(n, 0.0)]
+                pad = self.stored[index].pad
+                starts = [s + before for s, (before, _) in zip(info.box.starts, pad)]
+                table = self._table(torch.stack(starts + [torch.zeros_like(s) for s in starts], 1))
+                self.env[n] = self._occlude(self._stored_ph[index], table, info.box.sizes, info.box.sizes)
+            elif info.state is PATCHED:
+                self.env[n] = self.graph.call_function(color_patch, (self._color(), self.positions,
+                                                                     info.box.sizes))
             return
         mapped = {r.node: self.read(r) for r in info.reads}
         lookup = lambda m: mapped[m] if m in mapped else self.env[m]  # noqa: E731
@@ -378,20 +448,23 @@ class _Emitter:
         return g.call_function(operator.mul, (total, scale))
 
 
-def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] = None) -> IncrementalProgram:
+def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] = None,
+            fill: Optional[PatchFill] = None) -> IncrementalProgram:
     """Emit the incremental program of a PatchProp-annotated graph.
 
     Args:
         gm: traced model whose nodes carry ``meta["krypton_patch"]``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the gather nodes.
         color: ``(C,)`` occlusion colour in the model's input space.
+        fill: what the patch holds beyond a colour (:class:`PatchFill`).
 
     Returns:
         An :class:`IncrementalProgram`.
     """
     if color is None:
         raise ValueError("rewrite needs the occlusion colour")
-    emitter = _Emitter(gm, backend, color)
+    fill = fill or NO_FILL
+    emitter = _Emitter(gm, backend, color, fill)
     emitter.plan_stored()
     for n in gm.graph.nodes:
         emitter.emit(n)
@@ -411,4 +484,4 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
     module.graph.lint()
     module.recompile()
     capture = build_capture_module(gm, emitter.stored_nodes)
-    return IncrementalProgram(module, emitter.stored, capture, emitter.weights)
+    return IncrementalProgram(module, emitter.stored, capture, emitter.weights, fill)
