@@ -343,6 +343,56 @@ class Explainer:
         return OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch, self.output,
                                RunStats(self.positions, batch, seconds=time.perf_counter() - start))
 
+    @torch.no_grad()
+    def run_many(self, images: Tensor, labels: Optional[Sequence[Optional[int]]] = None,
+                 batch_size: Optional[int] = None) -> list[OcclusionResult]:
+        """Heat maps of several images of the compiled size, in order.
+
+        The unoccluded passes of all images run as one batch (one forward
+        instead of one per image: what dominates small images and strided
+        maps), then each image's positions run as in :meth:`__call__`; the
+        maps equal one call per image.
+
+        Args:
+            images: ``(N, C, *spatial)``.
+            labels: one class (or None: the prediction) per image.
+            batch_size: positions per batch.
+        """
+        start = time.perf_counter()
+        batch_size = common.batch_size(batch_size)
+        if not isinstance(images, Tensor) or images.dim() != len(self.image_chw) + 1:
+            raise ValueError(f"images must be a tensor (N, {', '.join(map(str, self.image_chw))}), got "
+                             f"{tuple(getattr(images, 'shape', ()))}")
+        labels = list(labels) if labels is not None else [None] * len(images)
+        if len(labels) != len(images):
+            raise ValueError(f"{len(labels)} labels for {len(images)} images: give one per image (or None)")
+        if len(images) == 0:
+            return []
+        results = []
+        with self._lock:
+            logits0, stored0 = self.prepare(images[0])  # compiles (and checks) on the first image
+            build = self._current()
+            rest = images[1:]
+            for x in rest:
+                common.image_batch(x, self.image_chw, build.dtype)
+            with eval_mode(self.model):
+                logits, raw = build.program.capture(rest.to(self.device)) if len(rest) else (None, [])
+            stored_rest = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
+            for k in range(len(images)):
+                row = logits0 if k == 0 else logits[k - 1:k]
+                stored = stored0 if k == 0 else [v[k - 1:k] for v in stored_rest]
+                label = common.label_index(labels[k], row.shape[-1])
+                label = int(row.argmax(1)) if label is None else label
+                base = float(common.scores(row, label, self.output))
+                scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size)
+                batch = min(batch_size or self.batch_size, self.positions)
+                results.append(OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch,
+                                               self.output, RunStats(self.positions, batch)))
+        seconds = (time.perf_counter() - start) / len(images)
+        for res in results:
+            res.stats.seconds = seconds
+        return results
+
     def report(self) -> str:
         """A per-node table: kind, state, patch size, and where savings stop."""
         return format_report(self.graph_module)
