@@ -19,14 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+# bench/monai.py sits beside this script: keep `import monai` from finding it.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
-import krypton_fx
-from krypton_fx.benchmark import measure, time_breakdown
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import krypton_fx  # noqa: E402
+from krypton_fx.benchmark import measure, time_breakdown  # noqa: E402
 
 # At least 90 % of theory on the CPU (the volumes issue's goals).
 GOALS_CPU = {"resnet18@64": 2.4, "resnet18@96": 4.3, "densenet121@64": 1.4}

@@ -1,0 +1,86 @@
+"""One image, cold: a fresh process that compiles and explains one image, against a fresh process
+that runs the naive map of the same image (cuDNN's autotuning and Triton's compiles included).
+
+Each measurement is its own subprocess of this script (nothing warm carries over but the
+disk caches), naive and krypton_fx interleaved per model; the second krypton_fx process
+finds Triton's disk cache warm, so both krypton_fx rounds are printed.
+
+    python bench/cold_start.py                        # CPU (one thread), 64 x 64 images
+    python bench/cold_start.py --device cuda          # ResNet18, VGG16 at 224, InceptionV3 at 299
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+
+def worker(args) -> None:
+    import torch
+    import torchvision
+
+    import krypton_fx
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    size = args.size or (299 if args.model == "inception_v3" else 224)
+    kwargs = {"init_weights": False, "aux_logits": False} if args.model == "inception_v3" else {}
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(args.model, weights=None, **kwargs).eval().to(device)
+    image = torch.randn(3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    if args.worker == "naive":
+        krypton_fx.naive_occlusion(model, image, patch=16, stride=args.stride, batch_size=args.batch_size)
+    else:
+        ex = krypton_fx.compile(model, patch=16, stride=args.stride, image_size=(size, size),
+                                batch_size=args.batch_size, device=device)
+        ex(image)
+    sync()
+    print(json.dumps({"seconds": time.perf_counter() - start}))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="resnet18,vgg16,inception_v3")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--size", type=int, default=None, help="image size (default: 224/299 on CUDA, 64 on CPU)")
+    p.add_argument("--stride", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--worker", choices=("naive", "krypton"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if args.size is None and not args.device.startswith("cuda"):
+        args.size = 64
+    print(f"one image, cold, each in a fresh process ({args.device}); patch 16, stride {args.stride}, "
+          f"batch {args.batch_size}")
+    print(f"{'model':14s} {'naive s':>8s} {'krypton 1st s':>13s} {'krypton 2nd s':>13s} {'ratio 1st':>9s} "
+          f"{'ratio 2nd':>9s}")
+
+    def run(side: str, model: str) -> float:
+        cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--device", args.device,
+               "--stride", str(args.stride), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+        if args.size:
+            cmd += ["--size", str(args.size)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])["seconds"]
+
+    for model in args.models.split(","):
+        first = run("krypton", model)
+        naive = run("naive", model)
+        second = run("krypton", model)
+        print(f"{model:14s} {naive:8.2f} {first:13.2f} {second:13.2f} {naive / first:8.2f}x {naive / second:8.2f}x",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
