@@ -13,6 +13,7 @@ it does not matter.
 
 from __future__ import annotations
 
+import textwrap
 from typing import Optional, Sequence
 
 import numpy as np
@@ -324,8 +325,8 @@ def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], la
     score = f"P = {base_prob:.3f}" if output == "prob" else f"logit = {base_prob:.3f}"
     where = voxel_text or f"voxel {voxel}"
     lines = [f"{name}: {score}", f"slices through the strongest drop, {where} (+)"]
-    if subtitle:
-        lines.append(subtitle)
+    if subtitle:  # long file and model names: wrapped, not cut off at the figure's edge
+        lines += textwrap.wrap(subtitle, width=105, break_on_hyphens=False)
     fig.suptitle("\n".join(lines), fontsize=12)
     return fig
 

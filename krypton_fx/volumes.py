@@ -115,6 +115,11 @@ def _check_finite(data: np.ndarray, path: PathLike) -> np.ndarray:
 
 
 def _read_npy(path: Path) -> Volume:
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY":  # np.load would try it as a pickle and blame pickling
+        raise VolumeFileError(f"{path} is not a numpy .npy file (no .npy header); save the volume with "
+                              "np.save(path, array)")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as e:

@@ -111,6 +111,7 @@ def run_volume(args) -> int:
     if volume.spatial_dims != 3:
         raise CLIError(f"{args.image} holds a {opt.sizes(volume.spatial_shape)} array ({volume.spatial_dims} "
                        "axes): a volume is (D, H, W) or (C, D, H, W) in a .npy file, 3 spatial axes in NIfTI")
+    opt.check_patch(patch, volume.spatial_shape, size_option=None)
     device = opt.resolve_device(args.device)
     monai = is_monai_spec(args.model)
     loaded = load_model(args.model, args.weights, args.num_classes, args.seed,
@@ -124,7 +125,6 @@ def run_volume(args) -> int:
                        "give a volume with as many channels" + (" or --in-channels" if monai else ""))
     intensity = args.intensity or opt.intensity("none")
     x = torch.from_numpy(intensity.apply(volume.data))
-    opt.check_patch(patch, volume.spatial_shape, size_option=None)
     opt.probe_model(loaded, x, device, args.label, args.output)
 
     color = volume_color(args.color or "black", x)
