@@ -111,7 +111,7 @@ def torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _first_conv(model: nn.Module) -> Optional[nn.Module]:
+def _first_conv(model: nn.Module) -> Optional[nn.modules.conv._ConvNd]:
     return next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
-from typing import Optional
+from typing import Mapping, Optional
 
 from torch import nn
 
@@ -104,6 +104,7 @@ def _resolve(name: str, nets) -> tuple[str, NetSpec]:
         raise MonaiNetError(f"unknown MONAI network {name!r}: {hint}MONAI's classifiers are "
                             f"{PREFIX}resnet18 (10..200), {PREFIX}DenseNet121 (169, 201, 264), "
                             f"{PREFIX}SEResNet50 (101, 152, SEResNeXt50, ...), {PREFIX}efficientnet-b0 (..b8, l2)")
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(builder).parameters
     except (TypeError, ValueError):
@@ -133,6 +134,7 @@ def build(name: str, spatial_dims: int, in_channels: int, num_classes: Optional[
     nets = _import_nets()
     canonical, spec = _resolve(name, nets)
     builder = getattr(nets, spec.builder)
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(builder).parameters
     except (TypeError, ValueError):

@@ -26,7 +26,7 @@ import dataclasses
 import gzip
 import math
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     zooms: tuple[float, ...]
-    header: object
+    header: Any
     path: str
 
     @property
@@ -303,7 +303,10 @@ def map_writer(values: np.ndarray, like: Volume, path: PathLike,
     if description:
         hdr["descrip"] = description.encode("ascii", "replace")[:79]
     gz = suffix == ".nii.gz"
-    return lambda f: f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0) if gz else img.to_bytes())
+
+    def write(f: BinaryIO) -> None:
+        f.write(gzip.compress(img.to_bytes(), compresslevel=6, mtime=0) if gz else img.to_bytes())
+    return write
 
 
 @dataclasses.dataclass(frozen=True)

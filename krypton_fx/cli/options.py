@@ -115,17 +115,20 @@ def sizes(values: Sequence[int]) -> str:
 
 def drill_down(r: Optional[float], stage1: Optional[int], stride: tuple[int, ...]):
     """The DrillDown of --drill-down / --stage1-stride, or None."""
+    stage1_stride: Union[int, tuple[int, ...]]
     if r is None:
         if stage1 is not None:
             raise CLIError("--stage1-stride needs --drill-down R (the fraction of cells to refine)")
         return None
     from ..approx import DrillDown
     if stage1 is None:
-        stage1 = tuple(2 * s for s in stride)
+        stage1_stride = tuple(2 * s for s in stride)
     elif stage1 < max(stride):
         raise CLIError(f"--stage1-stride {stage1} is finer than --stride {sizes(stride)}; "
                        "give a coarser stage-one stride")
-    return DrillDown(r=r, stage1_stride=stage1)
+    else:
+        stage1_stride = stage1
+    return DrillDown(r=r, stage1_stride=stage1_stride)
 
 
 def resolve_device(text: Optional[str], option: str = "--device"):
