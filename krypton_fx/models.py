@@ -39,8 +39,10 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from . import monai_nets
+
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "read_state_dict", "load_weights",
-           "input_channels", "torchvision_names", "is_file_name"]
+           "input_channels", "model_spatial_dims", "torchvision_names", "is_file_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +111,26 @@ def torchvision_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
+def _first_conv(model: nn.Module) -> Optional[nn.modules.conv._ConvNd]:
+    return next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+
+
 def input_channels(model: nn.Module) -> int:
-    """Channels of the images ``model`` takes: its first Conv2d's, else 3."""
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    """Channels of the inputs ``model`` takes: its first convolution's (1-D, 2-D or 3-D), else 3."""
+    first = _first_conv(model)
     return first.in_channels if first is not None else 3
+
+
+def model_spatial_dims(model: nn.Module) -> Optional[int]:
+    """Spatial axes of the inputs ``model`` takes, from its first convolution: 2 for Conv2d
+    (images), 3 for Conv3d (volumes), 1 for Conv1d; None if it has none.
+
+    Example:
+        >>> model_spatial_dims(nn.Sequential(nn.Conv3d(1, 4, 3), nn.ReLU()))
+        3
+    """
+    first = _first_conv(model)
+    return None if first is None else len(first.kernel_size)
 
 
 def _weights_enum(text: str, model_name: Optional[str]):
@@ -354,12 +372,36 @@ def _torchvision_model(name: str, weights: Optional[str], num_classes: Optional[
     return LoadedModel(model, name, weights=enum, categories=categories)
 
 
+def _monai_model(spec: str, weights: Optional[str], num_classes: Optional[int], spatial_dims: Optional[int],
+                 in_channels: Optional[int]) -> LoadedModel:
+    try:
+        model, name = monai_nets.build(spec[len(monai_nets.PREFIX):], spatial_dims or 2, in_channels or 3,
+                                       num_classes)
+    except monai_nets.MonaiNetError as e:
+        raise ModelLoadError(str(e)) from None
+    name = monai_nets.PREFIX + name
+    if weights is None or weights.lower() == "none":
+        return LoadedModel(model, name, warning=(
+            f"{name} has random weights (MONAI networks come without any here; pass --weights FILE), so "
+            "its prediction and this heat map are meaningless (fine for testing)"))
+    path = Path(weights).expanduser()
+    if path.is_file():
+        load_weights(model, read_state_dict(path), weights, name, can_set_classes=True)
+        return LoadedModel(model, name)
+    if is_file_name(weights):
+        raise ModelLoadError(f"weights file {weights} does not exist; check the path")
+    raise ModelLoadError(f"--weights {weights}: {name} takes a state-dict or checkpoint file, or none")
+
+
 def load_model(spec: str, weights: Optional[str] = None, num_classes: Optional[int] = None,
-               seed: int = 0) -> LoadedModel:
+               seed: int = 0, spatial_dims: Optional[int] = None,
+               in_channels: Optional[int] = None) -> LoadedModel:
     """Build the model that ``spec`` and ``weights`` name (the CLI's ``--model``/``--weights``).
 
     Args:
-        spec: a torchvision classification model name (``resnet18``), a
+        spec: a torchvision classification model name (``resnet18``), a MONAI
+            network ``monai:NAME`` (``monai:resnet18``, ``monai:DenseNet121``,
+            ``monai:efficientnet-b0``; :mod:`krypton_fx.monai_nets`), a
             ``package.module:callable`` returning an ``nn.Module``, or a ``.pt``
             file holding a whole pickled module (unpickling runs code from the
             file: use only files you trust).
@@ -371,6 +413,8 @@ def load_model(spec: str, weights: Optional[str] = None, num_classes: Optional[i
         num_classes: output classes of a torchvision model built without
             weights names (to load a fine-tuned state dict).
         seed: seeds the random initialisation, so ``weights="none"`` is repeatable.
+        spatial_dims: ``monai:NAME`` networks: 2 (images, the default) or 3 (volumes).
+        in_channels: ``monai:NAME`` networks: the input's channels (default 3).
 
     Returns:
         The :class:`LoadedModel`, in eval mode on the CPU.
@@ -386,6 +430,13 @@ def load_model(spec: str, weights: Optional[str] = None, num_classes: Optional[i
     """
     torch.manual_seed(seed)
     path = Path(spec).expanduser()
+    if monai_nets.is_monai_spec(spec):
+        loaded = _monai_model(spec, weights, num_classes, spatial_dims, in_channels)
+        loaded.model.eval()
+        return loaded
+    for value, option in ((spatial_dims, "--spatial-dims"), (in_channels, "--in-channels")):
+        if value is not None:
+            raise ModelLoadError(f"{option} builds monai:NAME models; {spec} has its own: drop {option}")
     if path.suffix.lower() in FILE_SUFFIXES or path.is_file():
         loaded = LoadedModel(_model_from_file(path), path.name)
     elif ":" in spec:
@@ -395,7 +446,7 @@ def load_model(spec: str, weights: Optional[str] = None, num_classes: Optional[i
         loaded.model.eval()
         return loaded
     if num_classes is not None:
-        raise ModelLoadError("--num-classes applies to torchvision model names only; "
+        raise ModelLoadError("--num-classes applies to torchvision and monai:NAME models only; "
                              "build the model with the right number of outputs")
     if weights is not None and weights.lower() != "none":
         if Path(weights).expanduser().is_file():

@@ -13,6 +13,7 @@ it does not matter.
 
 from __future__ import annotations
 
+import textwrap
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,7 +22,8 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["upsample_heatmap", "heatmap_figure", "bench_figure"]
+__all__ = ["upsample_heatmap", "upsample_heatmap_nd", "heatmap_figure", "volume_figure", "drop_limit",
+           "bench_figure"]
 
 _CMAP = "RdBu_r"
 _BOX_COLOR = "#39ff14"
@@ -63,9 +65,40 @@ def upsample_heatmap(heatmap, image_hw: Sequence[int], patch: Sequence[int],
         ((4, 6), [0.0, 0.0, 0.25, 0.75, 1.0, 1.0])
     """
     heat = np.asarray(heatmap, dtype=np.float64)
+    if heat.ndim != 2:
+        return upsample_heatmap_nd(heat, image_hw, patch, stride)
     my = _interp_matrix(int(image_hw[0]), heat.shape[0], int(patch[0]), int(stride[0]))
     mx = _interp_matrix(int(image_hw[1]), heat.shape[1], int(patch[1]), int(stride[1]))
     return my @ heat @ mx.T
+
+
+def upsample_heatmap_nd(heatmap, size: Sequence[int], patch: Sequence[int], stride: Sequence[int]) -> np.ndarray:
+    """Upsample a heat map over any number of axes to the input's grid (trilinear for volumes),
+    each cell at its patch's centre: :func:`upsample_heatmap` one axis at a time.
+
+    Args:
+        heatmap: ``(D_M, H_M, W_M)`` (or any number of axes); cell ``(i, j, k)``
+            belongs to the patch whose first voxel is ``(i * Sd, j * Sh, k * Sw)``.
+        size: the input's spatial size, one entry per axis.
+        patch: the occlusion patch, one entry per axis.
+        stride: the stride, one entry per axis.
+
+    Returns:
+        float64 array of shape ``size``.
+
+    Example:
+        >>> up = upsample_heatmap_nd(np.array([[[0.0, 1.0]]]), (2, 2, 6), (2, 2, 4), (2, 2, 2))
+        >>> up.shape, up[0, 0].round(2).tolist()
+        ((2, 2, 6), [0.0, 0.0, 0.25, 0.75, 1.0, 1.0])
+    """
+    out = np.asarray(heatmap, dtype=np.float64)
+    if not len(size) == len(patch) == len(stride) == out.ndim:
+        raise ValueError(f"a {out.ndim}-axis map needs {out.ndim} sizes, patches and strides, got "
+                         f"{tuple(size)}, {tuple(patch)}, {tuple(stride)}")
+    for axis, (n, p, s) in enumerate(zip(size, patch, stride)):
+        m = _interp_matrix(int(n), out.shape[axis], int(p), int(s))
+        out = np.moveaxis(np.tensordot(m, out, axes=(1, axis)), 0, axis)
+    return out
 
 
 def _symmetric_limit(values: np.ndarray) -> float:
@@ -164,6 +197,149 @@ def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Seq
                     f"{hm}x{wm} = {hm * wm} positions")
     fig.suptitle(f"{name}: {score}\n{subtitle}", fontsize=12)
     return fig
+
+
+def drop_limit(drop) -> float:
+    """The colour scale's half-width for drops ``drop`` (as :func:`heatmap_figure` picks it):
+    robust, so one outlier cell does not wash out the rest of the map."""
+    return _symmetric_limit(np.asarray(drop, dtype=np.float64))
+
+
+# Planes of a volume picture, per layout: (fixed axis, row axis, column axis, flip rows, flip
+# columns). "array": a .npy volume's own axes (d, h, w), rows and columns as numpy prints
+# them. "ras": a NIfTI volume turned to RAS+ (x right, y front, z up), shown the radiological
+# way: up is anterior / superior, the patient's right on the viewer's left, the face to the left.
+_PLANES = {
+    "array": (("axis 0", "d", 0, 1, 2, False, False), ("axis 1", "h", 1, 0, 2, False, False),
+              ("axis 2", "w", 2, 0, 1, False, False)),
+    "ras": (("axial", "z", 2, 1, 0, True, True), ("coronal", "y", 1, 2, 0, True, True),
+            ("sagittal", "x", 0, 2, 1, True, True)),
+}
+# Anatomical ends of each RAS+ axis: (low end, high end).
+_RAS_ENDS = (("L", "R"), ("P", "A"), ("I", "S"))
+_VOXEL_COLOR = "#ffd400"
+
+
+def _plane(values: np.ndarray, fixed: int, index: int, row: int, col: int, flip_rows: bool,
+           flip_cols: bool) -> np.ndarray:
+    plane = np.take(values, index, axis=fixed)
+    rest = [a for a in range(3) if a != fixed]
+    plane = plane if rest.index(row) == 0 else plane.T
+    return plane[::-1 if flip_rows else 1, ::-1 if flip_cols else 1]
+
+
+def _in_plane(position: float, axis_size: int, flip: bool) -> float:
+    return axis_size - 1 - position if flip else position
+
+
+def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], label: int, base_prob: float,
+                  limit: Optional[float] = None, layout: str = "array",
+                  spacing: Sequence[float] = (1.0, 1.0, 1.0), label_name: Optional[str] = None,
+                  output: str = "prob", box: Optional[Sequence[int]] = None, box_label: str = "true region",
+                  subtitle: Optional[str] = None, voxel_text: Optional[str] = None,
+                  plane_text: Optional[Sequence[str]] = None) -> Figure:
+    """Three orthogonal slices through ``voxel``: the volume, the occlusion map over it, the map alone.
+
+    The colours are :func:`heatmap_figure`'s: the drop ``base_prob - heatmap``,
+    red where occluding lowers the prediction, one colour bar for every panel.
+
+    Args:
+        volume: ``(D, H, W)`` in ``[0, 1]``: the volume scaled for display.
+        drop: ``(D, H, W)`` drop on the volume's grid (:func:`upsample_heatmap_nd`).
+        voxel: the voxel the three planes go through (the strongest drop, say).
+        label: explained class index.
+        base_prob: score of ``label`` without occlusion.
+        limit: colour scale half-width; default :func:`drop_limit` of ``drop``
+            (pass ``drop_limit`` of the cells' drops to match a 2-D picture).
+        layout: ``"array"`` (planes along the array's axes) or ``"ras"`` (arrays
+            in RAS+ order: axial, coronal and sagittal planes, radiological view,
+            sides lettered).
+        spacing: voxel size per axis, for the panels' aspect ratio.
+        label_name: class name for the title, if known.
+        output: ``"prob"`` or ``"logit"``.
+        box: ``(d, h, w, size_d, size_h, size_w)`` to outline (``"array"`` layout):
+            solid where the plane cuts it, dashed where it only projects onto it.
+        box_label: legend entry for ``box``.
+        subtitle: second title line.
+        voxel_text: how the title names ``voxel`` (the file's own indices, say).
+        plane_text: per axis of ``volume``, how to name the plane through ``voxel``
+            across it (``"i = 7"``: the file's axis and index); default ``"z = 12"``.
+
+    Example:
+        >>> fig = volume_figure(np.zeros((8, 8, 8)), np.ones((8, 8, 8)), (4, 4, 4), 1, 0.9)
+        >>> len(fig.axes)
+        10
+    """
+    if layout not in _PLANES:
+        raise ValueError(f"layout must be 'array' or 'ras', got {layout!r}")
+    volume = np.clip(np.asarray(volume, dtype=np.float64), 0.0, 1.0)
+    drop = np.asarray(drop, dtype=np.float64)
+    if volume.ndim != 3 or drop.shape != volume.shape:
+        raise ValueError(f"need a (D, H, W) volume and a drop of the same shape, got {volume.shape} "
+                         f"and {drop.shape}")
+    lim = drop_limit(drop) if limit is None else max(float(limit), 1e-12)
+    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
+    voxel = tuple(int(v) for v in voxel)
+
+    fig = Figure(figsize=(11.0, 11.4), dpi=100, layout="constrained")
+    axes = fig.subplots(3, 3)
+    shown = None
+    for r, (plane_name, coord, fixed, row, col, flip_r, flip_c) in enumerate(_PLANES[layout]):
+        args = (fixed, voxel[fixed], row, col, flip_r, flip_c)
+        image, dropped = _plane(volume, *args), _plane(drop, *args)
+        aspect = float(spacing[row]) / float(spacing[col])
+        point_x = _in_plane(voxel[col], volume.shape[col], flip_c)
+        point_y = _in_plane(voxel[row], volume.shape[row], flip_r)
+        rgba = colormaps[_CMAP](norm(dropped))
+        rgba[..., 3] = overlay_alpha(dropped, lim)
+        axes[r, 0].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
+        axes[r, 1].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
+        axes[r, 1].imshow(rgba, interpolation="nearest", aspect=aspect)
+        shown = axes[r, 2].imshow(dropped, cmap=_CMAP, norm=norm, interpolation="nearest", aspect=aspect)
+        where = plane_text[fixed] if plane_text is not None else f"{coord} = {voxel[fixed]}"
+        axes[r, 0].set_ylabel(f"{plane_name}, {where}", fontsize=11)
+        for ax in axes[r]:
+            ax.plot([point_x], [point_y], marker="+", markersize=14, markeredgewidth=1.6, color=_VOXEL_COLOR,
+                    linestyle="none")
+        if layout == "ras":
+            _letter_sides(axes[r, 0], row, col, flip_r, flip_c)
+        if box is not None and layout == "array" and min(int(v) for v in box) >= 0:
+            cuts = box[fixed] <= voxel[fixed] < box[fixed] + box[fixed + 3]
+            for c, ax in enumerate(axes[r]):
+                ax.add_patch(Rectangle((box[col] - 0.5, box[row] - 0.5), box[col + 3], box[row + 3], fill=False,
+                                       edgecolor=_BOX_COLOR, linewidth=1.6, linestyle="-" if cuts else "--",
+                                       label=box_label if (r, c) == (0, 0) else None))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("input (as the model sees it)")
+    axes[0, 1].set_title("occlusion map over the input")
+    axes[0, 2].set_title("occlusion map")
+    what = "P" if output == "prob" else "logit"
+    bar = fig.colorbar(shown, ax=axes[:, 2], shrink=0.5)
+    bar.set_label(f"drop in {what}(label) when occluded\n(red: evidence for the label)")
+    if box is not None and layout == "array" and min(int(v) for v in box) >= 0:
+        axes[0, 0].legend(loc="lower left", fontsize=8, framealpha=0.8)
+
+    name = f"{label_name} (class {label})" if label_name else f"class {label}"
+    score = f"P = {base_prob:.3f}" if output == "prob" else f"logit = {base_prob:.3f}"
+    where = voxel_text or f"voxel {voxel}"
+    lines = [f"{name}: {score}", f"slices through the strongest drop, {where} (+)"]
+    if subtitle:  # long file and model names: wrapped, not cut off at the figure's edge
+        lines += textwrap.wrap(subtitle, width=105, break_on_hyphens=False)
+    fig.suptitle("\n".join(lines), fontsize=12)
+    return fig
+
+
+def _letter_sides(ax, row: int, col: int, flip_rows: bool, flip_cols: bool) -> None:
+    """Anatomical side letters at the panel's edges (R/L, A/P, S/I)."""
+    top, bottom = _RAS_ENDS[row][::-1] if flip_rows else _RAS_ENDS[row]
+    left, right = _RAS_ENDS[col][::-1] if flip_cols else _RAS_ENDS[col]
+    style = dict(transform=ax.transAxes, color="white", fontsize=9, fontweight="bold")
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
 
 
 def bench_figure(names: Sequence[str], theoretical: Sequence[float], measured: Sequence[float],

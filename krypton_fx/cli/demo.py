@@ -1,23 +1,34 @@
 """``krypton-fx demo``: a small lesion classifier (trained once, cached) explained on synthetic
-scans, naive and incremental occlusion timed side by side; pictures into ``--out``."""
+scans, naive and incremental occlusion timed side by side; pictures into ``--out``. With
+``--volume``, the same on synthetic volumes and a small 3-D CNN (:mod:`.demo_volume`)."""
 
 from __future__ import annotations
 
 import functools
 import time
 
+from . import demo_volume
 from . import options as opt
-from .errors import PROG
+from .errors import PROG, CLIError
 from .files import output_dir, save_figure, write_files
 
 __all__ = ["add_parser", "run"]
 
 def add_parser(sub, formatter_class):
-    p = sub.add_parser("demo", help="offline demo on synthetic lesion scans", formatter_class=formatter_class,
+    p = sub.add_parser("demo", help="offline demo on synthetic lesion scans (or volumes: --volume)",
+                       formatter_class=formatter_class,
                        description="Explain a small lesion classifier (trained on first run, then cached) "
-                                   "on synthetic scans, and time naive vs incremental occlusion.")
+                                   "on synthetic scans, and time naive vs incremental occlusion; with "
+                                   "--volume, a small 3-D CNN on synthetic volumes.")
     p.add_argument("--out", default="krypton-demo", metavar="DIR", help="folder for the pictures")
-    p.add_argument("--images", type=opt.positive_int, default=3, metavar="N", help="lesion images to explain")
+    p.add_argument("--images", type=opt.positive_int, default=3, metavar="N",
+                   help="lesion images (or volumes) to explain")
+    p.add_argument("--volume", action="store_true",
+                   help="the 3-D demo: synthetic volumes with a small bright lesion, a small 3-D CNN")
+    p.add_argument("--size", type=opt.int_at_least(demo_volume.MIN_SIZE), metavar="N",
+                   help=f"--volume: edge of the volumes explained (default {demo_volume.DEFAULT_SIZE}; the "
+                        f"model, trained at {demo_volume.TRAIN_SIZE}, runs on any size; larger volumes "
+                        "take longer and gain more)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where the trained model is kept (default $KRYPTON_CACHE or ~/.cache/krypton_fx)")
     p.set_defaults(run=run)
@@ -32,6 +43,10 @@ _DEMO_CLASSES = ("healthy", "lesion")
 
 
 def run(args) -> int:
+    if args.volume:
+        return demo_volume.run(args)
+    if args.size is not None:
+        raise CLIError("--size applies to the 3-D demo: add --volume")
     import numpy as np
 
     from .. import lesions

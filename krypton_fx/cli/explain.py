@@ -1,5 +1,6 @@
 """``krypton-fx explain``: its options, and an occlusion heat map of one image (``--out``); many
-images into a folder (``--out-dir``) are :mod:`.explain_files`'s."""
+images into a folder (``--out-dir``) are :mod:`.explain_files`'s, a volume (NIfTI, ``.npy``)
+:mod:`.explain_volume`'s."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import functools
 import time
 from pathlib import Path
 
-from ..models import input_channels, load_model
+from ..models import input_channels, load_model, model_spatial_dims
+from ..monai_nets import is_monai_spec
+from ..volumes import is_volume_path
 from . import options as opt
 from .errors import CLIError, warn
 from .explain_files import run_files
+from .explain_volume import VOLUME_ONLY, run_volume
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
 from .images import patch_color, preprocessing_for, read_image, to_model_mode
 
@@ -24,23 +28,37 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                        description="Explain a CNN's prediction on IMAGE with an exact occlusion heat map; "
                                    "with --out-dir, on every image of the files, folders and globs given.")
     p.add_argument("image", metavar="IMAGE", nargs="+",
-                   help="PNG, JPEG or TIFF file; with --out-dir any number of files, folders and globs")
-    p.add_argument("--model", required=True, metavar="NAME|module:callable|file.pt",
-                   help="torchvision model name (resnet18), package.module:callable returning an "
-                        "nn.Module, or a .pt file with a whole pickled model (unpickling runs code "
-                        "from the file: use only files you trust)")
+                   help="PNG, JPEG or TIFF file, or a volume: NIfTI (.nii, .nii.gz) or .npy (D,H,W) / "
+                        "(C,D,H,W); with --out-dir any number of image files, folders and globs")
+    p.add_argument("--model", required=True, metavar="NAME|monai:NAME|module:callable|file.pt",
+                   help="torchvision model name (resnet18), MONAI network (monai:resnet18, "
+                        "monai:DenseNet121, monai:SEResNet50, monai:efficientnet-b0; pip install "
+                        "'krypton_fx[monai]'), package.module:callable returning an nn.Module, or a .pt "
+                        "file with a whole pickled model (unpickling runs code from the file: use only "
+                        "files you trust)")
     p.add_argument("--weights", metavar="ENUM|PATH|none",
                    help="torchvision weights (ResNet18_Weights.IMAGENET1K_V1, DEFAULT), a state-dict or "
                         "checkpoint file (read with weights_only=True: it never runs code), or none "
                         "(random init); default: DEFAULT for torchvision names, the model as built "
                         "otherwise")
     p.add_argument("--num-classes", type=opt.positive_int, metavar="N",
-                   help="outputs of a torchvision model whose --weights file was fine-tuned")
-    p.add_argument("--patch", type=opt.int_or_pair, default=16, metavar="N|HxW", help="occlusion patch size")
-    p.add_argument("--stride", type=opt.int_or_pair, default=4, metavar="N|HxW", help="patch stride")
-    p.add_argument("--color", type=opt.color, default="gray", metavar="black|gray|mean|FLOAT",
-                   help="patch colour in the model's input space: black and gray are pixel values 0 "
-                        "and 0.5 normalised, mean the image's per-channel mean, a number is used as is")
+                   help="outputs of a torchvision model whose --weights file was fine-tuned, or of a "
+                        "monai: network")
+    p.add_argument("--spatial-dims", type=int, choices=(2, 3), metavar="2|3",
+                   help="monai: networks: build for images (2) or volumes (3); default: 3 for a volume "
+                        "input, 2 for an image")
+    p.add_argument("--in-channels", type=opt.positive_int, metavar="N",
+                   help="monai: networks: input channels (default: the input's, 3 for an RGB image)")
+    p.add_argument("--patch", type=opt.int_or_tuple, default=16, metavar="N|HxW|DxHxW",
+                   help="occlusion patch size")
+    p.add_argument("--stride", type=opt.int_or_tuple, metavar="N|HxW|DxHxW",
+                   help="patch stride (default 4 for images, 8 for volumes)")
+    p.add_argument("--color", type=opt.color, metavar="black|gray|mean|FLOAT",
+                   help="patch colour in the model's input space. Images (default gray): black and gray "
+                        "are pixel values 0 and 0.5 normalised, mean the image's per-channel mean. "
+                        "Volumes (default black), after --intensity: black is the volume's lowest value "
+                        "(0 for minmax and window), gray halfway between its lowest and highest, mean "
+                        "its mean (0 for zscore). A number is used as is")
     p.add_argument("--label", type=opt.non_negative_int, metavar="N",
                    help="class to explain (default: the predicted class)")
     p.add_argument("--tau", type=opt.tau, default=1.0, help="projective-field threshold; 1 is exact")
@@ -63,6 +81,16 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                    help="per-channel normalisation std (default ImageNet's, or the weights' own)")
     p.add_argument("--out", metavar="PNG", help="picture to write (one IMAGE; default heat.png)")
     p.add_argument("--npy", metavar="NPY", help="also write the raw heat map (numpy .npy; one IMAGE)")
+    vol = p.add_argument_group("volumes (NIfTI .nii/.nii.gz, .npy)")
+    vol.add_argument("--intensity", type=opt.intensity, metavar="none|minmax|zscore|window:LO,HI",
+                     help="intensity scaling before the model, over the whole volume: none (as stored, the "
+                          "default), minmax (to [0, 1]), zscore (mean 0, std 1), window:LO,HI (clip to "
+                          "[LO, HI], then to [0, 1]; a CT window in HU, say)")
+    vol.add_argument("--map", metavar="NII|NPY",
+                     help="the map on the input's voxel grid: the drop in P(label) when the patch around "
+                          "each voxel is occluded (trilinear between patch centres); .nii/.nii.gz with the "
+                          "input's affine and header, or .npy (default: --out's name with -map.nii.gz for a "
+                          "NIfTI input, -map.npy for a .npy one: heat-map.nii.gz)")
     p.add_argument("--seed", type=int, default=0, help="seed of random initialisation (--weights none)")
     many = p.add_argument_group("many images (--out-dir)")
     many.add_argument("--out-dir", metavar="DIR",
@@ -82,6 +110,12 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     if args.out_dir is not None:
+        volumes = [name for name in args.image if is_volume_path(name)]
+        if volumes:
+            raise CLIError(f"--out-dir explains images; {volumes[0]} is a volume: explain volumes one at a "
+                           "time with --out and --map")
+        _refuse_volume_options(argparse.Namespace(**{**vars(args), "image": "each input"}))
+        args.color = "gray" if args.color is None else args.color
         return run_files(args)
     for option in ("devices", "ray", "workers"):
         if getattr(args, option) is not None:
@@ -92,7 +126,23 @@ def run(args) -> int:
         raise CLIError(f"{len(args.image)} images given but --out writes one picture; use --out-dir DIR "
                        "for many images")
     args.image = args.image[0]
+    if is_volume_path(args.image):
+        return run_volume(args)
+    _refuse_volume_options(args)
     return _explain_one(args)
+
+
+def _refuse_volume_options(args) -> None:
+    for option in VOLUME_ONLY:
+        if getattr(args, option.lstrip("-").replace("-", "_")) is not None:
+            raise CLIError(f"{option} applies to volumes (.nii, .nii.gz, .npy); {args.image} is an image")
+    if args.color is None:
+        args.color = "gray"
+    if not is_monai_spec(args.model):
+        return
+    if args.spatial_dims == 3:
+        raise CLIError(f"--model {args.model} --spatial-dims 3 takes volumes, but {args.image} is a 2-D image; "
+                       "give a .nii, .nii.gz or .npy volume, or --spatial-dims 2")
 
 
 def _explain_one(args) -> int:
@@ -107,8 +157,14 @@ def _explain_one(args) -> int:
         raise CLIError("--out and --npy name the same file; give them different names")
     picture = read_image(args.image)
     device = opt.resolve_device(args.device)
-    loaded = load_model(args.model, args.weights, args.num_classes, args.seed)
+    monai = is_monai_spec(args.model)
+    loaded = load_model(args.model, args.weights, args.num_classes, args.seed,
+                        spatial_dims=2 if monai else None,
+                        in_channels=(args.in_channels or 3) if monai else args.in_channels)
     model = loaded.model
+    if model_spatial_dims(model) == 3:
+        raise CLIError(f"{loaded.name} takes volumes (its first convolution is 3-D), but {args.image} is a 2-D "
+                       "image; give a .nii, .nii.gz or .npy volume")
     channels = input_channels(model)
     prep = preprocessing_for(loaded.weights, args.size, args.mean, args.std, channels)
     x = prep.transform(to_model_mode(picture, channels))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..models import input_channels, load_model
+from ..monai_nets import is_monai_spec
 from ..scale.devices import parse_devices, run_on_devices
 from ..scale.files import FileJob
 from ..scale.imagefiles import expand_inputs
@@ -30,11 +31,14 @@ __all__ = ["run_files", "fingerprint"]
 def fingerprint(args, patch, stride) -> dict:
     """The settings that make a map: an output made with other ones is not reused."""
     drill = None if args.drill_down is None else [args.drill_down, args.stage1_stride]
-    return {"model": args.model, "weights": args.weights, "num_classes": args.num_classes,
-            "seed": args.seed if (args.weights or "").lower() == "none" else None,
-            "size": args.size, "mean": args.mean, "std": args.std, "patch": list(patch),
-            "stride": list(stride), "color": args.color, "label": args.label, "tau": args.tau,
-            "output": args.output, "drill_down": drill}
+    settings = {"model": args.model, "weights": args.weights, "num_classes": args.num_classes,
+                "seed": args.seed if (args.weights or "").lower() == "none" else None,
+                "size": args.size, "mean": args.mean, "std": args.std, "patch": list(patch),
+                "stride": list(stride), "color": args.color, "label": args.label, "tau": args.tau,
+                "output": args.output, "drill_down": drill}
+    if getattr(args, "in_channels", None) is not None:  # only when given: older folders' settings stay equal
+        settings["in_channels"] = args.in_channels
+    return settings
 
 
 def _check_options(args) -> None:
@@ -98,7 +102,10 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
     """Load the model, check it on the first readable image, and describe the work for the workers."""
     import torch
 
-    loaded = load_model(args.model, args.weights, args.num_classes, args.seed)
+    monai = is_monai_spec(args.model)
+    loaded = load_model(args.model, args.weights, args.num_classes, args.seed,
+                        spatial_dims=2 if monai else None,
+                        in_channels=(args.in_channels or 3) if monai else args.in_channels)
     channels = input_channels(loaded.model)
     prep = preprocessing_for(loaded.weights, args.size, args.mean, args.std, channels)
     reader = ImageReader(prep, channels, args.color)

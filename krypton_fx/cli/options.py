@@ -10,9 +10,9 @@ from typing import Callable, Optional, Sequence, Union
 
 from .errors import CLIError, first_line, warn
 
-__all__ = ["int_at_least", "positive_int", "non_negative_int", "int_or_pair", "fraction", "tau", "color",
-           "finite_float", "positions", "pair", "drill_down", "resolve_device", "check_patch",
-           "check_settings", "probe_model"]
+__all__ = ["int_at_least", "positive_int", "non_negative_int", "int_or_pair", "int_or_tuple", "fraction", "tau",
+           "color", "intensity", "finite_float", "positions", "pair", "sizes", "drill_down", "resolve_device",
+           "check_patch", "check_settings", "probe_model", "DEFAULT_STRIDE"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -39,6 +39,25 @@ def int_or_pair(text: str) -> Union[int, tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}")
     values = tuple(positive_int(p) for p in parts)
     return values[0] if len(values) == 1 else values  # type: ignore[return-value]
+
+
+def int_or_tuple(text: str) -> Union[int, tuple[int, ...]]:
+    """``16``, ``16x8`` / ``16,8`` (height, width) or ``16x16x8`` (depth, height, width), every value >= 1."""
+    parts = re.split(r"[x,]", text.strip().lower())
+    if len(parts) > 3:
+        raise argparse.ArgumentTypeError(f"expected N, HxW or DxHxW, got {text!r}")
+    values = tuple(positive_int(p) for p in parts)
+    return values[0] if len(values) == 1 else values
+
+
+def intensity(text: str):
+    """argparse type: ``--intensity`` (:class:`krypton_fx.volumes.Intensity`)."""
+    from ..volumes import Intensity
+
+    try:
+        return Intensity.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def fraction(text: str, note: str = "") -> float:
@@ -89,19 +108,27 @@ def pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
-def drill_down(r: Optional[float], stage1: Optional[int], stride: tuple[int, int]):
+def sizes(values: Sequence[int]) -> str:
+    """``16x16`` / ``16x16x16``: a size as the options write it."""
+    return "x".join(str(int(v)) for v in values)
+
+
+def drill_down(r: Optional[float], stage1: Optional[int], stride: tuple[int, ...]):
     """The DrillDown of --drill-down / --stage1-stride, or None."""
+    stage1_stride: Union[int, tuple[int, ...]]
     if r is None:
         if stage1 is not None:
             raise CLIError("--stage1-stride needs --drill-down R (the fraction of cells to refine)")
         return None
     from ..approx import DrillDown
     if stage1 is None:
-        stage1 = (2 * stride[0], 2 * stride[1])
+        stage1_stride = tuple(2 * s for s in stride)
     elif stage1 < max(stride):
-        raise CLIError(f"--stage1-stride {stage1} is finer than --stride {stride[0]}x{stride[1]}; "
+        raise CLIError(f"--stage1-stride {stage1} is finer than --stride {sizes(stride)}; "
                        "give a coarser stage-one stride")
-    return DrillDown(r=r, stage1_stride=stage1)
+    else:
+        stage1_stride = stage1
+    return DrillDown(r=r, stage1_stride=stage1_stride)
 
 
 def resolve_device(text: Optional[str], option: str = "--device"):
@@ -126,20 +153,39 @@ def resolve_device(text: Optional[str], option: str = "--device"):
     return device
 
 
-def check_patch(patch: tuple[int, int], size_hw: Sequence[int], size_option: str = "--size") -> None:
-    if patch[0] > size_hw[0] or patch[1] > size_hw[1]:
-        raise CLIError(f"--patch {patch[0]}x{patch[1]} is larger than the {size_hw[0]}x{size_hw[1]} model "
-                       f"input; use a smaller --patch or a larger {size_option}")
+def check_patch(patch: tuple[int, ...], size: Sequence[int], size_option: Optional[str] = "--size") -> None:
+    if any(p > n for p, n in zip(patch, size)):
+        fix = f"a larger {size_option}" if size_option else "an input at least that large"
+        raise CLIError(f"--patch {sizes(patch)} is larger than the {sizes(size)} model input; use a smaller "
+                       f"--patch or {fix}")
 
 
-def check_settings(args):
-    """The checks every explain run makes before reading anything: ``(patch, stride, drill_down)``."""
-    patch, stride = pair(args.patch), pair(args.stride)
+#: ``--stride`` when not given: for images, for volumes (a 4-voxel stride over a volume makes
+#: positions by the tens of thousands).
+DEFAULT_STRIDE = {2: 4, 3: 8}
+
+
+def _axes(value: Union[int, tuple[int, ...]], spatial_dims: int, option: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * spatial_dims
+    if len(value) != spatial_dims:
+        what = {2: "images take N or HxW", 3: "volumes take N or DxHxW"}.get(spatial_dims, "")
+        raise CLIError(f"{option} {sizes(value)} has {len(value)} values but the input has {spatial_dims} "
+                       f"spatial axes: {what}")
+    return tuple(value)
+
+
+def check_settings(args, spatial_dims: int = 2):
+    """The checks every explain run makes before reading anything: ``(patch, stride, drill_down)``,
+    one entry per spatial axis."""
+    stride_arg = args.stride if args.stride is not None else DEFAULT_STRIDE.get(spatial_dims, 4)
+    patch, stride = _axes(args.patch, spatial_dims, "--patch"), _axes(stride_arg, spatial_dims, "--stride")
     if args.size is not None:
-        check_patch(patch, (args.size, args.size))
+        check_patch(patch, (args.size,) * spatial_dims)
     drill = drill_down(args.drill_down, args.stage1_stride, stride)
-    if stride[0] > patch[0] or stride[1] > patch[1]:
-        warn(f"--stride {stride[0]}x{stride[1]} is larger than --patch {patch[0]}x{patch[1]}: pixels between "
+    if any(s > p for s, p in zip(stride, patch)):
+        what = "pixels" if spatial_dims == 2 else "voxels"
+        warn(f"--stride {sizes(stride)} is larger than --patch {sizes(patch)}: {what} between "
              "the patches are never occluded, so the map cannot show them")
     return patch, stride, drill
 
@@ -149,14 +195,15 @@ def probe_model(loaded, x, device, label, output) -> int:
     before compiling and the long run. Returns the number of classes."""
     import torch
 
-    channels, size_hw = x.shape[0], tuple(x.shape[-2:])
+    what = "image" if x.dim() == 3 else "volume"
     with torch.no_grad():
         loaded.model.to(device)
         try:
             logits = loaded.model(x[None].to(device))
         except Exception as e:  # RuntimeError from a conv, AssertionError from ViT's size check, ...
-            raise CLIError(f"{loaded.name} cannot run on a {channels}x{size_hw[0]}x{size_hw[1]} image "
-                           f"({first_line(e)}); try another --size") from None
+            fix = "try another --size" if what == "image" else "check that the model takes such volumes"
+            raise CLIError(f"{loaded.name} cannot run on a {sizes(x.shape)} {what} "
+                           f"({first_line(e)}); {fix}") from None
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise CLIError(f"{loaded.name} does not return class scores of shape (N, classes); "
                        "explain works on classifiers")
