@@ -23,12 +23,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -240,8 +241,6 @@ def build_model(arch: str, num_classes: int = 2) -> nn.Module:
 _SCHEDULE = {"tiny": (32, 60, 3e-3), "vgg16": (16, 300, 1e-3), "resnet18": (16, 300, 1e-3),
              "inception_v3": (16, 300, 1e-3)}
 _LABEL_SMOOTHING = 0.1
-# Loss floor with label smoothing 0.1 over 2 classes is about 0.199.
-_STOP_LOSS, _STOP_WINDOW, _MIN_STEPS, _STOP_ACCURACY = 0.23, 20, 40, 0.97
 
 
 def checkpoint_path(arch: str, size: int, cache_dir: Optional[str] = None) -> Path:
@@ -286,41 +285,76 @@ def _recalibrate_batch_norm(model: nn.Module, size: int, batches: int = 8, batch
     model.eval()
 
 
-def _train(arch: str, size: int, progress: bool) -> tuple[nn.Module, dict]:
-    batch, max_steps, lr = _SCHEDULE[arch]
-    torch.manual_seed(0)
-    model = build_model(arch)
+@dataclasses.dataclass(frozen=True)
+class StopRule:
+    """When :func:`train_classifier` stops: once the mean loss of the last ``window`` steps is below
+    ``loss`` (after at least ``min_steps``) and the recalibrated model classifies held-out
+    validation images with at least ``accuracy``; or after the last step."""
+
+    loss: float
+    window: int
+    min_steps: int
+    accuracy: float
+
+
+# Loss floor with label smoothing 0.1 over 2 classes is about 0.199.
+_STOP = StopRule(loss=0.23, window=20, min_steps=40, accuracy=0.97)
+
+
+def train_classifier(model: nn.Module, make_batch: Callable[[int], tuple[Tensor, Tensor]],
+                     recalibrate: Callable[[nn.Module], None], validate: Callable[[nn.Module], float],
+                     max_steps: int, lr: float, stop: StopRule, name: str, progress: bool = False,
+                     postfix_every: int = 25) -> int:
+    """Seeded AdamW training with a short warm-up and label smoothing; returns the steps taken.
+
+    ``make_batch(step)`` gives ``(inputs, labels)``; ``recalibrate`` resets BatchNorm
+    statistics for eval mode before each validation (``validate`` returns an accuracy).
+    Shared by the 2-D lesion models and the 3-D one (:mod:`krypton_fx.lesions3d`).
+    """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=10)
-    start = time.perf_counter()
     losses: list[float] = []
-    accuracy = float("nan")
-    steps = common.progress(range(max_steps), progress, f"training lesions {arch}@{size}", unit="step")
+    steps = common.progress(range(max_steps), progress, f"training lesions {name}", unit="step")
     for step in steps:
         model.train()
-        images, labels, _ = make_dataset(batch, size, seed=TRAIN_SEED + step)
+        inputs, labels = make_batch(step)
         # Label smoothing keeps probabilities off 1.0: a saturated softmax would
         # hide partial occlusions and flatten the heat maps.
-        loss = F.cross_entropy(model(images), labels, label_smoothing=_LABEL_SMOOTHING)
+        loss = F.cross_entropy(model(inputs), labels, label_smoothing=_LABEL_SMOOTHING)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         warmup.step()
         losses.append(loss.item())
-        recent = sum(losses[-_STOP_WINDOW:]) / len(losses[-_STOP_WINDOW:])
-        if progress and step % 25 == 0:
+        recent = sum(losses[-stop.window:]) / len(losses[-stop.window:])
+        if progress and step % postfix_every == 0:
             steps.set_postfix(loss=f"{recent:.3f}")
-        low_loss = step + 1 >= _MIN_STEPS and recent < _STOP_LOSS and len(losses) % 10 == 0
+        low_loss = step + 1 >= stop.min_steps and recent < stop.loss and len(losses) % 10 == 0
         if low_loss or step == max_steps - 1:
             # Stop only once eval mode (what explainers run) is accurate too.
-            _recalibrate_batch_norm(model, size)
-            accuracy = evaluate(model, size, n=64, seed=TEST_SEED - 1)
-            logger.info("lesions %s@%d step %d: loss %.3f, validation accuracy %.3f",
-                        arch, size, step + 1, recent, accuracy)
-            if accuracy >= _STOP_ACCURACY:
+            recalibrate(model)
+            accuracy = validate(model)
+            logger.info("lesions %s step %d: loss %.3f, validation accuracy %.3f", name, step + 1, recent,
+                        accuracy)
+            if accuracy >= stop.accuracy:
                 break
+    return len(losses)
+
+
+def _train(arch: str, size: int, progress: bool) -> tuple[nn.Module, dict]:
+    batch, max_steps, lr = _SCHEDULE[arch]
+    torch.manual_seed(0)
+    model = build_model(arch)
+    start = time.perf_counter()
+
+    def make_batch(step: int) -> tuple[Tensor, Tensor]:
+        return make_dataset(batch, size, seed=TRAIN_SEED + step)[:2]
+
+    steps = train_classifier(model, make_batch, lambda m: _recalibrate_batch_norm(m, size),
+                             lambda m: evaluate(m, size, n=64, seed=TEST_SEED - 1), max_steps, lr, _STOP,
+                             f"{arch}@{size}", progress)
     accuracy = evaluate(model, size)
-    info = {"arch": arch, "size": size, "accuracy": accuracy, "steps": len(losses), "batch": batch,
+    info = {"arch": arch, "size": size, "accuracy": accuracy, "steps": steps, "batch": batch,
             "train_seconds": time.perf_counter() - start}
     logger.info("lesions %s@%d held-out accuracy %.3f (%.0f s)", arch, size, accuracy, info["train_seconds"])
     return model, info

@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import common
-from .lesions import TEST_SEED, TRAIN_SEED, checkpoint_path
+from .lesions import TEST_SEED, TRAIN_SEED, StopRule, checkpoint_path, train_classifier
 
 __all__ = ["make_volumes", "Tiny3DNet", "train", "evaluate", "load_or_train", "training_info", "lesion_contains",
            "DEFAULT_SIZE", "TRAIN_SIZE", "ARCH"]
@@ -185,10 +184,8 @@ def _recalibrate_batch_norm(model: nn.Module, size: int, batches: int = 4, batch
     model.eval()
 
 
-# Label smoothing keeps probabilities off 1.0: a saturated softmax would hide partial
-# occlusions and flatten the heat maps. Its loss floor over 2 classes is about 0.199.
-_LABEL_SMOOTHING = 0.1
-_STOP_LOSS, _STOP_WINDOW, _MIN_STEPS, _STOP_ACCURACY = 0.26, 10, 30, 0.97
+# Label smoothing (0.1) puts the loss floor over 2 classes at about 0.199.
+_STOP = StopRule(loss=0.26, window=10, min_steps=30, accuracy=0.97)
 
 
 def train(size: int = TRAIN_SIZE, max_steps: int = 120, batch: int = 16, lr: float = 3e-3,
@@ -202,33 +199,16 @@ def train(size: int = TRAIN_SIZE, max_steps: int = 120, batch: int = 16, lr: flo
     """
     torch.manual_seed(0)
     model = Tiny3DNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    warmup = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=10)
     start = time.perf_counter()
-    losses: list[float] = []
-    steps = common.progress(range(max_steps), progress, f"training lesions {ARCH}@{size}", unit="step")
-    for step in steps:
-        model.train()
-        volumes, labels, _ = make_volumes(batch, size, seed=TRAIN_SEED + step)
-        loss = F.cross_entropy(model(volumes), labels, label_smoothing=_LABEL_SMOOTHING)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        warmup.step()
-        losses.append(loss.item())
-        recent = sum(losses[-_STOP_WINDOW:]) / len(losses[-_STOP_WINDOW:])
-        if progress and step % 10 == 0:
-            steps.set_postfix(loss=f"{recent:.3f}")
-        low_loss = step + 1 >= _MIN_STEPS and recent < _STOP_LOSS and len(losses) % 10 == 0
-        if low_loss or step == max_steps - 1:
-            _recalibrate_batch_norm(model, size)  # stop only once eval mode is accurate too
-            accuracy = evaluate(model, size, n=32, seed=TEST_SEED - 1)
-            logger.info("lesions %s@%d step %d: loss %.3f, validation accuracy %.3f",
-                        ARCH, size, step + 1, recent, accuracy)
-            if accuracy >= _STOP_ACCURACY:
-                break
+
+    def make_batch(step: int) -> tuple[Tensor, Tensor]:
+        return make_volumes(batch, size, seed=TRAIN_SEED + step)[:2]
+
+    steps = train_classifier(model, make_batch, lambda m: _recalibrate_batch_norm(m, size),
+                             lambda m: evaluate(m, size, n=32, seed=TEST_SEED - 1), max_steps, lr, _STOP,
+                             f"{ARCH}@{size}", progress, postfix_every=10)
     accuracy = evaluate(model, size)
-    info = {"arch": ARCH, "size": size, "accuracy": accuracy, "steps": len(losses), "batch": batch,
+    info = {"arch": ARCH, "size": size, "accuracy": accuracy, "steps": steps, "batch": batch,
             "train_seconds": time.perf_counter() - start}
     logger.info("lesions %s@%d held-out accuracy %.3f (%.0f s)", ARCH, size, accuracy, info["train_seconds"])
     return model.eval(), info

@@ -449,3 +449,27 @@ def occlusion_settings(draw, channels: int, dims: int = 2):
     else:
         color = [draw(st.floats(-2, 2, allow_nan=False)) for _ in range(channels)]
     return size, patch, stride, color
+
+
+def assert_random_dag_exact(blocks, in_ch: int, data, seed: int, dims: int = 2) -> None:
+    """Compile :class:`RandomNet` ``blocks`` and check its map equals naive occlusion
+    (occlusion settings drawn from ``data``); rejects nets whose maps shrink to nothing."""
+    from hypothesis import assume
+
+    import krypton_fx
+
+    size, patch, stride, color = data.draw(occlusion_settings(in_ch, dims))
+    torch.manual_seed(seed)
+    model = RandomNet(blocks, in_ch, dims=dims).eval()
+    image = torch.randn(in_ch, *size)
+    try:
+        model(image[None].clone())  # a clone: an in-place first block must not edit the image
+    except RuntimeError:
+        assume(False)  # the drawn layers shrink the map below one element
+    ex = krypton_fx.compile(model, patch=patch, stride=stride, color=color, image_size=size,
+                            channels=in_ch, output="logit")
+    got = ex(image)
+    want = krypton_fx.naive_occlusion(model, image, patch=patch, stride=stride, color=color,
+                                      output="logit", spatial_dims=dims)
+    assert got.label == want.label
+    torch.testing.assert_close(got.heatmap, want.heatmap, atol=1e-4, rtol=1e-4)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from strategies import RandomNet, occlusion_settings, random_cnns
+from strategies import assert_random_dag_exact, random_cnns
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -161,29 +161,16 @@ def test_approximate_modes_in_3d():
 # --- random DAGs -------------------------------------------------------------------------------
 
 
-def _random_dag_case(net, data, seed, dims):
-    blocks, in_ch = net
-    size, patch, stride, color = data.draw(occlusion_settings(in_ch, dims))
-    torch.manual_seed(seed)
-    model = RandomNet(blocks, in_ch, dims=dims).eval()
-    image = torch.randn(in_ch, *size)
-    try:
-        model(image[None].clone())
-    except RuntimeError:
-        assume(False)  # the drawn layers shrink the map below one element
-    _exact(model, image, patch=patch, stride=stride, color=color)
-
-
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], max_examples=15)
 @given(net=random_cnns(max_blocks=4, dims=3), data=st.data(), seed=st.integers(0, 2**16))
 def test_random_3d_dags_equal_naive(net, data, seed):
-    _random_dag_case(net, data, seed, 3)
+    assert_random_dag_exact(*net, data, seed, dims=3)
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], max_examples=20)
 @given(net=random_cnns(max_blocks=5, dims=1), data=st.data(), seed=st.integers(0, 2**16))
 def test_random_1d_dags_equal_naive(net, data, seed):
-    _random_dag_case(net, data, seed, 1)
+    assert_random_dag_exact(*net, data, seed, dims=1)
 
 
 # --- geometry against ground truth, 3-D ------------------------------------------------------------
