@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -17,12 +15,12 @@ from torch import Tensor, fx, nn
 
 from . import common
 from . import geometry as geo
+from .build import Build, Settings, bytes_per_position, check_backend, check_same_output
 from .common import IntOrTuple
 from .naive import naive_occlusion
-from .ops import BACKENDS
 from .passes.functionalize import functionalize
-from .passes.patch_prop import META_KEY, PatchInfo, PatchProp, State, annotate
-from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill, rewrite
+from .passes.patch_prop import META_KEY, PatchInfo, annotate
+from .passes.rewrite import NO_FILL, PatchFill, rewrite
 from .report import format_report
 from .results import OcclusionResult, RunStats
 from .tracing import describe_change, eval_mode, model_signature, trace
@@ -36,63 +34,9 @@ logger = logging.getLogger(__name__)
 # --- the compiled explainer ------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """What :func:`compile` was given, checked and normalised.
-
-    Attributes:
-        patch: occlusion patch, one int per spatial axis (``(h, w)`` for images).
-        stride: between positions, one int per spatial axis.
-        color: patch colour, one float per channel, in the model's input space.
-        image_size: spatial size of the images the explainer takes: ``(H, W)``,
-            ``(D, H, W)`` for volumes, ``(L,)`` for signals.
-        channels: image channels.
-        tau: projective-field threshold; 1.0 is exact.
-        batch_size: positions per batch, or None to size batches from memory.
-        device: where the graphs run.
-        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the gather nodes.
-        output: ``"prob"`` or ``"logit"``.
-        cuda_graphs: replay batches from CUDA graphs.
-        leaf_modules: module types kept opaque when tracing.
-        autowrap_functions: functions kept opaque when tracing.
-        axis_starts: explicit patch starts per axis (their product is the grid),
-            instead of multiples of ``stride``; None: multiples of ``stride``.
-        fill: what the patch holds beyond a colour (MONAI's occlusion modes).
-    """
-
-    patch: tuple[int, ...]
-    stride: tuple[int, ...]
-    color: tuple[float, ...]
-    image_size: tuple[int, ...]
-    channels: int
-    tau: float
-    batch_size: Optional[int]
-    device: torch.device
-    backend: str
-    output: str
-    cuda_graphs: bool
-    leaf_modules: tuple[type, ...] = ()
-    autowrap_functions: tuple[Callable, ...] = ()
-    axis_starts: Optional[tuple[tuple[int, ...], ...]] = None
-    fill: PatchFill = NO_FILL
-
-
 # Batches of one size a process runs before the explainer captures a CUDA graph for it:
 # a capture costs about two eager batches, a replay saves most of one.
 CAPTURE_AFTER = 4
-
-
-@dataclasses.dataclass
-class _Build:
-    """Everything compiled from the model as it was at one moment."""
-
-    graph_module: fx.GraphModule
-    program: IncrementalProgram
-    dtype: torch.dtype
-    color: Tensor
-    bytes_per_position: int
-    signature: tuple
-    verified: bool = False
 
 
 class Explainer:
@@ -121,7 +65,7 @@ class Explainer:
         # first image, whose run through the traced graph then also yields that image's
         # stored activations (see _compile).
         self._traced = self._trace()
-        self._build: Optional[_Build] = None
+        self._build: Optional[Build] = None
 
     # Settings, by their old names.
     patch = property(lambda self: self.settings.patch)
@@ -158,7 +102,7 @@ class Explainer:
         s = self.settings
         return model_signature(self.model), trace(self.model, s.leaf_modules, s.autowrap_functions)
 
-    def _compile(self, image: Optional[Tensor] = None) -> tuple[_Build, Optional[tuple[Tensor, list[Tensor]]]]:
+    def _compile(self, image: Optional[Tensor] = None) -> tuple[Build, Optional[tuple[Tensor, list[Tensor]]]]:
         """Functionalize, annotate and rewrite the traced model.
 
         PatchProp runs the traced graph once; on ``image`` (the first image
@@ -181,14 +125,14 @@ class Explainer:
         program.module.to(s.device)
         self._graphs.clear()
         self._graph_uses.clear()
-        build = _Build(gm, program, dtype, color, _bytes_per_position(prop), signature)
+        build = Build(gm, program, dtype, color, bytes_per_position(prop), signature)
         if image is None:
             return build, None
         by_name = {n.name: v for n, v in prop.stored.items()}
         stored = [spec.prepare(by_name[spec.node]) for spec in program.stored]
         return build, (prop.result, stored)
 
-    def _current(self, image: Optional[Tensor] = None) -> _Build:
+    def _current(self, image: Optional[Tensor] = None) -> Build:
         """The build for the model as it is now: compiled (again) if there is none yet or
         anything was replaced since."""
         with self._lock:
@@ -255,7 +199,7 @@ class Explainer:
                     logits, raw = build.program.capture(image)
                     stored = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
                 if not build.verified:
-                    _check_same_output(self.model, image, logits)
+                    check_same_output(self.model, image, logits)
                     build.verified = True
             return logits, stored
 
@@ -348,17 +292,17 @@ class Explainer:
                  batch_size: Optional[int] = None) -> list[OcclusionResult]:
         """Heat maps of several images of the compiled size, in order.
 
-        The unoccluded passes of all images run as one batch (one forward
-        instead of one per image: what dominates small images and strided
-        maps), then each image's positions run as in :meth:`__call__`; the
-        maps equal one call per image.
+        Each map equals one call per image bit for bit: the unoccluded pass of
+        each image runs on its own, because a batched pass rounds each image
+        differently depending on its neighbours, and a map must not depend on
+        which other images came with it (a resumed or distributed run writes
+        the same files as one uninterrupted process).
 
         Args:
             images: ``(N, C, *spatial)``.
             labels: one class (or None: the prediction) per image.
             batch_size: positions per batch.
         """
-        start = time.perf_counter()
         batch_size = common.batch_size(batch_size)
         if not isinstance(images, Tensor) or images.dim() != len(self.image_chw) + 1:
             raise ValueError(f"images must be a tensor (N, {', '.join(map(str, self.image_chw))}), got "
@@ -366,32 +310,7 @@ class Explainer:
         labels = list(labels) if labels is not None else [None] * len(images)
         if len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images: give one per image (or None)")
-        if len(images) == 0:
-            return []
-        results = []
-        with self._lock:
-            logits0, stored0 = self.prepare(images[0])  # compiles (and checks) on the first image
-            build = self._current()
-            rest = images[1:]
-            for x in rest:
-                common.image_batch(x, self.image_chw, build.dtype)
-            with eval_mode(self.model):
-                logits, raw = build.program.capture(rest.to(self.device)) if len(rest) else (None, [])
-            stored_rest = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
-            for k in range(len(images)):
-                row = logits0 if k == 0 else logits[k - 1:k]
-                stored = stored0 if k == 0 else [v[k - 1:k] for v in stored_rest]
-                label = common.label_index(labels[k], row.shape[-1])
-                label = int(row.argmax(1)) if label is None else label
-                base = float(common.scores(row, label, self.output))
-                scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size)
-                batch = min(batch_size or self.batch_size, self.positions)
-                results.append(OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch,
-                                               self.output, RunStats(self.positions, batch)))
-        seconds = (time.perf_counter() - start) / len(images)
-        for res in results:
-            res.stats.seconds = seconds
-        return results
+        return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]
 
     def report(self) -> str:
         """A per-node table: kind, state, patch size, and where savings stop."""
@@ -401,48 +320,6 @@ class Explainer:
         return (f"Explainer({type(self.model).__name__}, image={self.image_chw}, patch={self.patch}, "
                 f"stride={self.stride}, positions={self.positions}, tau={self.tau}, "
                 f"backend={self.backend!r}, device={self.device})")
-
-
-def _check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:
-    """Raise if the traced graph's output differs from the model's own on ``image``."""
-    eager = model(image.clone())
-    if not isinstance(eager, Tensor) or eager.shape != traced.shape:
-        raise ValueError(f"the traced graph of {type(model).__name__} returns {tuple(traced.shape)} but the "
-                         f"model returns {tuple(getattr(eager, 'shape', ()))}; krypton_fx cannot explain it")
-    eps = torch.finfo(eager.dtype).eps
-    scale = max(1.0, float(eager.abs().max()))
-    diff = float((eager.float() - traced.float()).abs().max())
-    if diff > 64 * eps * scale:
-        raise ValueError(
-            f"the traced graph of {type(model).__name__} does not reproduce the model's output "
-            f"(they differ by {diff:.3g}): its forward has effects that torch.fx cannot record, such "
-            "as an in-place update (y += ...) of a tensor that is read again later, Python-side state or "
-            "randomness. Hint: write such updates out of place (y = y + ...)")
-
-
-def _bytes_per_position(prop: PatchProp) -> int:
-    """Rough peak memory one position needs: a few of the largest activations it touches."""
-    sizes = []
-    for n, shape in prop.shapes.items():
-        info = prop.infos[n]
-        maps = len(shape) >= 3  # (N, C, *spatial)
-        if info.state is State.PATCHED and maps:
-            sizes.append(shape[1] * math.prod(info.box.sizes))
-        elif info.state is State.DENSE:
-            sizes.append(math.prod(shape[1:]))
-        for read in info.reads:
-            sizes.append(shape[1] * math.prod(read.window.sizes) if maps else 0)
-    sizes.sort(reverse=True)
-    return 4 * 2 * sum(sizes[:3]) if sizes else 1 << 20
-
-
-def _check_backend(backend: str, device: torch.device) -> None:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs a CUDA device (this explainer runs on {device.type}); "
-                         "use backend='auto' or 'torch', or set TRITON_INTERPRET=1 to run the kernels "
-                         "slowly on the CPU (for tests)")
 
 
 # Explainers of recent compiles, newest last: compile() with the same model and settings
@@ -543,7 +420,7 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     output = common.output_kind(output)
     batch_size = common.batch_size(batch_size)
     dev = common.resolve_device(device, model)
-    _check_backend(backend, dev)
+    check_backend(backend, dev)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError("cuda_graphs=True needs a CUDA device; leave it None on the CPU")
     color_values = tuple(float(v) for v in common.color_values(color, channels, torch.float64))

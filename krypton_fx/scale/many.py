@@ -3,11 +3,11 @@
 One compile serves every image of the same size (and patch colour): the
 stream is cut into *chunks* of consecutive same-size images, and each chunk
 goes through one internal function, :func:`explain_chunk` (compile once per
-size, prepare each image, run the positions). Today that runs one image
-after the other through ``Explainer.__call__``; an explainer that offers
-``run_many`` (positions of several images sharing a batch, so that small
-images and strided maps still fill the GPU) is used instead, with no change
-here or in the callers.
+size, prepare each image, run the positions) through the explainer's
+``run_many``. Today that runs one image after the other (bit-for-bit equal
+to one call per image); an explainer whose ``run_many`` packs the positions
+of several images into shared batches (so that small images and strided
+maps still fill the GPU) needs no change here or in the callers.
 """
 
 from __future__ import annotations

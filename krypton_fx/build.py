@@ -1,0 +1,115 @@
+"""What one compile is made of: the checked :class:`Settings` it was given,
+the :class:`Build` it produces from the model as it is at one moment, and the
+checks around them (the backend, the traced graph against the model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, fx, nn
+
+from .ops import BACKENDS
+from .passes.patch_prop import PatchProp, State
+from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill
+
+__all__ = ["Settings", "Build", "check_same_output", "bytes_per_position", "check_backend"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What :func:`compile` was given, checked and normalised.
+
+    Attributes:
+        patch: occlusion patch, one int per spatial axis (``(h, w)`` for images).
+        stride: between positions, one int per spatial axis.
+        color: patch colour, one float per channel, in the model's input space.
+        image_size: spatial size of the images the explainer takes: ``(H, W)``,
+            ``(D, H, W)`` for volumes, ``(L,)`` for signals.
+        channels: image channels.
+        tau: projective-field threshold; 1.0 is exact.
+        batch_size: positions per batch, or None to size batches from memory.
+        device: where the graphs run.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the gather nodes.
+        output: ``"prob"`` or ``"logit"``.
+        cuda_graphs: replay batches from CUDA graphs.
+        leaf_modules: module types kept opaque when tracing.
+        autowrap_functions: functions kept opaque when tracing.
+        axis_starts: explicit patch starts per axis (their product is the grid),
+            instead of multiples of ``stride``; None: multiples of ``stride``.
+        fill: what the patch holds beyond a colour (MONAI's occlusion modes).
+    """
+
+    patch: tuple[int, ...]
+    stride: tuple[int, ...]
+    color: tuple[float, ...]
+    image_size: tuple[int, ...]
+    channels: int
+    tau: float
+    batch_size: Optional[int]
+    device: torch.device
+    backend: str
+    output: str
+    cuda_graphs: bool
+    leaf_modules: tuple[type, ...] = ()
+    autowrap_functions: tuple[Callable, ...] = ()
+    axis_starts: Optional[tuple[tuple[int, ...], ...]] = None
+    fill: PatchFill = NO_FILL
+
+
+@dataclasses.dataclass
+class Build:
+    """Everything compiled from the model as it was at one moment."""
+
+    graph_module: fx.GraphModule
+    program: IncrementalProgram
+    dtype: torch.dtype
+    color: Tensor
+    bytes_per_position: int
+    signature: tuple
+    verified: bool = False
+
+
+def check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:
+    """Raise if the traced graph's output differs from the model's own on ``image``."""
+    eager = model(image.clone())
+    if not isinstance(eager, Tensor) or eager.shape != traced.shape:
+        raise ValueError(f"the traced graph of {type(model).__name__} returns {tuple(traced.shape)} but the "
+                         f"model returns {tuple(getattr(eager, 'shape', ()))}; krypton_fx cannot explain it")
+    eps = torch.finfo(eager.dtype).eps
+    scale = max(1.0, float(eager.abs().max()))
+    diff = float((eager.float() - traced.float()).abs().max())
+    if diff > 64 * eps * scale:
+        raise ValueError(
+            f"the traced graph of {type(model).__name__} does not reproduce the model's output "
+            f"(they differ by {diff:.3g}): its forward has effects that torch.fx cannot record, such "
+            "as an in-place update (y += ...) of a tensor that is read again later, Python-side state or "
+            "randomness. Hint: write such updates out of place (y = y + ...)")
+
+
+def bytes_per_position(prop: PatchProp) -> int:
+    """Rough peak memory one position needs: a few of the largest activations it touches."""
+    sizes = []
+    for n, shape in prop.shapes.items():
+        info = prop.infos[n]
+        maps = len(shape) >= 3  # (N, C, *spatial)
+        if info.state is State.PATCHED and maps:
+            sizes.append(shape[1] * math.prod(info.box.sizes))
+        elif info.state is State.DENSE:
+            sizes.append(math.prod(shape[1:]))
+        for read in info.reads:
+            sizes.append(shape[1] * math.prod(read.window.sizes) if maps else 0)
+    sizes.sort(reverse=True)
+    return 4 * 2 * sum(sizes[:3]) if sizes else 1 << 20
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend='triton' needs a CUDA device (this explainer runs on {device.type}); "
+                         "use backend='auto' or 'torch', or set TRITON_INTERPRET=1 to run the kernels "
+                         "slowly on the CPU (for tests)")
