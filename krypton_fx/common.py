@@ -7,8 +7,10 @@ through these, so the same mistake gets the same message everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Optional, TypeVar, Union
 
 import torch
@@ -16,7 +18,7 @@ from torch import Tensor, nn
 
 __all__ = ["IntOrTuple", "int_tuple", "spatial_size", "pair", "color_values", "output_kind", "batch_size",
            "image_batch", "scores", "label_index", "default_batch_size", "resolve_device",
-           "model_dtype", "progress"]
+           "model_dtype", "progress", "progress_bar", "first_line", "is_out_of_memory"]
 
 IntOrTuple = Union[int, Sequence[int]]
 T = TypeVar("T")
@@ -167,13 +169,43 @@ def label_index(label, classes: int) -> Optional[int]:
 
 
 def default_batch_size(device: torch.device, bytes_per_position: int) -> int:
-    """Positions per batch that fit: a third of free CUDA memory (at most 512), 2 GiB on the CPU (64)."""
+    """Positions per batch that fit in a third of the device's free memory: at most 512 on a
+    GPU, 64 on the CPU (whose free memory is what the OS reports available, 2 GiB where it
+    reports nothing)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget, cap = free // 3, 512
+        cap = 512
     else:
-        budget, cap = 2 << 30, 64
-    return int(max(1, min(cap, budget // max(1, bytes_per_position))))
+        free, cap = _available_host_memory(), 64
+    return int(max(1, min(cap, free // 3 // max(1, bytes_per_position))))
+
+
+def _available_host_memory() -> int:
+    """Bytes of host memory available to a new allocation (Linux: MemAvailable), else 6 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in getattr(os, "sysconf_names", {}):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return 6 << 30
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation that failed for want of memory (CUDA or host)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def resolve_device(device, model: Optional[nn.Module] = None) -> torch.device:
@@ -212,3 +244,20 @@ def progress(items: Iterable[T], enabled: bool, desc: str, unit: str = "batch",
         return items
     from tqdm.auto import tqdm
     return tqdm(items, desc=desc, unit=unit, total=total)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, enabled: bool, desc: str, unit: str) -> Iterator:
+    """A tqdm bar over ``total`` units that the caller advances with ``update(n)``
+    (a no-op object when not ``enabled``)."""
+    if not enabled:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+    with tqdm(total=total, desc=desc, unit=unit) as bar:
+        yield bar

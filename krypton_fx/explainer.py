@@ -61,6 +61,7 @@ class Explainer:
         self._lock = threading.RLock()
         self._graphs: dict = {}
         self._graph_uses: dict[int, int] = {}
+        self._batch_cap: Optional[int] = None  # the largest batch that fitted after running out of memory
         # Tracing fails fast, here; the rest of the compile (PatchProp, rewrite) runs on the
         # first image, whose run through the traced graph then also yields that image's
         # stored activations (see _compile).
@@ -84,8 +85,10 @@ class Explainer:
 
     @property
     def batch_size(self) -> int:
-        """Positions per batch: the compiled ``batch_size`` or what fits in memory."""
-        return self.settings.batch_size or common.default_batch_size(self.device, self.bytes_per_position)
+        """Positions per batch: the compiled ``batch_size`` or what fits in memory (at most the
+        largest batch that fitted, once a batch has run out of memory)."""
+        batch = self.settings.batch_size or common.default_batch_size(self.device, self.bytes_per_position)
+        return min(batch, self._batch_cap or batch)
 
     @property
     def positions(self) -> int:
@@ -213,17 +216,41 @@ class Explainer:
     def _run(self, positions: Tensor, stored: list[Tensor], batch_size: Optional[int], progress: bool,
              keep: Callable[[Tensor], Tensor]) -> Tensor:
         batch = common.batch_size(batch_size) or self.batch_size
+        if self._batch_cap is not None:
+            batch = min(batch, self._batch_cap)
         if not self.cuda_graphs:
             batch = min(batch, len(positions))  # a CUDA graph pads a short batch to its own size
         batch = max(1, batch)
         positions = positions.to(self.device)
         scores = []
-        with self._lock, eval_mode(self.model):
+        with self._lock, eval_mode(self.model), common.progress_bar(
+                len(positions), progress, "krypton_fx", unit="position") as bar:
             run = self._batch_runner(batch, stored, -(-len(positions) // batch)) if len(positions) else None
-            for lo in common.progress(range(0, len(positions), batch), progress, "krypton_fx"):
-                scores.append(keep(run(positions[lo:lo + batch])))
+            lo = 0
+            while lo < len(positions):
+                try:
+                    scores.append(keep(run(positions[lo:lo + batch])))
+                except (torch.OutOfMemoryError, RuntimeError) as e:
+                    if not common.is_out_of_memory(e) or batch == 1:
+                        raise
+                    batch = self._shrink_batch(batch, e)
+                    run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch))
+                    continue
+                bar.update(min(batch, len(positions) - lo))
+                lo += batch
         # One device-to-host copy at the end: no synchronisation per batch.
         return torch.cat(scores).cpu() if scores else torch.empty(0)
+
+    def _shrink_batch(self, batch: int, error: BaseException) -> int:
+        """Halve the batch after it ran out of memory; later calls start from the smaller one."""
+        smaller = batch // 2
+        logger.warning("a batch of %d positions ran out of memory on %s (%s): going on with %d",
+                       batch, self.device, common.first_line(error), smaller)
+        self._batch_cap = smaller
+        self._graphs.clear()  # their memory is what a smaller batch needs
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return smaller
 
     @torch.no_grad()
     def run_outputs(self, positions: Tensor, stored: list[Tensor], batch_size: Optional[int] = None,

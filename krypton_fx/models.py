@@ -39,7 +39,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from . import monai_nets
+from . import common, monai_nets
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "read_state_dict", "load_weights",
            "input_channels", "model_spatial_dims", "torchvision_names", "is_file_name"]
@@ -76,11 +76,6 @@ class LoadedModel:
     warning: Optional[str] = None
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 @contextlib.contextmanager
 def _download_errors(what: str, filename: Optional[str]) -> Iterator[None]:
     """Turn a failed weights download into one actionable line (no internet here, usually)."""
@@ -89,7 +84,7 @@ def _download_errors(what: str, filename: Optional[str]) -> Iterator[None]:
         with contextlib.redirect_stdout(said):  # torch.hub prints "Downloading: ..." before it tries
             yield
     except (OSError, RuntimeError) as e:
-        reason = _first_line(e)
+        reason = common.first_line(e)
         where = Path(torch.hub.get_dir()) / "checkpoints"
         copy = f"copy {filename} into {where}, " if filename else ""
         raise ModelLoadError(f"cannot get {what}: download failed ({reason}); without internet, {copy}"
@@ -283,13 +278,13 @@ def _model_from_file(path: Path) -> nn.Module:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except (ModuleNotFoundError, AttributeError) as e:
-        raise ModelLoadError(f"cannot unpickle the model in {path} ({_first_line(e)}): the module that "
+        raise ModelLoadError(f"cannot unpickle the model in {path} ({common.first_line(e)}): the module that "
                              "defines its class must be importable (run from its project or set "
                              "PYTHONPATH)") from None
     except PermissionError:
         raise ModelLoadError(f"cannot read model file {path}: permission denied") from None
     except Exception as e:
-        raise ModelLoadError(f"cannot read model file {path} ({_first_line(e)}); save the whole model "
+        raise ModelLoadError(f"cannot read model file {path} ({common.first_line(e)}); save the whole model "
                              "with torch.save(model, path)") from None
     if isinstance(obj, dict):
         raise ModelLoadError(f"{path} holds a state dict or checkpoint, not a whole model: pass the "
@@ -310,10 +305,10 @@ def _model_from_callable(spec: str) -> nn.Module:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as e:
-        raise ModelLoadError(f"cannot import {module_name} for --model {spec} ({_first_line(e)}); "
+        raise ModelLoadError(f"cannot import {module_name} for --model {spec} ({common.first_line(e)}); "
                              "check the name and PYTHONPATH") from None
     except Exception as e:
-        raise ModelLoadError(f"importing {module_name} failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise ModelLoadError(f"importing {module_name} failed: {type(e).__name__}: {common.first_line(e)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ModelLoadError(f"{module_name} has no attribute {attr!r} (--model {spec}); check the name")
@@ -325,7 +320,7 @@ def _model_from_callable(spec: str) -> nn.Module:
     try:
         model = obj()
     except Exception as e:
-        raise ModelLoadError(f"calling {spec}() failed: {type(e).__name__}: {_first_line(e)}; "
+        raise ModelLoadError(f"calling {spec}() failed: {type(e).__name__}: {common.first_line(e)}; "
                              "the callable must take no arguments and return an nn.Module") from None
     if not isinstance(model, nn.Module):
         raise ModelLoadError(f"{spec}() returned a {type(model).__name__}, not a torch.nn.Module")

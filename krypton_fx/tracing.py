@@ -15,6 +15,8 @@ from typing import Callable, Iterable, Iterator
 
 from torch import fx, nn
 
+from . import common
+
 __all__ = ["trace", "eval_mode", "TraceError", "model_signature", "describe_change"]
 
 
@@ -151,7 +153,7 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (),
         try:
             graph = tracer.trace(model)
         except Exception as e:  # fx raises TraceError, TypeError, RuntimeError, ...
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = common.first_line(e)
             raise TraceError(
                 f"{type(model).__name__} does not trace symbolically with torch.fx: {first}. "
                 f"Hint: {_trace_hint(first)}") from e

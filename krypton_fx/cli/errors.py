@@ -12,6 +12,8 @@ import logging
 import re
 import sys
 
+from ..common import first_line
+
 __all__ = ["PROG", "DEBUG_ENV", "CLIError", "first_line", "warn", "report_error", "attach_log_handler"]
 
 PROG = "krypton-fx"
@@ -20,12 +22,6 @@ DEBUG_ENV = "KRYPTON_FX_DEBUG"
 
 class CLIError(Exception):
     """A user error: reported as one line on stderr, exit status 2."""
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message, or its type's name."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def one_line(message: str) -> str:

@@ -15,6 +15,8 @@ from typing import Iterable, Optional, Union
 import numpy as np
 import torch
 
+from .. import common
+
 __all__ = ["ImageFileError", "read_image", "to_model_mode", "to_tensor", "load_image", "expand_inputs"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -23,11 +25,6 @@ _GLOB_CHARS = set("*?[")
 
 class ImageFileError(ValueError):
     """An image file is missing, unreadable, not an image, or corrupt; the message is one line."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def read_image(path: PathLike):
@@ -57,10 +54,10 @@ def read_image(path: PathLike):
     except UnidentifiedImageError:
         raise ImageFileError(f"{text} is not an image file PIL can read; give a PNG, JPEG or TIFF") from None
     except Image.DecompressionBombError as e:
-        raise ImageFileError(f"image {text} is too large to open safely ({_first_line(e)}); "
+        raise ImageFileError(f"image {text} is too large to open safely ({common.first_line(e)}); "
                              "downscale it first") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageFileError(f"image {text} is corrupt or truncated ({_first_line(e)}); "
+        raise ImageFileError(f"image {text} is corrupt or truncated ({common.first_line(e)}); "
                              "re-save it as PNG or JPEG") from None
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from .. import common
 from .atomic import TEMP_PREFIX, write_atomically
 
 __all__ = ["Task", "OutputFolder", "OutputConflict", "COLUMNS", "SUMMARY", "RECORDS", "result_row", "error_row"]
@@ -79,7 +80,7 @@ def result_row(task: Task, res, seconds: float, categories: Optional[Sequence[st
 
 
 def error_row(task: Task, error: BaseException) -> dict:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = common.first_line(error)
     row = {c: "" for c in COLUMNS}
     row.update(path=task.path, output=task.stem, status="error", error=re.sub(r"\s+", " ", text))
     return row
