@@ -225,16 +225,16 @@ class Explainer:
         scores = []
         with self._lock, eval_mode(self.model), common.progress_bar(
                 len(positions), progress, "krypton_fx", unit="position") as bar:
-            run = self._batch_runner(batch, stored, -(-len(positions) // batch)) if len(positions) else None
-            lo = 0
+            run, lo = None, 0
             while lo < len(positions):
                 try:
+                    if run is None:  # (capturing a CUDA graph allocates too)
+                        run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch))
                     scores.append(keep(run(positions[lo:lo + batch])))
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     if not common.is_out_of_memory(e) or batch == 1:
                         raise
-                    batch = self._shrink_batch(batch, e)
-                    run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch))
+                    batch, run = self._shrink_batch(batch, e), None
                     continue
                 bar.update(min(batch, len(positions) - lo))
                 lo += batch

@@ -135,3 +135,22 @@ def test_a_one_off_small_call_runs_without_capturing(graphed_explainer):
     for _ in range(explainer_module.CAPTURE_AFTER):
         ex.run_positions(torch.arange(3), stored, 0, batch_size=8)
     assert _FakeGraph.captured == [8]  # used again and again: now it pays
+
+
+def test_a_capture_out_of_memory_captures_a_smaller_batch(graphed_explainer, monkeypatch):
+    ex = graphed_explainer
+    image = torch.randn(3, 21, 19)
+    want = ex(image, batch_size=16).heatmap
+    _FakeGraph.captured = []
+    ex._graphs.clear()
+    real_init = _FakeGraph.__init__
+
+    def capture(self, module, batch, stored):
+        if batch > 8:
+            raise torch.OutOfMemoryError(f"CUDA out of memory capturing a batch of {batch}")
+        real_init(self, module, batch, stored)
+
+    monkeypatch.setattr(_FakeGraph, "__init__", capture)
+    res = ex(image, batch_size=16)  # 72 positions in 5 batches: 16 fails to capture, 8 is captured
+    torch.testing.assert_close(res.heatmap, want, atol=1e-6, rtol=0)
+    assert _FakeGraph.captured == [8] and ex.batch_size == 8
