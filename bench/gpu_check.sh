@@ -15,7 +15,9 @@
 #   4. bench/captum.py at the issue's setting (4 images of 224, window 16,
 #      stride 8, perturbations_per_eval=128), cold and warm, against Captum
 #      (skipped without captum),
-#   5. with GPU_CHECK_SCALE=1, bench/highres.py: VGG16 at 896;
+#   5. with GPU_CHECK_SCALE=1 (about 3 more minutes), bench/highres.py: VGG16 at 896 and
+#      ResNet50 at 1024 (patch 32, stride 8) explained in full, and bench/scale.py:
+#      explain_many against the per-image loop;
 # and with GPU_CHECK_FULL=1 also (about 12 more minutes) the kernel tests
 # natively (KRYPTON_TRITON_NATIVE=1), the GPU path's tests, the zoo's
 # exactness on CUDA, the kernels' sm_XX code (codegen), their bandwidth and
@@ -119,10 +121,17 @@ else
     echo "captum is not installed: captum step not run (pip install captum)"
     SUMMARY+=("captum           SKIPPED (captum not installed)")
 fi
-if [[ -n ${GPU_CHECK_SCALE:-} ]]; then  # high resolution: VGG16 at 896, ResNet50 at 1024 in full
+if [[ -n ${GPU_CHECK_SCALE:-} ]]; then  # the scale issue: VGG16 at 896, ResNet50 at 1024 in full, many images
     run_step highres "$HIGHRES_TIMEOUT" \
         env -u TRITON_INTERPRET "$PYTHON" bench/highres.py --device cuda --models vgg16 --sizes 896 \
         --positions 256 --batch-size 64 --rounds 1 || echo "bench/highres.py failed; continuing"
+    run_step highres-full "$HIGHRES_TIMEOUT" \
+        env -u TRITON_INTERPRET "$PYTHON" bench/highres.py --device cuda --models resnet50 --sizes 1024 \
+        --patch 32 --stride 8 --positions 64 --batch-size 64 --rounds 1 --full \
+        || echo "bench/highres.py --full failed; continuing"
+    run_step scale-many "$HIGHRES_TIMEOUT" \
+        env -u TRITON_INTERPRET "$PYTHON" bench/scale.py --device cuda --rounds 2 --no-naive \
+        || echo "bench/scale.py failed; continuing"
 fi
 
 if [[ -z ${GPU_CHECK_FULL:-} ]]; then
