@@ -169,15 +169,15 @@ def label_index(label, classes: int) -> Optional[int]:
 
 
 def default_batch_size(device: torch.device, bytes_per_position: int) -> int:
-    """Positions per batch that fit in a third of the device's free memory: at most 512 on a
-    GPU, 64 on the CPU (whose free memory is what the OS reports available, 2 GiB where it
-    reports nothing)."""
+    """Positions per batch that fit in a third of the device's free memory, at most 512 on a
+    GPU; on the CPU at most 64 and at most 2 GiB (a fixed budget wherever memory allows,
+    so that a machine's maps do not change with what else it runs)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        cap = 512
+        budget, cap = free // 3, 512
     else:
-        free, cap = _available_host_memory(), 64
-    return int(max(1, min(cap, free // 3 // max(1, bytes_per_position))))
+        budget, cap = min(2 << 30, _available_host_memory() // 3), 64
+    return int(max(1, min(cap, budget // max(1, bytes_per_position))))
 
 
 def _available_host_memory() -> int:

@@ -85,6 +85,8 @@ def test_cpu_batches_come_from_available_memory(monkeypatch):
     assert common.default_batch_size(cpu, 100 << 20) == 10  # a third of 3 GiB, 100 MiB a position
     assert common.default_batch_size(cpu, 1) == 64  # the CPU's cap
     assert common.default_batch_size(cpu, 4 << 30) == 1  # never below one
+    monkeypatch.setattr(common, "_available_host_memory", lambda: 96 << 30)
+    assert common.default_batch_size(cpu, 100 << 20) == 20  # 2 GiB at most: the same on every large machine
     monkeypatch.undo()
     assert common._available_host_memory() > 0
 
