@@ -20,7 +20,6 @@ the window are dropped).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence
 
@@ -75,54 +74,27 @@ def _grid_index(starts: Tensor, size: Sequence[int], strides: Sequence[int],
     return index.expand(batch, *size)
 
 
-@functools.lru_cache(maxsize=512)
-def _box_offsets(size: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> Tensor:
-    """``(prod(size),)`` flat offset ``sum_d k_d * strides[d]`` of every element of a box of
-    ``size``, row-major: the same for every position, so computed once per shape."""
-    offsets = torch.zeros((), dtype=torch.int64, device=device)
-    for extent, stride in zip(size, strides):
-        offsets = offsets[..., None] + torch.arange(extent, device=device) * stride
-    return offsets.reshape(-1)
-
-
-@functools.lru_cache(maxsize=512)
-def _constant(values: tuple[int, ...], device: torch.device) -> Tensor:
-    """``values`` as an int64 tensor on ``device``, made once."""
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def _flat_start(starts: Tensor, strides: tuple[int, ...]) -> Tensor:
-    """``(B,)`` flat index ``sum_d starts[b, d] * strides[d]``."""
-    return (starts * _constant(strides, starts.device)).sum(1)
-
-
 def _window_rows(starts: Tensor, window: Sequence[int], map_size: Sequence[int]) -> Tensor:
     """Row of the stored map (read as ``(prod(map_size), C)``) of every window element,
     flat over ``(B, *window)``."""
-    strides = tuple(_row_major_strides(map_size))
-    rows = _flat_start(starts, strides)[:, None] + _box_offsets(tuple(window), strides, starts.device)
-    return rows.reshape(-1)
+    return _grid_index(starts, window, _row_major_strides(map_size)).reshape(-1)
 
 
 def _overlay_rows(offsets: Tensor, window: Sequence[int], patch_size: Sequence[int]) -> Tensor:
     """Row of the output (``(B * prod(window), C)``) of every patch element, flat over
     ``(B, *patch_size)``; ``B * prod(window)`` (one past the end) where it falls outside
     the window (clipped)."""
-    batch, dev, n = offsets.shape[0], offsets.device, len(window)
+    batch, dev = offsets.shape[0], offsets.device
     rows_per_position = math.prod(window)
-    strides = tuple(_row_major_strides(window))
-    patch_size = tuple(patch_size)
-    base = _flat_start(offsets, strides) + torch.arange(batch, device=dev) * rows_per_position
-    dst = (base[:, None] + _box_offsets(patch_size, strides, dev)).view(batch, *patch_size)
-    inside = None
+    inside = torch.ones((batch,) + (1,) * len(window), dtype=torch.bool, device=dev)
     for d, (extent, limit) in enumerate(zip(patch_size, window)):
-        coord = offsets[:, d, None] + _box_offsets((extent,), (1,), dev)  # (B, extent): in the window
-        shape = [batch] + [1] * n
+        coord = offsets[:, d, None] + torch.arange(extent, device=dev)  # in the window
+        shape = [batch] + [1] * len(window)
         shape[d + 1] = extent
-        ok = ((coord >= 0) & (coord < limit)).view(shape)
-        inside = ok if inside is None else inside & ok
-    if inside is None:
-        return dst.reshape(-1)
+        inside = inside & ((coord >= 0) & (coord < limit)).view(shape)
+    dst = _grid_index(offsets, patch_size, _row_major_strides(window))
+    dst = dst + (torch.arange(batch, device=dev) * rows_per_position).view(
+        (batch,) + (1,) * len(window))
     return torch.where(inside, dst, batch * rows_per_position).reshape(-1)
 
 
