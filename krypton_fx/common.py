@@ -247,16 +247,21 @@ def progress(items: Iterable[T], enabled: bool, desc: str, unit: str = "batch",
 
 
 class _NoBar:
+    """What :func:`progress_bar` yields when it is off: counts, shows nothing."""
+
+    def __init__(self, total: int):
+        self.n, self.total = 0, total
+
     def update(self, n: int = 1) -> None:
-        pass
+        self.n += n
 
 
 @contextlib.contextmanager
 def progress_bar(total: int, enabled: bool, desc: str, unit: str) -> Iterator:
-    """A tqdm bar over ``total`` units that the caller advances with ``update(n)``
-    (a no-op object when not ``enabled``)."""
+    """A tqdm bar over ``total`` units that the caller advances with ``update(n)`` and may
+    re-total (``bar.total = ...``); an object that only counts when not ``enabled``."""
     if not enabled:
-        yield _NoBar()
+        yield _NoBar(total)
         return
     from tqdm.auto import tqdm
     with tqdm(total=total, desc=desc, unit=unit) as bar:

@@ -224,7 +224,7 @@ class Explainer:
         positions = positions.to(self.device)
         scores = []
         with self._lock, eval_mode(self.model), common.progress_bar(
-                len(positions), progress, "krypton_fx", unit="position") as bar:
+                -(-len(positions) // batch), progress, "krypton_fx", unit="batch") as bar:
             run, lo = None, 0
             while lo < len(positions):
                 try:
@@ -235,8 +235,9 @@ class Explainer:
                     if not common.is_out_of_memory(e) or batch == 1:
                         raise
                     batch, run = self._shrink_batch(batch, e), None
+                    bar.total = bar.n + -(-(len(positions) - lo) // batch)
                     continue
-                bar.update(min(batch, len(positions) - lo))
+                bar.update(1)
                 lo += batch
         # One device-to-host copy at the end: no synchronisation per batch.
         return torch.cat(scores).cpu() if scores else torch.empty(0)

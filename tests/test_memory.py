@@ -95,3 +95,11 @@ def test_only_allocation_failures_count_as_out_of_memory():
     assert common.is_out_of_memory(cuda_oom(1)) and common.is_out_of_memory(host_oom(1))
     assert not common.is_out_of_memory(RuntimeError("shape '[2, 3]' is invalid for input of size 7"))
     assert not common.is_out_of_memory(ValueError("out of memory"))
+
+
+def test_the_progress_bar_counts_the_smaller_batches(capsys):
+    ex = krypton_fx.compile(net(Budget(limit=5, error=cuda_oom)), patch=6, stride=3, image_size=(24, 24),
+                            batch_size=16, leaf_modules=(Budget,), cache=False)
+    ex(torch.rand(3, 24, 24), progress=True)  # 49 positions: 16 fails, 8 fails, 13 batches of 4
+    err = capsys.readouterr().err
+    assert "13/13" in err and "/4 " not in err.split("\r")[-1]
