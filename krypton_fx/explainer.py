@@ -311,7 +311,7 @@ class Explainer:
             label = int(logits.argmax(1)) if label is None else label
             base = float(common.scores(logits, label, self.output))
             scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size, progress)
-        batch = min(batch_size or self.batch_size, self.positions)
+        batch = min(batch_size or self.batch_size, self._batch_cap or self.positions, self.positions)
         return OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch, self.output,
                                RunStats(self.positions, batch, seconds=time.perf_counter() - start))
 

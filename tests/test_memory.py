@@ -57,7 +57,7 @@ def test_a_batch_out_of_memory_halves_and_the_map_is_unchanged(error, caplog):
     assert [r.getMessage() for r in caplog.records if "ran out of memory" in r.getMessage()] == [
         f"a batch of 16 positions ran out of memory on cpu ({common.first_line(error(16))}): going on with 8",
         f"a batch of 8 positions ran out of memory on cpu ({common.first_line(error(8))}): going on with 4"]
-    assert ex.batch_size == 4  # later calls start from the batch that fitted
+    assert ex.batch_size == 4 and res.stats["batch_size"] == 4  # later calls start from the batch that fitted
     budget.sizes.clear()
     again = ex(image)
     assert max(budget.sizes[1:]) == 4  # (the first is the unoccluded pass)
