@@ -102,4 +102,4 @@ def test_the_progress_bar_counts_the_smaller_batches(capsys):
                             batch_size=16, leaf_modules=(Budget,), cache=False)
     ex(torch.rand(3, 24, 24), progress=True)  # 49 positions: 16 fails, 8 fails, 13 batches of 4
     err = capsys.readouterr().err
-    assert "13/13" in err and "/4 " not in err.split("\r")[-1]
+    assert "13/13" in err.split("\r")[-1]  # the finished bar counts the batches that ran
