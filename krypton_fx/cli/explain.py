@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import time
 from pathlib import Path
 
 from ..models import input_channels, load_model, model_spatial_dims
 from ..monai_nets import is_monai_spec
 from ..volumes import is_volume_path
 from . import options as opt
-from .errors import CLIError, warn
+from .errors import CLIError
 from .explain_files import run_files
 from .explain_volume import VOLUME_ONLY, run_volume
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
@@ -148,8 +147,6 @@ def _refuse_volume_options(args) -> None:
 def _explain_one(args) -> int:
     import numpy as np
 
-    from ..explainer import compile as compile_explainer
-
     patch, stride, drill = opt.check_settings(args)
     out_png = output_file(args.out or "heat.png", "--out", PICTURE_FORMATS, inputs=[args.image])
     out_npy = output_file(args.npy, "--npy", inputs=[args.image], example="heat.npy") if args.npy else None
@@ -173,25 +170,15 @@ def _explain_one(args) -> int:
     opt.probe_model(loaded, x, device, args.label, args.output)
 
     color = patch_color(args.color, x, prep.mean, prep.std)
-    ex = compile_explainer(model, patch=patch, stride=stride, color=color, image_size=size_hw,
-                           tau=args.tau, batch_size=args.batch_size, device=device, channels=channels,
-                           output=args.output)
-    if loaded.warning:
-        warn(loaded.warning)
-    start = time.perf_counter()
-    res = ex(x, label=args.label, drill_down=drill, progress=True)
-    seconds = time.perf_counter() - start
+    ex, res, seconds = opt.compile_and_explain(loaded, x, args, patch, stride, color, size_hw, channels, device,
+                                               drill)
 
     from ..viz import heatmap_figure
 
     heat = res.heatmap.numpy()
     cats = loaded.categories
     label_name = cats[res.label] if cats and res.label < len(cats) else None
-    approx = [f"tau={args.tau:g}"] if args.tau < 1.0 else []
-    if drill is not None:
-        s1 = res.stats["stage1_stride"]
-        approx.append(f"drill-down r={drill.r:g} from stride {s1[0]}x{s1[1]}")
-    exact = ", ".join(approx + ["approximate"]) if approx else "exact"
+    exact = opt.exactness(args, drill, res)
     fig = heatmap_figure(prep.display(x), heat, res.patch, res.stride, res.label, res.base_prob,
                          label_name=label_name, output=res.output,
                          subtitle=(f"{loaded.name}, {Path(args.image).name}: patch {patch[0]}x{patch[1]}, "

@@ -14,14 +14,13 @@ and one line, every output checked before the long work and written atomically.
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
 from ..models import input_channels, load_model, model_spatial_dims
 from ..monai_nets import is_monai_spec
 from ..volumes import Volume, VolumeFileError, map_writer, read_volume, to_display_orientation, volume_suffix
 from . import options as opt
-from .errors import CLIError, warn
+from .errors import CLIError
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
 
 __all__ = ["run_volume", "volume_color", "display_scale", "VOLUME_ONLY"]
@@ -94,7 +93,6 @@ def run_volume(args) -> int:
     import numpy as np
     import torch
 
-    from ..explainer import compile as compile_explainer
     from ..viz import drop_limit, upsample_heatmap_nd, volume_figure
 
     _check_options(args)
@@ -128,22 +126,13 @@ def run_volume(args) -> int:
     opt.probe_model(loaded, x, device, args.label, args.output)
 
     color = volume_color(args.color or "black", x)
-    ex = compile_explainer(model, patch=patch, stride=stride, color=color, image_size=volume.spatial_shape,
-                           tau=args.tau, batch_size=args.batch_size, device=device, channels=channels,
-                           output=args.output)
-    if loaded.warning:
-        warn(loaded.warning)
-    start = time.perf_counter()
-    res = ex(x, label=args.label, drill_down=drill, progress=True)
-    seconds = time.perf_counter() - start
+    ex, res, seconds = opt.compile_and_explain(loaded, x, args, patch, stride, color, volume.spatial_shape,
+                                               channels, device, drill)
 
     heat = res.heatmap.numpy()
     drop = res.base_prob - upsample_heatmap_nd(heat, volume.spatial_shape, res.patch, res.stride)
     voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(drop)), drop.shape))
-    approx = [f"tau={args.tau:g}"] if args.tau < 1.0 else []
-    if drill is not None:
-        approx.append(f"drill-down r={drill.r:g} from stride {opt.sizes(res.stats['stage1_stride'])}")
-    exact = ", ".join(approx + ["approximate"]) if approx else "exact"
+    exact = opt.exactness(args, drill, res)
     what = "P" if args.output == "prob" else "logit"
     view = to_display_orientation(volume)
     axis_names = "ijk" if volume.kind == "nifti" else "dhw"

@@ -6,6 +6,7 @@ import argparse
 import functools
 import math
 import re
+import time
 from typing import Callable, Optional, Sequence, Union
 
 from .errors import CLIError, first_line, warn
@@ -215,3 +216,28 @@ def probe_model(loaded, x, device, label, output) -> int:
         raise CLIError(f"--label {label} is out of range: {loaded.name} has {classes} classes "
                        f"(0..{classes - 1})")
     return classes
+
+
+def compile_and_explain(loaded, x, args: argparse.Namespace, patch: tuple[int, ...], stride: tuple[int, ...],
+                        color, image_size: tuple[int, ...], channels: int, device, drill):
+    """Compile ``loaded.model`` with the command's settings and explain ``x``: ``(explainer,
+    result, seconds of the explanation)``; the loader's warning, if any, comes after the
+    compile's checks have passed."""
+    from ..explainer import compile as compile_explainer
+
+    ex = compile_explainer(loaded.model, patch=patch, stride=stride, color=color, image_size=image_size,
+                           tau=args.tau, batch_size=args.batch_size, device=device, channels=channels,
+                           output=args.output)
+    if loaded.warning:
+        warn(loaded.warning)
+    start = time.perf_counter()
+    res = ex(x, label=args.label, drill_down=drill, progress=True)
+    return ex, res, time.perf_counter() - start
+
+
+def exactness(args: argparse.Namespace, drill, res) -> str:
+    """``"exact"``, or what made the map approximate (tau, drill-down), for picture titles."""
+    approx = [f"tau={args.tau:g}"] if args.tau < 1.0 else []
+    if drill is not None:
+        approx.append(f"drill-down r={drill.r:g} from stride {sizes(res.stats['stage1_stride'])}")
+    return ", ".join(approx + ["approximate"]) if approx else "exact"
