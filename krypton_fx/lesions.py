@@ -37,8 +37,8 @@ from torch import Tensor, nn
 
 from . import common
 
-__all__ = ["make_dataset", "build_model", "load_or_train", "evaluate", "checkpoint_path",
-           "training_info", "ARCHS", "DEFAULT_SIZE"]
+__all__ = ["make_dataset", "build_model", "load_or_train", "evaluate", "accuracy", "recalibrate_batch_norm",
+           "checkpoint_path", "training_info", "ARCHS", "DEFAULT_SIZE"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,19 +252,30 @@ def checkpoint_path(arch: str, size: int, cache_dir: Optional[str] = None) -> Pa
 @torch.no_grad()
 def evaluate(model: nn.Module, size: int, n: int = 256, seed: int = TEST_SEED, batch: int = 32) -> float:
     """Accuracy of ``model`` on ``n`` generated images (held out from training by seed)."""
+    return accuracy(model, make_dataset, size, n, seed, batch)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, generate: Callable[..., tuple], size: int, n: int, seed: int,
+             batch: int = 32) -> float:
+    """Accuracy of ``model`` on ``n`` inputs of ``generate(count, size, seed=...)`` (which returns
+    ``(inputs, labels, boxes)``), made ``batch`` at a time; the model's mode is left as it was.
+    Shared by the 2-D lesion data and the 3-D one (:mod:`krypton_fx.lesions3d`)."""
     was_training = model.training
     model.eval()
     correct = 0
     for lo in range(0, n, batch):
-        images, labels, _ = make_dataset(min(batch, n - lo), size, seed=seed * 1000 + lo)
-        correct += int((model(images).argmax(1) == labels).sum())
+        inputs, labels, _ = generate(min(batch, n - lo), size, seed=seed * 1000 + lo)
+        correct += int((model(inputs).argmax(1) == labels).sum())
     model.train(was_training)
     return correct / max(1, n)
 
 
 @torch.no_grad()
-def _recalibrate_batch_norm(model: nn.Module, size: int, batches: int = 8, batch: int = 16) -> None:
-    """Recompute batch-norm running statistics as plain averages over fresh batches.
+def recalibrate_batch_norm(model: nn.Module, generate: Callable[..., tuple], size: int, batches: int = 8,
+                           batch: int = 16) -> None:
+    """Recompute batch-norm running statistics as plain averages over fresh batches of
+    ``generate(count, size, seed=...)``; leaves the model in eval mode.
 
     Training stops after a few dozen steps, when the exponential running
     averages still lag the fast-moving weights: eval-mode predictions can then
@@ -279,7 +290,7 @@ def _recalibrate_batch_norm(model: nn.Module, size: int, batches: int = 8, batch
         m.momentum = None  # cumulative average
     model.train()
     for i in range(batches):
-        model(make_dataset(batch, size, seed=TRAIN_SEED - 1 - i)[0])
+        model(generate(batch, size, seed=TRAIN_SEED - 1 - i)[0])
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
@@ -350,7 +361,7 @@ def _train(arch: str, size: int, progress: bool) -> tuple[nn.Module, dict]:
     def make_batch(step: int) -> tuple[Tensor, Tensor]:
         return make_dataset(batch, size, seed=TRAIN_SEED + step)[:2]
 
-    steps = train_classifier(model, make_batch, lambda m: _recalibrate_batch_norm(m, size),
+    steps = train_classifier(model, make_batch, lambda m: recalibrate_batch_norm(m, make_dataset, size),
                              lambda m: evaluate(m, size, n=64, seed=TEST_SEED - 1), max_steps, lr, _STOP,
                              f"{arch}@{size}", progress)
     accuracy = evaluate(model, size)

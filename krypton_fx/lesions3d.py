@@ -35,7 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .lesions import TEST_SEED, TRAIN_SEED, StopRule, checkpoint_path, train_classifier
+from .lesions import (
+    TEST_SEED,
+    TRAIN_SEED,
+    StopRule,
+    accuracy,
+    checkpoint_path,
+    recalibrate_batch_norm,
+    train_classifier,
+)
 
 __all__ = ["make_volumes", "Tiny3DNet", "train", "evaluate", "load_or_train", "training_info", "lesion_contains",
            "DEFAULT_SIZE", "TRAIN_SIZE", "ARCH"]
@@ -153,35 +161,10 @@ class Tiny3DNet(nn.Module):
         return self.fc(torch.flatten(self.pool(self.features(x)), 1))
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, size: int = DEFAULT_SIZE, n: int = 128, seed: int = TEST_SEED,
              batch: int = 32) -> float:
     """Accuracy of ``model`` on ``n`` generated volumes (held out from training by seed)."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for lo in range(0, n, batch):
-        volumes, labels, _ = make_volumes(min(batch, n - lo), size, seed=seed * 1000 + lo)
-        correct += int((model(volumes).argmax(1) == labels).sum())
-    model.train(was_training)
-    return correct / max(1, n)
-
-
-@torch.no_grad()
-def _recalibrate_batch_norm(model: nn.Module, size: int, batches: int = 4, batch: int = 16) -> None:
-    """Batch-norm running statistics as plain averages over fresh batches: after a few dozen
-    steps the exponential averages still lag the weights (see :mod:`krypton_fx.lesions`)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    for i in range(batches):
-        model(make_volumes(batch, size, seed=TRAIN_SEED - 1 - i)[0])
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.eval()
+    return accuracy(model, make_volumes, size, n, seed, batch)
 
 
 # Label smoothing (0.1) puts the loss floor over 2 classes at about 0.199.
@@ -204,7 +187,7 @@ def train(size: int = TRAIN_SIZE, max_steps: int = 120, batch: int = 16, lr: flo
     def make_batch(step: int) -> tuple[Tensor, Tensor]:
         return make_volumes(batch, size, seed=TRAIN_SEED + step)[:2]
 
-    steps = train_classifier(model, make_batch, lambda m: _recalibrate_batch_norm(m, size),
+    steps = train_classifier(model, make_batch, lambda m: recalibrate_batch_norm(m, make_volumes, size, batches=4),
                              lambda m: evaluate(m, size, n=32, seed=TEST_SEED - 1), max_steps, lr, _STOP,
                              f"{ARCH}@{size}", progress, postfix_every=10)
     accuracy = evaluate(model, size)
