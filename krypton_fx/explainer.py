@@ -90,6 +90,12 @@ class Explainer:
         batch = self.settings.batch_size or common.default_batch_size(self.device, self.bytes_per_position)
         return min(batch, self._batch_cap or batch)
 
+    def _batch_for(self, batch_size: Optional[int]) -> int:
+        """The batch a call with ``batch_size`` (None: the default) runs: never above one that
+        has run out of memory."""
+        batch = common.batch_size(batch_size) or self.batch_size
+        return min(batch, self._batch_cap or batch)
+
     @property
     def positions(self) -> int:
         """Cells of the heat map: positions of the patch."""
@@ -215,9 +221,7 @@ class Explainer:
 
     def _run(self, positions: Tensor, stored: list[Tensor], batch_size: Optional[int], progress: bool,
              keep: Callable[[Tensor], Tensor]) -> Tensor:
-        batch = common.batch_size(batch_size) or self.batch_size
-        if self._batch_cap is not None:
-            batch = min(batch, self._batch_cap)
+        batch = self._batch_for(batch_size)
         if not self.cuda_graphs:
             batch = min(batch, len(positions))  # a CUDA graph pads a short batch to its own size
         batch = max(1, batch)
@@ -311,7 +315,7 @@ class Explainer:
             label = int(logits.argmax(1)) if label is None else label
             base = float(common.scores(logits, label, self.output))
             scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size, progress)
-        batch = min(batch_size or self.batch_size, self._batch_cap or self.positions, self.positions)
+        batch = min(self._batch_for(batch_size), self.positions)
         return OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch, self.output,
                                RunStats(self.positions, batch, seconds=time.perf_counter() - start))
 
