@@ -15,6 +15,7 @@ from torch import Tensor, fx, nn
 from .ops import BACKENDS
 from .passes.patch_prop import PatchProp, State
 from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill
+from .tiered import KernelTier
 
 __all__ = ["Settings", "Build", "check_same_output", "bytes_per_position", "check_backend"]
 
@@ -70,6 +71,7 @@ class Build:
     color: Tensor
     bytes_per_position: int
     signature: tuple
+    tier: KernelTier  # whether its batches run on the Triton kernels yet
     verified: bool = False
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -23,6 +24,7 @@ from .passes.patch_prop import META_KEY, PatchInfo, annotate
 from .passes.rewrite import NO_FILL, PatchFill, rewrite
 from .report import format_report
 from .results import OcclusionResult, RunStats
+from .tiered import KernelTier
 from .tracing import describe_change, eval_mode, model_signature, trace
 
 __all__ = ["OcclusionResult", "RunStats", "Explainer", "Settings", "compile", "naive_occlusion",
@@ -134,7 +136,8 @@ class Explainer:
         program.module.to(s.device)
         self._graphs.clear()
         self._graph_uses.clear()
-        build = Build(gm, program, dtype, color, bytes_per_position(prop), signature)
+        build = Build(gm, program, dtype, color, bytes_per_position(prop), signature,
+                      KernelTier(s.backend, s.device))
         if image is None:
             return build, None
         by_name = {n.name: v for n, v in prop.stored.items()}
@@ -229,11 +232,15 @@ class Explainer:
         scores = []
         with self._lock, eval_mode(self.model), common.progress_bar(
                 -(-len(positions) // batch), progress, "krypton_fx", unit="batch") as bar:
-            run, lo = None, 0
+            run, lo, tier = None, 0, self._current().tier
+            ready = tier.ready
             while lo < len(positions):
+                if not ready and tier.ready:  # the kernels compiled: on to them (and graphs)
+                    run, ready = None, True
                 try:
                     if run is None:  # (capturing a CUDA graph allocates too)
-                        run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch))
+                        run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch)) \
+                            if ready else functools.partial(tier.run, self.program.module, stored=stored)
                     scores.append(keep(run(positions[lo:lo + batch])))
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     if not common.is_out_of_memory(e) or batch == 1:

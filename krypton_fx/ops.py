@@ -11,6 +11,11 @@ baked into the node and the device of the data:
 - ``"auto"``: Triton for CUDA tensors, torch otherwise, and torch for CUDA
   tensors too where Triton cannot be imported (logged once, at INFO).
 
+Inside :func:`torch_ops` every op runs its torch implementation, whatever the
+backend (bit for bit what the kernel computes): a build's first batches run so
+while its kernels compile in the background (:mod:`krypton_fx.tiered`), and the
+first of them also records the launches it stands in for.
+
 Triton is imported on the first call that launches a kernel, never before: the
 package imports and runs (on the torch backend) on machines without Triton
 (it is Linux-only). Maps have N spatial axes: the torch ops take any N, the
@@ -19,19 +24,22 @@ kernels N = 1, 2 or 3.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import threading
 from types import ModuleType
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
 
+import torch
 from torch import Tensor, fx
 from torch.profiler import record_function
 
 from .triton_kernels.reference import gather_window_torch, occlude_window_torch, project_to_full_torch
 
 __all__ = ["BACKENDS", "gather_window", "project_to_full", "occlude_window", "use_triton",
-           "triton_available"]
+           "launches_kernels", "triton_available", "torch_ops"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -73,9 +81,48 @@ _fallback_logged = threading.Event()
 def use_triton(backend: str, tensor: Tensor) -> bool:
     """Whether ``backend`` runs Triton kernels for data on ``tensor``'s device: always
     for ``"triton"``, for CUDA tensors with ``"auto"`` where Triton can be imported."""
+    return launches_kernels(backend, tensor.device)
+
+
+def launches_kernels(backend: str, device: torch.device) -> bool:
+    """Whether ``backend`` runs Triton kernels for data on ``device`` (see :func:`use_triton`)."""
     if backend == "triton":
         return True
-    return backend == "auto" and tensor.is_cuda and triton_available()
+    return backend == "auto" and device.type == "cuda" and triton_available()
+
+
+# Inside torch_ops(): None outside; a list to record the stood-in launches in, or False.
+_TORCH_OPS: contextvars.ContextVar[Union[None, bool, list]] = contextvars.ContextVar(
+    "krypton_fx_torch_ops", default=None)
+
+
+@contextlib.contextmanager
+def torch_ops(record: Optional[list] = None) -> Iterator[None]:
+    """Run the ops' torch implementations (in this thread) even where the backend launches
+    Triton kernels; with ``record``, also append to it each launch they stand in for
+    (:class:`krypton_fx.triton_kernels.ahead.Launch`: nothing is launched)."""
+    token = _TORCH_OPS.set(record if record is not None else False)
+    try:
+        yield
+    finally:
+        _TORCH_OPS.reset(token)
+
+
+def _run(kernels: Optional[_Kernels], launcher: Callable[[_Kernels], Callable], reference: Callable,
+         *args) -> Tensor:
+    """``launcher(kernels)(*args)``, or ``reference(*args)`` where there are no kernels or
+    inside :func:`torch_ops` (recording the launch the kernel would have made)."""
+    if kernels is None:
+        return reference(*args)
+    instead = _TORCH_OPS.get()
+    if instead is None:
+        return launcher(kernels)(*args)
+    if instead is not False:
+        from .triton_kernels.ahead import recording
+        with recording() as launches:
+            launcher(kernels)(*args)
+        instead.extend(launches)
+    return reference(*args)
 
 
 def _kernels(backend: str, tensor: Tensor) -> Optional[_Kernels]:
@@ -103,10 +150,8 @@ def gather_window(stored: Tensor, patch: Optional[Tensor], table: Tensor, window
     """Gather with superimposition, N spatial axes; see
     :func:`krypton_fx.triton_kernels.reference.gather_window_torch`."""
     with record_function("krypton::gather"):
-        kernels = _kernels(backend, stored)
-        if kernels is not None:
-            return kernels.gather.gather_window_triton(stored, patch, table, window)
-        return gather_window_torch(stored, patch, table, window)
+        return _run(_kernels(backend, stored), lambda k: k.gather.gather_window_triton, gather_window_torch,
+                    stored, patch, table, window)
 
 
 @fx.wrap
@@ -114,10 +159,8 @@ def project_to_full(stored: Tensor, patch: Tensor, starts: Tensor, backend: str 
     """Projection to full size, N spatial axes; see
     :func:`krypton_fx.triton_kernels.reference.project_to_full_torch`."""
     with record_function("krypton::projection"):
-        kernels = _kernels(backend, stored)
-        if kernels is not None:
-            return kernels.projection.project_to_full_triton(stored, patch, starts)
-        return project_to_full_torch(stored, patch, starts)
+        return _run(_kernels(backend, stored), lambda k: k.projection.project_to_full_triton,
+                    project_to_full_torch, stored, patch, starts)
 
 
 @fx.wrap
@@ -127,8 +170,5 @@ def occlude_window(image: Tensor, color: Tensor, table: Tensor, window: Sequence
     """Input occlusion, N spatial axes (plain colour, or ``image * weight * scale + color``
     inside the patch); see :func:`krypton_fx.triton_kernels.reference.occlude_window_torch`."""
     with record_function("krypton::occlusion"):
-        kernels = _kernels(backend, image)
-        if kernels is not None:
-            return kernels.occlusion.occlude_window_triton(image, color, table, window,
-                                                           patch_size, weight, scale)
-        return occlude_window_torch(image, color, table, window, patch_size, weight, scale)
+        return _run(_kernels(backend, image), lambda k: k.occlusion.occlude_window_triton,
+                    occlude_window_torch, image, color, table, window, patch_size, weight, scale)

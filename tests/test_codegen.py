@@ -121,6 +121,7 @@ def test_codegen_check_sees_per_element_division_and_scalar_access(tmp_path):
     result = _run_compiled("""
         import torch, triton, triton.language as tl
         from krypton_fx.triton_kernels import codegen
+        from krypton_fx.triton_kernels.ahead import launch, recording
 
         @triton.jit
         def flat_copy(out_ptr, in_ptr, N, W, C, BLOCK: tl.constexpr):
@@ -131,9 +132,9 @@ def test_codegen_check_sees_per_element_division_and_scalar_access(tmp_path):
             tl.store(out_ptr + k, x, mask=k < N)
 
         a, b = torch.zeros(4096), torch.zeros(4096)
-        with codegen._intercepted(flat_copy) as calls:
-            flat_copy[(4,)](a, b, 4096, 33, 7, BLOCK=1024)
-        (args, kwargs), = calls
+        with recording() as calls:
+            launch(flat_copy, (4,), a, b, 4096, 33, 7, BLOCK=1024)
+        (_, _, args, kwargs), = calls
         compiled = codegen._compile(flat_copy, args, kwargs, 90)
         bits, narrow, divisions = codegen.ptx_stats(compiled.asm["ptx"])
         print(sorted(bits), narrow, divisions)

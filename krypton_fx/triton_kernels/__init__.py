@@ -10,6 +10,8 @@ on machines without it):
 - ``_common.py``: launch geometry, shared jit helpers and the launchers' checks.
 - ``gather.py``, ``projection.py``, ``occlusion.py``: one op each, a private
   ``@triton.jit`` kernel and its public launcher (1 to 3 spatial axes).
+- ``ahead.py``: the launchers' one launch point; recording launches instead of
+  running them, and compiling their kernels ahead, in the background.
 - ``codegen.py``: what the kernels compile to for sm_90, checked without a GPU.
 
 :mod:`krypton_fx.ops` picks a kernel or its reference per call and imports the

@@ -5,7 +5,7 @@ contiguous channel run of a channels-last row moves in 128-bit vectors, and
 there is no integer division per element (only one or two per program, to
 decode its row). Both can be read from the PTX, and PTX needs no GPU: Triton
 compiles for any architecture ahead of time. This module runs the real launchers
-on CPU tensors with the launch intercepted, so each kernel is specialised exactly
+on CPU tensors with the launch recorded instead (``ahead.recording``), so each kernel is specialised exactly
 as a real launch of that shape would be (dtypes, alignment, unit and 16-divisible
 strides, the tile ``block_sizes`` picks), compiles it for the target, and reads
 the PTX and the cubin's resource usage::
@@ -19,7 +19,6 @@ Must run without ``TRITON_INTERPRET`` (the interpreter replaces the kernels).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import subprocess
@@ -27,7 +26,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -105,21 +104,6 @@ def ptx_stats(ptx: str) -> tuple[frozenset, int, int]:
         widths.append(int(lanes or 1) * int(bits))
     divisions = len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:div|rem)\.(?:[su]\d+|full)", ptx, re.M))
     return frozenset(widths), sum(w < 128 for w in widths), divisions
-
-
-@contextlib.contextmanager
-def _intercepted(kernel) -> Iterator[list]:
-    """Record the arguments of ``kernel[grid](...)`` calls instead of launching them."""
-    calls: list = []
-
-    def record(*args, grid, warmup, **kwargs):
-        calls.append((args, kwargs))
-
-    kernel.run = record
-    try:
-        yield calls
-    finally:
-        del kernel.run
 
 
 def _compile(kernel, args: tuple, kwargs: dict, arch: int):
@@ -240,19 +224,15 @@ def _cases() -> list[tuple[str, bool, int, Callable[[], object]]]:
 
 def compile_cases(arch: int = 90) -> list[tuple[KernelCode, bool]]:
     """Every case of :func:`_cases` compiled for ``sm_<arch>``: ``(code, vectorised)``."""
-    from .gather import _gather_window_kernel
-    from .occlusion import _occlude_window_kernel
-    from .projection import _project_to_full_kernel
+    from .ahead import recording
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels")
-    kernels = (_gather_window_kernel, _project_to_full_kernel, _occlude_window_kernel)
     results = []
     for description, vectorised, axes, launch in _cases():
-        with contextlib.ExitStack() as exits:
-            recorded = [exits.enter_context(_intercepted(k)) for k in kernels]
+        with recording() as launches:
             launch()
-        (kernel, (args, kwargs)), = [(k, calls[0]) for k, calls in zip(kernels, recorded) if calls]
+        (kernel, _, args, kwargs), = launches
         compiled = _compile(kernel, args, kwargs, arch)
         ptx = compiled.asm["ptx"]
         bits, scalar, divisions = ptx_stats(ptx)

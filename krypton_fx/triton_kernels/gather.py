@@ -35,6 +35,7 @@ from ._common import (
     check_sizes,
     volume_size,
 )
+from .ahead import launch as launch_kernel
 
 # Kept importable from here, where it used to live (callers and tests patch this name).
 from .reference import gather_window_torch  # noqa: F401
@@ -167,8 +168,8 @@ def gather_window_triton(stored: Tensor, patch: Optional[Tensor], table: Tensor,
         row_strides.append((patch_v.stride(4), patch_v.stride(1)))
     else:  # the kernel reads no patch: stored stands in
         patch_v, (patch_d, patch_h, patch_w) = stored_v, (0, 0, 0)
-    _gather_window_kernel[launch.grid](
-        launch.out, stored_v, patch_v, table,
+    launch_kernel(
+        _gather_window_kernel, launch.grid, launch.out, stored_v, patch_v, table,
         channels, *volume_size(window), patch_d, patch_h, patch_w,
         *stored_v.stride()[1:],
         *patch_v.stride(),

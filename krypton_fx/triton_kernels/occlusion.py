@@ -33,6 +33,7 @@ from ._common import (
     check_tensor,
     volume_size,
 )
+from .ahead import launch as launch_kernel
 
 # Kept importable from here, where it used to live (callers and tests patch this name).
 from .reference import occlude_window_torch  # noqa: F401
@@ -232,8 +233,8 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: S
     weight_arg = as_volume(weight[None])[0] if weight is not None else color
     weight_strides = weight_arg.stride() if weight is not None else (0, 0, 0, 0)
     scale_arg = scale if scale is not None else color
-    _occlude_window_kernel[launch.grid](
-        launch.out, image_v, color, table, weight_arg, scale_arg,
+    launch_kernel(
+        _occlude_window_kernel, launch.grid, launch.out, image_v, color, table, weight_arg, scale_arg,
         channels, *volume_size(window), *volume_size(patch_size),
         *image_v.stride()[1:],
         *weight_strides,

@@ -23,6 +23,7 @@ from ._common import (
     check_patch,
     volume_size,
 )
+from .ahead import launch as launch_kernel
 
 # Kept importable from here, where it used to live (callers and tests patch this name).
 from .reference import project_to_full_torch  # noqa: F401
@@ -134,8 +135,8 @@ def project_to_full_triton(stored: Tensor, patch: Tensor, starts: Tensor) -> Ten
     if launch.empty:
         return launch.out
     stored_v, patch_v = as_volume(stored), as_volume(patch)
-    _project_to_full_kernel[launch.grid](
-        launch.out, stored_v, patch_v, starts,
+    launch_kernel(
+        _project_to_full_kernel, launch.grid, launch.out, stored_v, patch_v, starts,
         channels, *volume_size(stored.shape[2:]), *volume_size(patch.shape[2:]),
         *stored_v.stride()[1:],
         *patch_v.stride(),
