@@ -147,3 +147,41 @@ def test_codegen_check_sees_per_element_division_and_scalar_access(tmp_path):
 def test_compiling_under_the_interpreter_is_refused():
     with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
         codegen.compile_cases()
+
+
+def test_a_recorded_launch_specialises_as_the_real_one(tmp_path):
+    """``compile_ahead`` warms the kernels from recorded launches, whose tensors are
+    ``Pointer`` stand-ins: Triton's binder must key them exactly as the real tensors, so
+    the real launch finds the kernel compiled (aligned or not, each dtype)."""
+    result = _run_compiled("""
+        import torch
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
+        from krypton_fx.triton_kernels.ahead import Pointer, recording
+        from krypton_fx.triton_kernels.gather import gather_window_triton
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+        checked = 0
+        for dtype in (torch.float32, torch.float16):
+            keys = []
+            base = torch.zeros(1, 16, 9, 9, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            shifted = torch.zeros(base.numel() + 1, dtype=dtype)[1:].as_strided(base.shape, base.stride())
+            for stored in (base, shifted):  # 16-byte aligned, and not
+                with recording() as launches:
+                    gather_window_triton(stored, None, torch.zeros(2, 4, dtype=torch.int64), (3, 3))
+                (kernel, _, args, kwargs), = launches
+                real = tuple(torch.empty(4, dtype=a.dtype).view(-1)[(a.data_ptr() % 16) // a.dtype.itemsize:]
+                             if isinstance(a, Pointer) else a for a in args)
+                assert [r.data_ptr() % 16 for r in real if isinstance(r, torch.Tensor)] == \\
+                    [a.data_ptr() % 16 for a in args if isinstance(a, Pointer)]
+                binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+                assert binder(*args, **kwargs)[1:] == binder(*real, **kwargs)[1:]
+                assert args[1].data_ptr() == stored.data_ptr()
+                keys.append(binder(*args, **kwargs)[1])
+                checked += 1
+            assert keys[0] != keys[1]  # the binder keys on alignment: the address must be the real one
+        print(checked)
+    """, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "4"
