@@ -4,7 +4,9 @@ that runs the naive map of the same image (cuDNN's autotuning and Triton's compi
 Each measurement is its own subprocess of this script (nothing warm carries over but the
 disk caches), naive and krypton_fx interleaved per model. The first krypton_fx process of
 each model starts from an empty Triton cache (its own directory), the second finds that
-cache warm, so both rounds are printed, with the first process's background compile.
+cache warm, so both rounds are printed, with the first process's background compile; a
+third krypton_fx process, from an empty cache again, runs with tiers off
+(``KRYPTON_FX_TIERED=0``: each kernel compiled at its first launch, as before tiers).
 
     python bench/cold_start.py                        # CPU (one thread), 64 x 64 images
     python bench/cold_start.py --device cuda          # ResNet18, VGG16 at 224, InceptionV3 at 299
@@ -71,15 +73,15 @@ def main(argv=None) -> int:
     print(f"one image, cold, each in a fresh process ({args.device}); patch 16, stride {args.stride}, "
           f"batch {args.batch_size}")
     print(f"{'model':14s} {'naive s':>8s} {'krypton 1st s':>13s} {'krypton 2nd s':>13s} {'ratio 1st':>9s} "
-          f"{'ratio 2nd':>9s}")
+          f"{'ratio 2nd':>9s} {'untiered 1st':>13s}")
 
-    def run(side: str, model: str, cache: str) -> dict:
+    def run(side: str, model: str, cache: str, **env: str) -> dict:
         cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--device", args.device,
                "--stride", str(args.stride), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
         if args.size:
             cmd += ["--size", str(args.size)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                             env={**os.environ, "TRITON_CACHE_DIR": cache}).stdout
+                             env={**os.environ, "TRITON_CACHE_DIR": cache, **env}).stdout
         return json.loads(out.strip().splitlines()[-1])
 
     for model in args.models.split(","):
@@ -87,9 +89,11 @@ def main(argv=None) -> int:
             first = run("krypton", model, cache)
             naive = run("naive", model, cache)["seconds"]
             second = run("krypton", model, cache)["seconds"]
+        with tempfile.TemporaryDirectory(prefix="krypton-fx-triton-cache-") as cache:
+            untiered = run("krypton", model, cache, KRYPTON_FX_TIERED="0")["seconds"]
         compiled = first["background_compile_s"]
         print(f"{model:14s} {naive:8.2f} {first['seconds']:13.2f} {second:13.2f} "
-              f"{naive / first['seconds']:8.2f}x {naive / second:8.2f}x"
+              f"{naive / first['seconds']:8.2f}x {naive / second:8.2f}x {untiered:13.2f}"
               + (f"   (1st: kernels compiled in the background in {compiled:.2f} s)" if compiled else ""),
               flush=True)
     return 0

@@ -14,7 +14,9 @@ same call or a later one, switches to the kernels, and CUDA graphs are
 captured from then on (a module loaded during a capture would break it).
 
 Nothing changes on the CPU, with ``backend="torch"``, or under
-``TRITON_INTERPRET=1`` (nothing compiles there).
+``TRITON_INTERPRET=1`` (nothing compiles there). ``KRYPTON_FX_TIERED=0`` turns
+tiers off: each kernel then compiles at its first launch, as before
+(``bench/cold_start.py`` times both).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ __all__ = ["KernelTier", "jit_compiles"]
 
 
 def jit_compiles() -> bool:
-    """Whether Triton compiles kernels here (not under its interpreter)."""
-    return os.environ.get("TRITON_INTERPRET") != "1"
+    """Whether Triton compiles kernels here (not under its interpreter), and tiers are on."""
+    return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("KRYPTON_FX_TIERED", "1") != "0"
 
 
 class KernelTier:

@@ -147,9 +147,13 @@ def test_nothing_changes_where_no_kernel_compiles(tiers):
     assert not tiered.KernelTier("triton", torch.device("cpu")).ready  # where kernels do compile
 
 
-def test_the_interpreter_compiles_nothing():
+def test_the_interpreter_compiles_nothing_and_tiers_can_be_turned_off(monkeypatch):
     assert not tiered.jit_compiles()  # CI runs the kernels in the interpreter (conftest)
     assert tiered.KernelTier("triton", torch.device("cpu")).ready
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert tiered.jit_compiles()
+    monkeypatch.setenv("KRYPTON_FX_TIERED", "0")
+    assert not tiered.jit_compiles() and tiered.KernelTier("triton", torch.device("cpu")).ready
 
 
 # --- recording and compiling ahead ------------------------------------------------------
