@@ -47,8 +47,10 @@ class KernelTier:
     """
 
     def __init__(self, backend: str, device: torch.device):
-        self.device = device
         self.needed = jit_compiles() and ops.launches_kernels(backend, device)
+        if self.needed and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # the compile runs on another thread
+        self.device = device
         self.compiling: Optional[Future] = None
 
     @property
