@@ -93,6 +93,7 @@ def main(argv=None) -> int:
             ex = krypton_fx.compile(model, patch=args.patch, stride=args.stride, image_size=(size, size),
                                     batch_size=args.batch_size, device=device)
             ex(image)  # warm
+            krypton_fx.tiered.wait_for_kernels()  # (and the kernels compiled in the background)
             reset_peak_memory(device)
             if cuda:
                 torch.cuda.synchronize()

@@ -75,6 +75,7 @@ def main(argv=None) -> int:
         ex = krypton_fx.compile(model, patch=PATCH, stride=stride, color=0.0, image_size=(size, size),
                                 batch_size=BATCH, device=device)
         ex(images[0])  # warm-up (and the first call's traced-vs-eager check)
+        krypton_fx.tiered.wait_for_kernels()  # (and the kernels compiled in the background)
         krypton_fx.naive_occlusion(model, images[0], PATCH, stride, 0.0, batch_size=BATCH)
         best = {"naive": float("inf"), "loop": float("inf"), "many": float("inf")}
         for _ in range(args.rounds):

@@ -24,6 +24,7 @@ from .explainer import compile as compile_explainer
 from .ops import occlude_window
 from .passes.rewrite import channels_last
 from .report import conv_macs, theoretical_speedup
+from .tiered import wait_for_kernels
 from .tracing import eval_mode
 
 __all__ = ["Measurement", "measure", "reset_peak_memory", "peak_memory", "time_breakdown"]
@@ -134,6 +135,7 @@ def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_siz
         if warmup:
             run_naive(slice(0, batch_size))
             ex.run_positions(pos[:batch_size], stored, label, batch_size)
+            wait_for_kernels()  # time the kernels, not the torch ops that stand in while they compile
             _sync(device)
         reset_peak_memory(device)
         t0 = time.perf_counter()

@@ -22,7 +22,8 @@ tiers off: each kernel then compiles at its first launch, as before
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future
+import threading
+from concurrent.futures import Future, wait
 from typing import Optional, Sequence
 
 import torch
@@ -30,7 +31,19 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["KernelTier", "jit_compiles"]
+__all__ = ["KernelTier", "jit_compiles", "wait_for_kernels"]
+
+_in_flight: set[Future] = set()  # background compiles not yet ended
+_in_flight_lock = threading.Lock()
+
+
+def wait_for_kernels(timeout: Optional[float] = None) -> None:
+    """Block until every kernel compile started in the background has ended (or ``timeout``
+    seconds). Benchmarks call it before timing warm runs, which should time the kernels,
+    not the torch ops that stand in for them meanwhile."""
+    with _in_flight_lock:
+        pending = list(_in_flight)
+    wait(pending, timeout)
 
 
 def jit_compiles() -> bool:
@@ -70,4 +83,12 @@ class KernelTier:
             out = module(positions, *stored)
         from .triton_kernels import ahead
         self.compiling = ahead.compile_ahead(launches, self.device)
+        with _in_flight_lock:
+            _in_flight.add(self.compiling)
+        self.compiling.add_done_callback(_ended)
         return out
+
+
+def _ended(future: Future) -> None:
+    with _in_flight_lock:
+        _in_flight.discard(future)

@@ -9,6 +9,8 @@ import os
 
 if not os.environ.get("KRYPTON_TRITON_NATIVE"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # the kernels' tests launch the kernels from the first call (tests opt into tiers)
+    os.environ.setdefault("KRYPTON_FX_TIERED", "0")
 
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402

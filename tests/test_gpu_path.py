@@ -225,3 +225,33 @@ def test_half_precision_model_matches_naive_in_its_dtype(model_name, dtype, back
     assert got.heatmap.dtype == torch.float32 and got.label == want.label
     assert float(want.heatmap.max() - want.heatmap.min()) > 10 * tolerance
     torch.testing.assert_close(got.heatmap, want.heatmap, atol=tolerance, rtol=0)
+
+
+@pytest.mark.skipif(not NATIVE, reason="compiles real Triton kernels: KRYPTON_TRITON_NATIVE=1 on CUDA")
+def test_tiers_compile_ahead_every_kernel_the_map_launches(monkeypatch):
+    """Tiers on a GPU (tests/test_tiered.py checks the logic on the CPU): the first call
+    runs on the torch ops while the kernels compile in the background; once that compile
+    ends, a call launches only kernels it compiled (Triton's caches do not grow), and
+    its map equals the first."""
+    from krypton_fx.triton_kernels import gather, occlusion, projection
+
+    monkeypatch.setenv("KRYPTON_FX_TIERED", "1")  # (conftest turns tiers off for the other native tests)
+    model, size, patch, stride = _model("resnet18")
+    model = model.to(DEVICE)
+    image = torch.randn(3, *size, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    ex = krypton_fx.compile(model, patch=patch, stride=stride, image_size=size, backend="triton",
+                            cache=False)
+    first = ex(image)
+    tier = ex._build.tier
+    assert tier.needed and tier.compiling is not None
+    assert tier.compiling.result(timeout=300) > 0  # raises what stopped the compile, if anything
+    kernels = (gather._gather_window_kernel, occlusion._occlude_window_kernel,
+               projection._project_to_full_kernel)
+
+    def compiled() -> list[int]:
+        return [sum(len(caches[0]) for caches in k.device_caches.values()) for k in kernels]
+
+    before = compiled()
+    second = ex(image)
+    assert compiled() == before and sum(before) > 0
+    torch.testing.assert_close(second.heatmap, first.heatmap, atol=1e-5, rtol=0)

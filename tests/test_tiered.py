@@ -93,7 +93,13 @@ def test_a_fresh_build_runs_on_the_torch_ops_until_its_kernels_are_compiled(tier
     again = ex(IMAGE)  # still compiling: the torch ops again, and no second compile
     assert len(tiers.compiles) == 1 and tiers.launches == 0
 
+    waiting = threading.Thread(target=tiered.wait_for_kernels)
+    waiting.start()
+    waiting.join(timeout=0.2)
+    assert waiting.is_alive()  # wait_for_kernels blocks while the compile runs
     tiers.future.set_result(0.5)
+    waiting.join(timeout=10)
+    assert not waiting.is_alive() and not tiered._in_flight
     warm = ex(IMAGE)
     assert tiers.launches == 4 * _kernel_nodes(ex)  # every batch on the kernels
     assert torch.equal(first.heatmap, warm.heatmap) and torch.equal(again.heatmap, warm.heatmap)
