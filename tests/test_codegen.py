@@ -185,3 +185,49 @@ def test_a_recorded_launch_specialises_as_the_real_one(tmp_path):
     """, tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "4"
+
+
+def test_compile_ahead_compiles_what_the_launches_look_up(tmp_path):
+    """``compile_ahead`` through Triton's real ``warmup`` and ``AsyncCompileMode``, for
+    sm_90, with a stand-in CUDA driver (no GPU here): the launches one batch of a
+    ResNet18 recorded compile in the background, and then every one of them finds its
+    kernel in the JIT cache (looked up by Triton's own ``run``, which a launch shares:
+    a compile there would fail the check)."""
+    result = _run_compiled("""
+        import os, torch, torchvision
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime import driver
+
+        class StandInDriver:  # all a warmup asks of the CUDA driver
+            def get_current_device(self): return 0
+            def get_current_stream(self, device=None): return 0
+            def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        driver.set_active(StandInDriver())
+
+        import krypton_fx
+        from krypton_fx import ops
+        from krypton_fx.triton_kernels import ahead
+
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10).eval()
+        os.environ["TRITON_INTERPRET"] = "1"  # (compile() accepts backend="triton" on the CPU)
+        ex = krypton_fx.compile(model, patch=8, stride=8, image_size=(64, 64), backend="triton",
+                                batch_size=4, cache=False)
+        del os.environ["TRITON_INTERPRET"]
+        _, stored = ex.prepare(torch.randn(3, 64, 64))
+        launches = []
+        with torch.no_grad(), ops.torch_ops(record=launches):
+            ex.program.module(torch.arange(4), *stored)
+        assert ahead.compile_ahead(launches, torch.device("cpu")).result(timeout=600) > 0
+        kernels = {item.kernel for item in launches}
+        for kernel in kernels:
+            def no_compile(*args, **kwargs):
+                raise AssertionError("a launch compiled a kernel compile_ahead should have")
+            kernel._do_compile = no_compile
+        for item in launches:
+            assert item.kernel.warmup(*item.args, grid=item.grid, **item.kwargs) is not None
+        print(len(launches), len(kernels), sum(len(c[0]) for k in kernels for c in k.device_caches.values()))
+    """, tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    launches, kernels, compiled = map(int, result.stdout.split())
+    assert launches > kernels >= 2 and compiled >= kernels, result.stdout
