@@ -99,8 +99,10 @@ def main(argv=None) -> int:
         print(line, flush=True)
     lines.append("many/loop: explain_many's images per second over the per-image loop's (same explainer, "
                  "same maps, bit for bit); the issue's goal is >= 1.5x. Explainer.run_many, which "
-                 "explain_many calls per chunk, runs one image after the other today: packing the positions "
-                 "of several images into one batch would pay on a GPU, little on the CPU (work per position)")
+                 "explain_many calls per chunk, packs the positions of several images into one batch where "
+                 "batches have one size (CUDA graphs: krypton_fx/packing.py) and runs one image after the "
+                 "other elsewhere (on the CPU short batches round differently; packing would gain little "
+                 "there: the work is per position)")
     print(lines[-1])
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

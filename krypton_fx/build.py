@@ -72,7 +72,9 @@ class Build:
     bytes_per_position: int
     signature: tuple
     tier: KernelTier  # whether its batches run on the Triton kernels yet
+    spatial: dict[str, tuple[int, ...]]  # spatial shape of each stored node's map
     verified: bool = False
+    packed: Optional[IncrementalProgram] = None  # for several images a batch (packing.py), made once needed
 
 
 def check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:

@@ -136,13 +136,15 @@ def image_batch(image: Tensor, expect: Optional[tuple[int, ...]] = None,
     return image
 
 
-def scores(logits: Tensor, label: int, output: str) -> Tensor:
-    """What a heat map records for ``label``: its softmax probability or its logit (float32)."""
+def scores(logits: Tensor, label: Union[int, Tensor], output: str) -> Tensor:
+    """What a heat map records for ``label``: its softmax probability or its logit (float32).
+    ``label`` is one class, or a ``(N,)`` tensor of one class per row (on ``logits``' device)."""
     if logits.dim() != 2:
         raise ValueError(f"the model must return class scores of shape (N, classes), got {tuple(logits.shape)}")
-    if output == "prob":
-        return torch.softmax(logits.float(), dim=1)[:, label]
-    return logits[:, label].float()
+    values = torch.softmax(logits.float(), dim=1) if output == "prob" else logits
+    if isinstance(label, Tensor):
+        return values.gather(1, label[:, None])[:, 0].float()
+    return values[:, label].float()
 
 
 def label_index(label, classes: int) -> Optional[int]:

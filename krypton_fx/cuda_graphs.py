@@ -15,7 +15,19 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GraphedBatch"]
+__all__ = ["GraphedBatch", "padded"]
+
+
+def padded(run: Callable[[Tensor], Tensor], batch: int) -> Callable[[Tensor], Tensor]:
+    """``run`` on positions padded to ``batch`` rows (the last repeated), cut back: every
+    batch the size a captured graph runs, so a map's bits do not depend on whether its
+    batches ran eagerly or from the graph, nor on the rows beside it."""
+    def call(positions: Tensor) -> Tensor:
+        n = positions.shape[0]
+        if n == batch:
+            return run(positions)
+        return run(torch.cat([positions, positions[-1:].expand(batch - n)]))[:n]
+    return call
 
 
 class GraphedBatch:
@@ -40,7 +52,9 @@ class GraphedBatch:
                 module(self.positions, *self.stored)
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads' CUDA calls meanwhile (a worker on another device, a
+        # kernel compiled in the background) neither fail nor break this capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = module(self.positions, *self.stored)
 
     def load(self, stored: Sequence[Tensor]) -> None:

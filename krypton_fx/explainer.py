@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, fx, nn
 
-from . import common
+from . import common, packing
 from . import geometry as geo
 from .build import Build, Settings, bytes_per_position, check_backend, check_same_output
 from .common import IntOrTuple
@@ -62,7 +62,7 @@ class Explainer:
         self._starts = tuple(starts)
         self._lock = threading.RLock()
         self._graphs: dict = {}
-        self._graph_uses: dict[int, int] = {}
+        self._graph_uses: dict = {}  # batches run per (program, batch size), until captured
         self._batch_cap: Optional[int] = None  # the largest batch that fitted after running out of memory
         # Tracing fails fast, here; the rest of the compile (PatchProp, rewrite) runs on the
         # first image, whose run through the traced graph then also yields that image's
@@ -136,8 +136,9 @@ class Explainer:
         program.module.to(s.device)
         self._graphs.clear()
         self._graph_uses.clear()
+        spatial = {n.name: tuple(prop.shapes[n][2:]) for n in prop.stored}
         build = Build(gm, program, dtype, color, bytes_per_position(prop), signature,
-                      KernelTier(s.backend, s.device))
+                      KernelTier(s.backend, s.device), spatial)
         if image is None:
             return build, None
         by_name = {n.name: v for n, v in prop.stored.items()}
@@ -220,10 +221,13 @@ class Explainer:
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """Scores of ``label`` for the given occlusion position indices (any subset, any order)."""
         return self._run(positions, stored, batch_size, progress,
-                         lambda logits: common.scores(logits, label, self.output))
+                         lambda logits, _: common.scores(logits, label, self.output))
 
     def _run(self, positions: Tensor, stored: list[Tensor], batch_size: Optional[int], progress: bool,
-             keep: Callable[[Tensor], Tensor]) -> Tensor:
+             keep: Callable[[Tensor, Tensor], Tensor], module: Optional[fx.GraphModule] = None) -> Tensor:
+        """``keep(output, positions)`` of every batch of ``positions`` through ``module`` (the
+        incremental graph by default), concatenated on the CPU."""
+        module = module if module is not None else self.program.module
         batch = self._batch_for(batch_size)
         if not self.cuda_graphs:
             batch = min(batch, len(positions))  # a CUDA graph pads a short batch to its own size
@@ -239,9 +243,10 @@ class Explainer:
                     run, ready = None, True
                 try:
                     if run is None:  # (capturing a CUDA graph allocates too)
-                        run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch)) \
-                            if ready else functools.partial(tier.run, self.program.module, stored=stored)
-                    scores.append(keep(run(positions[lo:lo + batch])))
+                        run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch), module) \
+                            if ready else self._tier_runner(tier, module, stored, batch)
+                    chunk = positions[lo:lo + batch]
+                    scores.append(keep(run(chunk), chunk))
                 except (torch.OutOfMemoryError, RuntimeError) as e:
                     if not common.is_out_of_memory(e) or batch == 1:
                         raise
@@ -252,6 +257,14 @@ class Explainer:
                 lo += batch
         # One device-to-host copy at the end: no synchronisation per batch.
         return torch.cat(scores).cpu() if scores else torch.empty(0)
+
+    def _tier_runner(self, tier, module: fx.GraphModule, stored: list[Tensor], batch: int):
+        """Batches on the torch ops while the kernels compile (padded as a graph would be)."""
+        run = functools.partial(tier.run, module, stored=stored)
+        if not self.cuda_graphs:
+            return run
+        from .cuda_graphs import padded
+        return padded(run, batch)
 
     def _shrink_batch(self, batch: int, error: BaseException) -> int:
         """Halve the batch after it ran out of memory; later calls start from the smaller one."""
@@ -269,32 +282,32 @@ class Explainer:
                     progress: bool = False) -> Tensor:
         """The model's whole output (every class, before any softmax) for the given positions,
         float32 on the CPU: what MONAI's occlusion sensitivity averages."""
-        return self._run(positions, stored, batch_size, progress, lambda logits: logits.float())
+        return self._run(positions, stored, batch_size, progress, lambda logits, _: logits.float())
 
-    def _batch_runner(self, batch: int, stored: list[Tensor], batches: int) -> Callable[[Tensor], Tensor]:
+    def _batch_runner(self, batch: int, stored: list[Tensor], batches: int,
+                      module: fx.GraphModule) -> Callable[[Tensor], Tensor]:
         """The incremental graph for this batch size: CUDA-graph replay where it pays.
 
         Capturing costs a few eager runs of the graph: a graph is captured
         once this batch size has run :data:`CAPTURE_AFTER` batches in this
         process (this call's included), and then kept, one per batch size in
         use (a short batch is padded to its graph's size, never captured
-        anew). Until then batches run eagerly.
+        anew). Until then batches run eagerly, padded to the same size.
         """
-        module = self.program.module
         if not self.cuda_graphs:
             return lambda pos: module(pos, *stored)
-        from .cuda_graphs import GraphedBatch
+        from .cuda_graphs import GraphedBatch, padded
         # A graph holds raw pointers: capture again if parameters were replaced
-        # (model.to(...), say) since it was captured.
+        # (model.to(...), say) since it was captured. One set of graphs per program.
         pointers = tuple(t.data_ptr() for t in module.state_dict().values())
-        for key in [k for k in self._graphs if k[1] != pointers]:
+        for key in [k for k in self._graphs if k[0] is module and k[2] != pointers]:
             del self._graphs[key]
-        runner = self._graphs.get((batch, pointers))
+        runner = self._graphs.get((module, batch, pointers))
         if runner is None:
-            uses = self._graph_uses[batch] = self._graph_uses.get(batch, 0) + batches
+            uses = self._graph_uses[(module, batch)] = self._graph_uses.get((module, batch), 0) + batches
             if uses < CAPTURE_AFTER:
-                return lambda pos: module(pos, *stored)
-            runner = self._graphs[(batch, pointers)] = GraphedBatch(module, batch, stored)
+                return padded(lambda pos: module(pos, *stored), batch)
+            runner = self._graphs[(module, batch, pointers)] = GraphedBatch(module, batch, stored)
         runner.load(stored)
         return runner
 
@@ -335,7 +348,8 @@ class Explainer:
         each image runs on its own, because a batched pass rounds each image
         differently depending on its neighbours, and a map must not depend on
         which other images came with it (a resumed or distributed run writes
-        the same files as one uninterrupted process).
+        the same files as one uninterrupted process). With CUDA graphs, images
+        with fewer positions than a batch share batches (:mod:`krypton_fx.packing`).
 
         Args:
             images: ``(N, C, *spatial)``.
@@ -349,6 +363,10 @@ class Explainer:
         labels = list(labels) if labels is not None else [None] * len(images)
         if len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images: give one per image (or None)")
+        batch = self._batch_for(batch_size)
+        if packing.packs(self, len(images), batch):
+            with self._lock:
+                return packing.run_packed(self, images, labels, batch)
         return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]
 
     def report(self) -> str:

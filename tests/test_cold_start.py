@@ -89,9 +89,11 @@ class _FakeGraph:
 
     def __init__(self, module, batch, stored):
         self.module, self.batch = module, batch
+        self.shapes = [s.shape for s in stored]  # a real graph's static buffers
         _FakeGraph.captured.append(batch)
 
     def load(self, stored):
+        assert [s.shape for s in stored] == self.shapes, "stored inputs of another shape than captured"
         self.stored = stored
 
     def __call__(self, positions):

@@ -15,7 +15,9 @@ model output for each occluded image of the batch::
 
 Per-position geometry lives in int64 tables (one row per occlusion position)
 that the graph indexes with ``positions``: no Python loop over positions and
-no host synchronisation.
+no host synchronisation. A *packed* program (``packing=``) runs the positions
+of several images per batch: the stored maps of the images are stacked along
+the first spatial axis and each row's window start moves to its own image.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
-from torch.profiler import record_function
 
 from ..ops import gather_window, occlude_window, project_to_full
 from ..registry import Kind
+from .graph_fns import color_patch, is_pointwise_3d, offset_first_axis, pointwise_conv, sum_pool, whole_map_table
 from .patch_prop import DENSE, META_KEY, PATCHED, PatchInfo, Read
 
-__all__ = ["StoredSpec", "PatchFill", "IncrementalProgram", "rewrite", "build_capture_module"]
+__all__ = ["StoredSpec", "PatchFill", "Packing", "IncrementalProgram", "rewrite", "build_capture_module"]
 
 
 def channels_last(ndim: int) -> torch.memory_format:
@@ -142,11 +144,18 @@ def build_capture_module(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.GraphMo
     return fx.GraphModule(gm, graph, class_name="KryptonCapture")
 
 
-@fx.wrap
-def color_patch(color: Tensor, positions: Tensor, patch: tuple[int, ...]) -> Tensor:
-    """The occlusion patch itself, ``(B, C, *patch)``, for point ops on the image."""
-    c = color.shape[0]
-    return color.view(1, c, *(1,) * len(patch)).expand(positions.shape[0], c, *patch)
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """A program over the positions of several images at once (see ``rewrite``'s ``packing``).
+
+    Attributes:
+        positions: positions per image, P: row ``r`` of a batch is position
+            ``r % P`` of image ``r // P``.
+        spatial: spatial shape of each stored node's map for one image, by node name.
+    """
+
+    positions: int
+    spatial: dict[str, tuple[int, ...]]
 
 
 _VIEW_TO_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
@@ -155,44 +164,6 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _POOL_3D = (nn.AvgPool3d, nn.MaxPool3d, F.avg_pool3d, F.max_pool3d)
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
-
-
-@fx.wrap
-def pointwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: tuple[int, ...]) -> Tensor:
-    """A 1x1x1 convolution (no padding, no groups) as a matrix product over channels.
-
-    PyTorch's CPU backend runs 1x1x1 ``conv3d`` through its slow im2col path
-    (and copies a channels-last input first); on a channels-last map the same
-    sum is one GEMM whose output is channels-last again, with no copy.
-    """
-    if any(s != 1 for s in stride):
-        x = x[(slice(None), slice(None), *(slice(None, None, s) for s in stride))]
-    with record_function("krypton::pointwise_conv"):
-        # The graph keeps maps channels-last (a no-op then): the GEMM's output is channels-last too.
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-        return F.linear(x.movedim(1, -1), weight.flatten(1), bias).movedim(-1, 1)
-
-
-def _is_pointwise_3d(weight_shape, stride, padding, dilation, groups) -> bool:
-    """A 3-D conv that :func:`pointwise_conv` computes: kernel 1, no padding, one group."""
-    return (len(weight_shape) == 5 and all(k == 1 for k in weight_shape[2:]) and groups == 1
-            and all(p == 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,))))
-
-
-@fx.wrap
-def sum_pool(window: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
-    """Sum over each pooling window (no padding): an average pool with divisor 1.
-
-    ``avg_pool1d`` has no ``divisor_override``: one spatial axis is pooled as a
-    map one row high.
-    """
-    if len(kernel) == 1:
-        return F.avg_pool2d(window.unsqueeze(2), (1, *kernel), (1, *stride), 0, False, True, 1).squeeze(2)
-    pool = F.avg_pool3d if len(kernel) == 3 else F.avg_pool2d
-    return pool(window, kernel, stride, 0, False, True, 1)
-
-
-
 
 
 def _reads_own_box(read: Read) -> bool:
@@ -213,10 +184,12 @@ def _pad_for(read: Read) -> tuple[tuple[int, int], ...]:
 class _Emitter:
     """Builds the incremental graph node by node (env-dict style, as in fx's own transforms)."""
 
-    def __init__(self, gm: fx.GraphModule, backend: str, color: Tensor, fill: PatchFill):
+    def __init__(self, gm: fx.GraphModule, backend: str, color: Tensor, fill: PatchFill,
+                 packing: Optional[Packing] = None):
         self.gm = gm
         self.backend = backend
         self.fill = fill
+        self.packing = packing
         self.graph = fx.Graph()
         self.tables = nn.Module()
         self.tables.register_buffer("color", color.detach().clone())
@@ -257,9 +230,15 @@ class _Emitter:
             self.stored_nodes.append(key[0])
         self.positions = self.graph.placeholder("positions")
         self._stored_ph = [self.graph.placeholder(f"stored_{i}_{s.node}") for i, s in enumerate(self.stored)]
+        # A row's position in the per-position tables, and (packed) its image.
+        self._index, self._image = self.positions, None
+        if self.packing is not None:
+            count = self.packing.positions
+            self._image = self.graph.call_function(operator.floordiv, (self.positions, count))
+            self._index = self.graph.call_function(operator.mod, (self.positions, count))
         if self.fill.scaled:
             scale = self.graph.placeholder("occlusion_scale")
-            self._fill_inputs["scale"] = self.graph.call_function(operator.getitem, (scale, self.positions))
+            self._fill_inputs["scale"] = self.graph.call_function(operator.getitem, (scale, self._index))
         if self.fill.image_color:
             self._fill_inputs["color"] = self.graph.placeholder("occlusion_color")
 
@@ -279,13 +258,23 @@ class _Emitter:
             kwargs["scale"] = self._fill_inputs["scale"]
         return self.graph.call_function(occlude_window, (stored, self._color(), table, window, patch), kwargs)
 
-    def _table(self, values: Tensor) -> fx.Node:
-        """Register a per-position int64 table and index it with this batch's positions."""
+    def _table(self, values: Tensor, stored: Optional[int] = None) -> fx.Node:
+        """Register a per-position int64 table and index it with this batch's positions; a
+        packed program moves the window of a read of stored input ``stored`` to the row's image."""
         name = f"table_{self._n_tables}"
         self._n_tables += 1
         self.tables.register_buffer(name, values.contiguous())
         attr = self.graph.get_attr(f"krypton_tables.{name}")
-        return self.graph.call_function(operator.getitem, (attr, self.positions))
+        table = self.graph.call_function(operator.getitem, (attr, self._index))
+        if self._image is None or stored is None:
+            return table
+        return self.graph.call_function(offset_first_axis, (table, self._image, self._extent(stored)))
+
+    def _extent(self, stored: int) -> int:
+        """First spatial extent of one image's (padded) map of stored input ``stored``."""
+        spec = self.stored[stored]
+        before, after = spec.pad[0]
+        return self.packing.spatial[spec.node][0] + before + after
 
     # --- reads ---------------------------------------------------------------
 
@@ -320,13 +309,18 @@ class _Emitter:
         starts = [s + before for s, (before, _) in zip(w.starts, spec.pad)]
         window = w.sizes
         if read.node is self.source:
-            table = self._table(torch.stack(starts + offsets, 1))
+            table = self._table(torch.stack(starts + offsets, 1), index)
             return self._occlude(stored, table, window, info.box.sizes)
         if patched and read.is_projection and not any(a or b for a, b in spec.pad):
             table = self._table(torch.stack(offsets, 1))
+            if self._image is not None:  # each row's own image's whole map, with its patch
+                table = self.graph.call_function(whole_map_table, (table, self._image, self._extent(index)))
+                return self.graph.call_function(
+                    gather_window, (stored, self.env[read.node], table, self.packing.spatial[spec.node]),
+                    {"backend": self.backend})
             return self.graph.call_function(project_to_full, (stored, self.env[read.node], table),
                                             {"backend": self.backend})
-        table = self._table(torch.stack(starts + offsets, 1))
+        table = self._table(torch.stack(starts + offsets, 1), index)
         patch = self.env[read.node] if patched else None
         return self.graph.call_function(gather_window, (stored, patch, table, window),
                                         {"backend": self.backend})
@@ -342,7 +336,7 @@ class _Emitter:
                 index = self._stored_index[(n, 0.0)]
                 pad = self.stored[index].pad
                 starts = [s + before for s, (before, _) in zip(info.box.starts, pad)]
-                table = self._table(torch.stack(starts + [torch.zeros_like(s) for s in starts], 1))
+                table = self._table(torch.stack(starts + [torch.zeros_like(s) for s in starts], 1), index)
                 self.env[n] = self._occlude(self._stored_ph[index], table, info.box.sizes, info.box.sizes)
             elif info.state is PATCHED:
                 self.env[n] = self.graph.call_function(color_patch, (self._color(), self.positions,
@@ -361,7 +355,7 @@ class _Emitter:
             # Batched conv, but on the channels-last weight copy (see _conv_params).
             weight, bias = self._conv_params(n)
             args = fx.map_arg(n.args, lookup)
-            if _is_pointwise_3d(mod.weight.shape, mod.stride, mod.padding, mod.dilation, mod.groups):
+            if is_pointwise_3d(mod.weight.shape, mod.stride, mod.padding, mod.dilation, mod.groups):
                 self.env[n] = self.graph.call_function(pointwise_conv, (args[0], weight, bias, mod.stride))
             else:
                 self.env[n] = self.graph.call_function(
@@ -449,7 +443,7 @@ class _Emitter:
 
 
 def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] = None,
-            fill: Optional[PatchFill] = None) -> IncrementalProgram:
+            fill: Optional[PatchFill] = None, packing: Optional[Packing] = None) -> IncrementalProgram:
     """Emit the incremental program of a PatchProp-annotated graph.
 
     Args:
@@ -457,6 +451,11 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` for the gather nodes.
         color: ``(C,)`` occlusion colour in the model's input space.
         fill: what the patch holds beyond a colour (:class:`PatchFill`).
+        packing: emit a program over several images at once: its ``positions`` are
+            ``image * P + position``, and each stored input holds the images' maps
+            stacked along the first spatial axis (``torch.cat(maps, 2)``). Each row
+            reads its own image's windows; the values are those of one image's program.
+            Not with per-image fill inputs (``fill.scaled``, ``fill.image_color``).
 
     Returns:
         An :class:`IncrementalProgram`.
@@ -464,7 +463,9 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
     if color is None:
         raise ValueError("rewrite needs the occlusion colour")
     fill = fill or NO_FILL
-    emitter = _Emitter(gm, backend, color, fill)
+    if packing is not None and (fill.scaled or fill.image_color):
+        raise ValueError("a packed program takes no per-image fill inputs (fill.scaled, fill.image_color)")
+    emitter = _Emitter(gm, backend, color, fill, packing)
     emitter.plan_stored()
     for n in gm.graph.nodes:
         emitter.emit(n)

@@ -4,10 +4,10 @@ One compile serves every image of the same size (and patch colour): the
 stream is cut into *chunks* of consecutive same-size images, and each chunk
 goes through one internal function, :func:`explain_chunk` (compile once per
 size, prepare each image, run the positions) through the explainer's
-``run_many``. Today that runs one image after the other (bit-for-bit equal
-to one call per image); an explainer whose ``run_many`` packs the positions
-of several images into shared batches (so that small images and strided
-maps still fill the GPU) needs no change here or in the callers.
+``run_many``, which with CUDA graphs packs the positions of several images
+into shared batches (so that small images and strided maps still fill the
+GPU; :mod:`krypton_fx.packing`), and otherwise runs one image after the
+other; both bit-for-bit equal to one call per image.
 """
 
 from __future__ import annotations
@@ -100,8 +100,9 @@ def explain_chunk(explainer: Explainer, images: Sequence[Tensor], labels: Sequen
     is one ``Explainer.__call__``. Drill-down always runs per image.
     """
     run_many = getattr(explainer, "run_many", None)
-    # An explainer's first run checks the traced graph against the model and, on CUDA, captures its
-    # CUDA graphs: alone, as a capture must not overlap other threads' GPU work.
+    # An explainer's first run traces and checks the traced graph against the model: alone, as
+    # tracing patches torch.nn.Module.__call__ process-wide. (CUDA graphs, captured later, capture
+    # in thread_local mode: other threads' GPU work does not disturb them.)
     first = explainer not in _WARM
     with _GUARD.trace() if first else _GUARD.run():
         _WARM.add(explainer)

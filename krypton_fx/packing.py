@@ -1,0 +1,118 @@
+"""Several images' positions in one batch (``Explainer.run_many``).
+
+An image with fewer positions than a batch (a small image, a strided map) fills
+only part of one; on a GPU the rest of the device idles, and every batch pays
+the graph's fixed cost. A *packed* program (``rewrite(..., packing=)``) runs
+the positions of G images together: row ``r`` of a batch is position ``r % P``
+of image ``r // P``, and each stored activation holds the G images' maps
+stacked along the first spatial axis, so every gather reads its own image's
+window by adding ``image * extent`` to the window's start. The kernels do not
+change.
+
+Exact, and the same bits as one call per image: each image's unoccluded pass
+still runs alone (a batched one rounds differently), and with CUDA graphs every
+batch has the graph's size (short ones padded, captured or not), so a row's
+result depends only on that row's inputs, never on which rows share its batch.
+Without graphs a short batch keeps its own size, and the libraries pick their
+algorithms by batch size (oneDNN on the CPU rounds batches of fewer than 16 rows
+differently): there, and with per-image fill inputs (MONAI's ``mean_patch`` and
+``mean_img``), ``run_many`` runs one image at a time. ``tests/test_many.py``
+checks the packed maps bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import common
+from .passes.rewrite import IncrementalProgram, Packing, channels_last, rewrite
+from .results import OcclusionResult, RunStats
+
+if TYPE_CHECKING:
+    from .explainer import Explainer
+
+__all__ = ["packs", "run_packed"]
+
+# Memory for the stacked stored activations of one pack.
+_CPU_BUDGET = 512 << 20
+_CUDA_BUDGET = 4 << 30
+
+
+def packs(ex: Explainer, images: int, batch: int) -> bool:
+    """Whether ``images`` images share batches: several, each with fewer positions than a
+    batch, no per-image fill inputs, and batches of one fixed size (CUDA graphs; see the
+    module's docstring)."""
+    fill = ex.settings.fill
+    return (ex.cuda_graphs and images > 1 and ex.positions < batch
+            and not (fill.scaled or fill.image_color))
+
+
+def _images_per_pack(ex: Explainer, images: int, batch: int, stored: Sequence[Tensor]) -> int:
+    """Enough images to fill ``batch`` rows with positions (at most ``batch``), within the
+    memory budget of their stacked stored activations (``stored``: one image's)."""
+    per_image = sum(t.numel() * t.element_size() for t in stored)
+    budget = _CPU_BUDGET
+    if ex.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(ex.device)
+        budget = min(_CUDA_BUDGET, free // 8)
+    return max(1, min(images, batch, budget // max(1, per_image)))
+
+
+def packed_program(ex: Explainer) -> IncrementalProgram:
+    """The explainer's packed program for its current build (made once)."""
+    build = ex._current()
+    if build.packed is None:
+        s = ex.settings
+        build.packed = rewrite(build.graph_module, backend=s.backend, color=build.color, fill=s.fill,
+                               packing=Packing(ex.positions, build.spatial))
+        build.packed.module.to(s.device)
+    return build.packed
+
+
+def run_packed(ex: Explainer, images: Tensor, labels: Sequence[Optional[int]],
+               batch: int) -> list[OcclusionResult]:
+    """Heat maps of ``images`` (``(N, C, *spatial)``), several images per batch."""
+    results: list[OcclusionResult] = []
+    group, prepared = None, []
+    for lo in range(len(images)):
+        if not prepared:
+            start = time.perf_counter()
+        prepared.append(ex.prepare(images[lo]))  # each image's unoccluded pass alone
+        if group is None:
+            group = _images_per_pack(ex, len(images), batch, prepared[0][1])
+        if len(prepared) == group or lo == len(images) - 1:
+            results += _run_pack(ex, prepared, labels[len(results):len(results) + len(prepared)], batch, group,
+                                 start)
+            prepared = []
+    return results
+
+
+def _run_pack(ex: Explainer, prepared: list, labels: Sequence[Optional[int]], batch: int, group: int,
+              start: float) -> list[OcclusionResult]:
+    picked, bases = [], []
+    for (logits, _), label in zip(prepared, labels):
+        label = common.label_index(label, logits.shape[-1])
+        picked.append(int(logits.argmax(1)) if label is None else label)
+        bases.append(float(common.scores(logits, picked[-1], ex.output)))
+    # Each stored map stacked along the first spatial axis; a short pack is padded to
+    # `group` images (the same shapes for every pack: a CUDA graph is captured once).
+    stacks = []
+    for i in range(len(prepared[0][1])):
+        maps = [stored[i] for _, stored in prepared]
+        maps += [maps[-1]] * (group - len(maps))
+        stacks.append(torch.cat(maps, 2).contiguous(memory_format=channels_last(maps[0].dim() - 2)))
+    count = ex.positions
+    row_labels = torch.tensor(picked).repeat_interleave(count).to(ex.device)
+    program = packed_program(ex)
+    program.refresh_weights()
+    scores = ex._run(torch.arange(len(prepared) * count), stacks, batch, False,
+                     lambda logits, rows: common.scores(logits, row_labels[rows], ex.output),
+                     module=program.module)
+    seconds = (time.perf_counter() - start) / len(prepared)
+    return [OcclusionResult(scores[k * count:(k + 1) * count].view(ex.grid), label, base, ex.stride, ex.patch,
+                            ex.output, RunStats(count, batch, seconds=seconds))
+            for k, (label, base) in enumerate(zip(picked, bases))]

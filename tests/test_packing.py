@@ -1,0 +1,128 @@
+"""Several images' positions in one batch (issue 15): a packed program reads each row's
+own image out of maps stacked along the first spatial axis, and ``run_many`` gives one
+call's maps bit for bit wherever batches have one fixed size (CUDA graphs)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from strategies import dag_model
+from test_cold_start import _FakeGraph
+from torch import nn
+
+import krypton_fx
+from krypton_fx import explainer as explainer_module
+from krypton_fx import packing
+from krypton_fx.passes.rewrite import Packing, PatchFill, channels_last, rewrite
+
+
+def _conv_net(axes: int) -> nn.Module:
+    """Conv, pool, conv and a global pool (a projection) over 1 or 3 spatial axes."""
+    conv, pool = {1: (nn.Conv1d, nn.MaxPool1d), 3: (nn.Conv3d, nn.MaxPool3d)}[axes]
+    torch.manual_seed(0)
+    return nn.Sequential(conv(2, 4, 3, padding=1), nn.ReLU(), pool(2), conv(4, 4, 3, padding=1),
+                         nn.Flatten(2), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+CASES = {  # model, channels, image size, patch, stride
+    "dag": (dag_model, 3, (21, 19), (5, 4), (4, 3)),
+    "resnet18": (lambda: _seeded(lambda: __import__("torchvision").models.resnet18(num_classes=4)), 3,
+                 (32, 32), 8, 8),
+    "signal": (lambda: _conv_net(1), 2, (40,), 6, 5),
+    "volume": (lambda: _conv_net(3), 2, (10, 9, 8), 4, 3),
+}
+
+
+def _seeded(make):
+    torch.manual_seed(0)
+    return make().eval()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_packed_program_reads_each_rows_own_image(case):
+    make, channels, size, patch, stride = CASES[case]
+    ex = krypton_fx.compile(make(), patch=patch, stride=stride, image_size=size, channels=channels,
+                            cache=False)
+    images = torch.randn(3, channels, *size, generator=torch.Generator().manual_seed(1))
+    stored = [ex.prepare(x)[1] for x in images]
+    build, count = ex._current(), ex.positions
+    program = rewrite(build.graph_module, color=build.color, packing=Packing(count, build.spatial))
+    stacks = [torch.cat([s[i] for s in stored], 2).contiguous(memory_format=channels_last(len(size)))
+              for i in range(len(stored[0]))]
+    rows = torch.randperm(3 * count, generator=torch.Generator().manual_seed(2))  # images interleaved
+    packed = program.module(rows, *stacks)
+    for k in range(3):  # each image's rows, at the same batch size, through the plain program
+        mine = rows // count == k
+        positions = torch.where(mine, rows % count, rows[mine][0] % count)
+        alone = ex.program.module(positions, *stored[k])[mine]
+        assert torch.equal(packed[mine], alone), case
+
+
+def test_a_packed_program_takes_no_per_image_fill_inputs():
+    ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False)
+    ex.prepare(torch.zeros(3, 21, 19))
+    build = ex._current()
+    with pytest.raises(ValueError, match="per-image fill inputs"):
+        rewrite(build.graph_module, color=build.color, fill=PatchFill(scaled=True),
+                packing=Packing(ex.positions, build.spatial))
+
+
+@pytest.fixture
+def graphed(monkeypatch):
+    """A DAG explainer whose batches run at one size, as with CUDA graphs (a stand-in)."""
+    import krypton_fx.cuda_graphs
+
+    monkeypatch.setattr(krypton_fx.cuda_graphs, "GraphedBatch", _FakeGraph)
+    _FakeGraph.captured = []
+    ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False,
+                            batch_size=64)  # 30 positions an image
+    ex.settings = dataclasses.replace(ex.settings, cuda_graphs=True)
+    return ex
+
+
+IMAGES = torch.randn(5, 3, 21, 19, generator=torch.Generator().manual_seed(3))
+LABELS = [None, 1, None, 0, 2]
+
+
+def test_run_many_packs_images_and_gives_one_calls_maps_bit_for_bit(graphed, monkeypatch):
+    ex = graphed
+    monkeypatch.setattr(explainer_module, "CAPTURE_AFTER", 2)  # captured from the second pack on
+    # A budget of two images' stored maps a pack: packs of 2, 2 and a short 1 (padded).
+    one_image = sum(t.numel() * t.element_size() for t in ex.prepare(IMAGES[0])[1])
+    monkeypatch.setattr(packing, "_CPU_BUDGET", 2 * one_image + 1)
+    seen = []
+    real_run_pack = packing._run_pack
+    monkeypatch.setattr(packing, "_run_pack", lambda ex, prepared, *a: seen.append(len(prepared))
+                        or real_run_pack(ex, prepared, *a))
+    many = ex.run_many(IMAGES, LABELS)
+    assert seen == [2, 2, 1] and ex._build.packed is not None
+    for x, label, got in zip(IMAGES, LABELS, many):
+        want = ex(x, label=label)
+        assert (got.label, got.base_prob) == (want.label, want.base_prob)
+        assert torch.equal(got.heatmap, want.heatmap)
+    naive = krypton_fx.naive_occlusion(ex.model, IMAGES[1], (5, 4), (4, 3), label=1)
+    torch.testing.assert_close(many[1].heatmap, naive.heatmap, atol=1e-5, rtol=0)
+    # captured once for the packed program: the short last pack kept the stacks' shapes
+    packed = ex._build.packed.module
+    assert [key[1] for key in ex._graphs if key[0] is packed] == [64]
+
+
+def test_without_fixed_size_batches_run_many_goes_one_image_at_a_time():
+    ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False,
+                            batch_size=64)
+    many = ex.run_many(IMAGES[:3])
+    assert ex._build.packed is None
+    assert all(torch.equal(m.heatmap, ex(x).heatmap) for m, x in zip(many, IMAGES[:3]))
+
+
+def test_with_graphs_every_batch_runs_at_the_graphs_size(graphed, monkeypatch):
+    """Before a capture too, a short batch is padded: the same rounding either way."""
+    monkeypatch.setattr(explainer_module, "CAPTURE_AFTER", 1000)  # never captured here
+    sizes = []
+    graphed.program.module.register_forward_pre_hook(lambda mod, args: sizes.append(len(args[0])))
+    res = graphed(IMAGES[0], batch_size=8)  # 30 positions: 8, 8, 8 and 6 padded to 8
+    assert sizes == [8, 8, 8, 8] and _FakeGraph.captured == []
+    torch.testing.assert_close(res.heatmap, krypton_fx.naive_occlusion(
+        graphed.model, IMAGES[0], (5, 4), (4, 3)).heatmap, atol=1e-5, rtol=0)
