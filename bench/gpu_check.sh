@@ -11,7 +11,8 @@
 #      (speedup vs theory, peak memory vs naive, exactness),
 #   2. bench/monai.py: krypton_fx.monai.OcclusionSensitivity vs MONAI's at 96^3
 #      (gaussian, mask 16, overlap 0.5, n_batch 32; skipped without monai),
-#   3. bench/cold_start.py: one image, cold, in fresh processes, against naive,
+#   3. bench/cold_start.py: one image, cold, in fresh processes, against naive, with
+#      tiers and without (KRYPTON_FX_TIERED=0),
 #   4. bench/captum.py at the setting (4 images of 224, window 16,
 #      stride 8, perturbations_per_eval=128), cold and warm, against Captum
 #      (skipped without captum),
@@ -46,7 +47,9 @@ SPEED_TIMEOUT=${SPEED_TIMEOUT:-80}
 CAPTUM_TIMEOUT=${CAPTUM_TIMEOUT:-90}
 VOLUMES_TIMEOUT=${VOLUMES_TIMEOUT:-70}
 MONAI_TIMEOUT=${MONAI_TIMEOUT:-80}
-COLD_TIMEOUT=${COLD_TIMEOUT:-100}
+# 3 models x 3 fresh processes (krypton_fx with tiers, naive, krypton_fx without tiers); it
+# timed out at 100 s on an H200 with 3 processes a model.
+COLD_TIMEOUT=${COLD_TIMEOUT:-150}
 HIGHRES_TIMEOUT=${HIGHRES_TIMEOUT:-60}
 # The interpreter runs many small row-tile programs: about 135 s on 2 cores.
 CPU_TESTS_TIMEOUT=${CPU_TESTS_TIMEOUT:-300}
@@ -110,7 +113,7 @@ else
 fi
 # One image, cold, in fresh processes: compile + map against the naive map.
 run_step cold-start "$COLD_TIMEOUT" \
-    env -u TRITON_INTERPRET "$PYTHON" bench/cold_start.py --device cuda \
+    env -u TRITON_INTERPRET "$PYTHON" bench/cold_start.py --device cuda --no-second \
     || echo "bench/cold_start.py failed (see above); continuing"
 if "$PYTHON" -c "import captum" >/dev/null 2>&1; then
     run_step captum "$CAPTUM_TIMEOUT" \
