@@ -243,8 +243,8 @@ class Explainer:
                     run, ready = None, True
                 try:
                     if run is None:  # (capturing a CUDA graph allocates too)
-                        run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch), module) \
-                            if ready else self._tier_runner(tier, module, stored, batch)
+                        run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch), module,
+                                                 None if ready else tier)
                     chunk = positions[lo:lo + batch]
                     scores.append(keep(run(chunk), chunk))
                 except (torch.OutOfMemoryError, RuntimeError) as e:
@@ -257,14 +257,6 @@ class Explainer:
                 lo += batch
         # One device-to-host copy at the end: no synchronisation per batch.
         return torch.cat(scores).cpu() if scores else torch.empty(0)
-
-    def _tier_runner(self, tier, module: fx.GraphModule, stored: list[Tensor], batch: int):
-        """Batches on the torch ops while the kernels compile (padded as a graph would be)."""
-        run = functools.partial(tier.run, module, stored=stored)
-        if not self.cuda_graphs:
-            return run
-        from .cuda_graphs import padded
-        return padded(run, batch)
 
     def _shrink_batch(self, batch: int, error: BaseException) -> int:
         """Halve the batch after it ran out of memory; later calls start from the smaller one."""
@@ -284,19 +276,27 @@ class Explainer:
         float32 on the CPU: what MONAI's occlusion sensitivity averages."""
         return self._run(positions, stored, batch_size, progress, lambda logits, _: logits.float())
 
-    def _batch_runner(self, batch: int, stored: list[Tensor], batches: int,
-                      module: fx.GraphModule) -> Callable[[Tensor], Tensor]:
+    def _batch_runner(self, batch: int, stored: list[Tensor], batches: int, module: fx.GraphModule,
+                      compiling: Optional[KernelTier] = None) -> Callable[[Tensor], Tensor]:
         """The incremental graph for this batch size: CUDA-graph replay where it pays.
 
         Capturing costs a few eager runs of the graph: a graph is captured
         once this batch size has run :data:`CAPTURE_AFTER` batches in this
         process (this call's included), and then kept, one per batch size in
         use (a short batch is padded to its graph's size, never captured
-        anew). Until then batches run eagerly, padded to the same size.
+        anew). Until then batches run eagerly, padded to the same size. While
+        the build's kernels still compile (``compiling``: its tier), batches run
+        on the torch ops (:mod:`krypton_fx.tiered`) and nothing is captured.
         """
+        if compiling is not None:
+            eager = functools.partial(compiling.run, module, stored=stored)
+        else:
+            eager = lambda pos: module(pos, *stored)  # noqa: E731
         if not self.cuda_graphs:
-            return lambda pos: module(pos, *stored)
+            return eager
         from .cuda_graphs import GraphedBatch, padded
+        if compiling is not None:
+            return padded(eager, batch)
         # A graph holds raw pointers: capture again if parameters were replaced
         # (model.to(...), say) since it was captured. One set of graphs per program.
         pointers = tuple(t.data_ptr() for t in module.state_dict().values())
@@ -306,7 +306,7 @@ class Explainer:
         if runner is None:
             uses = self._graph_uses[(module, batch)] = self._graph_uses.get((module, batch), 0) + batches
             if uses < CAPTURE_AFTER:
-                return padded(lambda pos: module(pos, *stored), batch)
+                return padded(eager, batch)
             runner = self._graphs[(module, batch, pointers)] = GraphedBatch(module, batch, stored)
         runner.load(stored)
         return runner
@@ -363,8 +363,8 @@ class Explainer:
         labels = list(labels) if labels is not None else [None] * len(images)
         if len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images: give one per image (or None)")
-        batch = self._batch_for(batch_size)
-        if packing.packs(self, len(images), batch):
+        batch = packing.pack_batch(self, len(images), batch_size)
+        if batch is not None:
             with self._lock:
                 return packing.run_packed(self, images, labels, batch)
         return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]

@@ -35,20 +35,24 @@ from .results import OcclusionResult, RunStats
 if TYPE_CHECKING:
     from .explainer import Explainer
 
-__all__ = ["packs", "run_packed"]
+__all__ = ["pack_batch", "run_packed"]
 
 # Memory for the stacked stored activations of one pack.
 _CPU_BUDGET = 512 << 20
 _CUDA_BUDGET = 4 << 30
 
 
-def packs(ex: Explainer, images: int, batch: int) -> bool:
-    """Whether ``images`` images share batches: several, each with fewer positions than a
-    batch, no per-image fill inputs, and batches of one fixed size (CUDA graphs; see the
-    module's docstring)."""
+def pack_batch(ex: Explainer, images: int, batch_size: Optional[int]) -> Optional[int]:
+    """The batch ``images`` images share, or None where they run one at a time: they pack
+    when there are several, with batches of one fixed size (CUDA graphs; see the module's
+    docstring), no per-image fill inputs, and fewer positions an image than a batch. The
+    cheap conditions come first: the batch needs the build (a compile on a blank image
+    where there is none yet)."""
     fill = ex.settings.fill
-    return (ex.cuda_graphs and images > 1 and ex.positions < batch
-            and not (fill.scaled or fill.image_color))
+    if not ex.cuda_graphs or images < 2 or fill.scaled or fill.image_color:
+        return None
+    batch = ex._batch_for(batch_size)
+    return batch if ex.positions < batch else None
 
 
 def _images_per_pack(ex: Explainer, images: int, batch: int, stored: Sequence[Tensor]) -> int:
