@@ -58,16 +58,11 @@ def recorded_launches(name: str, batch: int) -> list:
 
 def distinct(launches: list, arch: int) -> list:
     """One launch per specialisation, keyed as Triton's launcher keys its cache."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from krypton_fx.triton_kernels import codegen
 
-    backend = make_backend(GPUTarget("cuda", arch, 32))
     seen = {}
     for item in launches:
-        binder = create_function_from_signature(item.kernel.signature, item.kernel.params, backend)
-        _, specialization, options = binder(*item.args, **item.kwargs)
-        seen.setdefault((item.kernel.fn.__name__, str(specialization), str(options)), item)
+        seen.setdefault(codegen.specialisation(item.kernel, item.args, item.kwargs, arch), item)
     return list(seen.values())
 
 

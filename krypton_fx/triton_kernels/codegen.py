@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["KernelCode", "ptx_stats", "occupancy", "compile_cases", "main"]
+__all__ = ["KernelCode", "ptx_stats", "occupancy", "specialisation", "compile_cases", "main"]
 
 
 @dataclass(frozen=True)
@@ -106,17 +106,32 @@ def ptx_stats(ptx: str) -> tuple[frozenset, int, int]:
     return frozenset(widths), sum(w < 128 for w in widths), divisions
 
 
-def _compile(kernel, args: tuple, kwargs: dict, arch: int):
-    """Compile one recorded launch for ``sm_<arch>``, specialised as Triton's launcher
-    would specialise it (its own binder and argument packing)."""
+def _bind(kernel, args: tuple, kwargs: dict, arch: int):
+    """Triton's own binder for ``sm_<arch>`` applied to one launch: ``(target, backend,
+    bound arguments, specialisation, options)``."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
+    return (target, backend, *binder(*args, **kwargs))
+
+
+def specialisation(kernel, args: tuple, kwargs: dict, arch: int = 90) -> tuple[str, str, str]:
+    """What tells one compiled variant of ``kernel`` from another for this launch (its
+    name, specialisation and options, as Triton's launcher keys its cache)."""
+    _, _, _, specialization, options = _bind(kernel, args, kwargs, arch)
+    return kernel.fn.__name__, str(specialization), str(options)
+
+
+def _compile(kernel, args: tuple, kwargs: dict, arch: int):
+    """Compile one recorded launch for ``sm_<arch>``, specialised as Triton's launcher
+    would specialise it (its own binder and argument packing)."""
+    from triton.compiler import ASTSource, compile
+
+    target, backend, bound, specialization, options = _bind(kernel, args, kwargs, arch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
                                                               specialization, options)
     return compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
