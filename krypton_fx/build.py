@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
@@ -17,7 +19,7 @@ from .passes.patch_prop import PatchProp, State
 from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill
 from .tiered import KernelTier
 
-__all__ = ["Settings", "Build", "check_same_output", "bytes_per_position", "check_backend"]
+__all__ = ["Settings", "Build", "CompileCache", "check_same_output", "bytes_per_position", "check_backend"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Build:
     spatial: dict[str, tuple[int, ...]]  # spatial shape of each stored node's map
     verified: bool = False
     packed: Optional[IncrementalProgram] = None  # for several images a batch (packing.py), made once needed
+    pack_checked: Optional[bool] = None  # whether a pack gave one call's bits (None: no pack ran yet)
 
 
 def check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:
@@ -117,3 +120,32 @@ def check_backend(backend: str, device: torch.device) -> None:
         raise ValueError(f"backend='triton' needs a CUDA device (this explainer runs on {device.type}); "
                          "use backend='auto' or 'torch', or set TRITON_INTERPRET=1 to run the kernels "
                          "slowly on the CPU (for tests)")
+
+
+class CompileCache:
+    """The explainers of the last ``size`` compiles, newest last, by model (identity) and
+    :class:`Settings`: one compile per model and settings, whoever asks."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model: nn.Module, settings: Settings, make: Callable):
+        """The cached explainer of ``model`` and ``settings``, else ``make(model, settings)``, cached."""
+        key = (id(model), settings)
+        with self._lock:
+            ex = self._entries.get(key)
+            if ex is not None and ex.model is model:  # (not a new model at a dead one's address)
+                self._entries.move_to_end(key)
+                return ex
+        ex = make(model, settings)
+        with self._lock:
+            self._entries[key] = ex
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return ex
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

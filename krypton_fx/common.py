@@ -170,16 +170,28 @@ def label_index(label, classes: int) -> Optional[int]:
     return label
 
 
+# On the CPU a batch has a fixed cost (a few microseconds of dispatch per op of the graph)
+# and a cost per row; 64 rows repay it for models of about a megabyte a position, while
+# rows of small ones (a lesion model on 64 x 64 images: 136 KiB) are cheap enough that
+# up to 256 rows pay (measured on one thread: 0.18 ms a position at 64 rows, 0.12 at 256,
+# 0.15 at 512; ResNet18 and MobileNetV3 at 64-224 px: within noise from 32 to 512).
+_CPU_ROWS = (64, 256)
+_CPU_BATCH_BYTES = 32 << 20
+
+
 def default_batch_size(device: torch.device, bytes_per_position: int) -> int:
     """Positions per batch that fit in a third of the device's free memory, at most 512 on a
-    GPU; on the CPU at most 64 and at most 2 GiB (a fixed budget wherever memory allows,
-    so that a machine's maps do not change with what else it runs)."""
+    GPU; on the CPU 64, or up to 256 while a batch stays under 32 MiB, and at most 2 GiB
+    (a fixed budget wherever memory allows, so that the batches do not change with what
+    else the machine runs)."""
+    per_position = max(1, bytes_per_position)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget, cap = free // 3, 512
     else:
-        budget, cap = min(2 << 30, _available_host_memory() // 3), 64
-    return int(max(1, min(cap, budget // max(1, bytes_per_position))))
+        budget = min(2 << 30, _available_host_memory() // 3)
+        cap = min(_CPU_ROWS[1], max(_CPU_ROWS[0], _CPU_BATCH_BYTES // per_position))
+    return int(max(1, min(cap, budget // per_position)))
 
 
 def _available_host_memory() -> int:

@@ -3,20 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import threading
 import time
-from collections import OrderedDict
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, fx, nn
 
 from . import common, packing
 from . import geometry as geo
-from .build import Build, Settings, bytes_per_position, check_backend, check_same_output
+from .build import Build, CompileCache, Settings, bytes_per_position, check_backend, check_same_output
 from .common import IntOrTuple
 from .naive import naive_occlusion
 from .passes.functionalize import functionalize
@@ -69,6 +69,7 @@ class Explainer:
         # stored activations (see _compile).
         self._traced = self._trace()
         self._build: Optional[Build] = None
+        self._checking = self._checked = False  # see _checked_once
 
     # Settings, by their old names.
     patch = property(lambda self: self.settings.patch)
@@ -153,16 +154,31 @@ class Explainer:
             return build
 
     def _current_and_first(self, image: Optional[Tensor]):
-        signature = model_signature(self.model)
-        if self._traced[0] != signature:
-            logger.info("%s changed since it was compiled (%s): compiling again",
-                        type(self.model).__name__, describe_change(self._traced[0], signature))
-            self._traced = self._trace()
-            self._build = None
+        if not (self._build is not None and self._checked):
+            signature = model_signature(self.model)
+            if self._traced[0] != signature:
+                logger.info("%s changed since it was compiled (%s): compiling again",
+                            type(self.model).__name__, describe_change(self._traced[0], signature))
+                self._traced = self._trace()
+                self._build = None
+            self._checked = self._checking
         if self._build is not None:
             return self._build, None
         self._build, first = self._compile(image)
         return self._build, first
+
+    @contextlib.contextmanager
+    def _checked_once(self) -> Iterator[None]:
+        """Hold the lock, and check the model for replaced parts (a walk over its modules) at the
+        first use of the build only: nothing else can replace them until this returns."""
+        with self._lock:
+            outer, self._checking = self._checking, True
+            try:
+                yield
+            finally:
+                self._checking = outer
+                if not outer:
+                    self._checked = False
 
     def infos(self) -> list[tuple[fx.Node, PatchInfo]]:
         """Every node of the traced graph with its PatchProp annotation."""
@@ -200,21 +216,32 @@ class Explainer:
         return logits, stored + extra
 
     def _prepare(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
+        return self._prepare_all([image])[0]
+
+    def _prepare_all(self, images: Sequence[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
+        """Each image's unoccluded pass, one at a time (a batched pass would round each image
+        depending on its neighbours), with the checks of the model's state made once."""
         with self._lock:
             dtype = common.model_dtype(self.model)
-            image = common.image_batch(image, self.image_chw, dtype).to(self.device)
-            build, first = self._current_and_first(image)
+            batches = [common.image_batch(image, self.image_chw, dtype).to(self.device) for image in images]
+            if not batches:
+                return []
+            build, first = self._current_and_first(batches[0])
             build.program.refresh_weights()
+            prepared = []
             with eval_mode(self.model):
-                if first is not None:
-                    logits, stored = first
-                else:
-                    logits, raw = build.program.capture(image)
-                    stored = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
-                if not build.verified:
-                    check_same_output(self.model, image, logits)
-                    build.verified = True
-            return logits, stored
+                for image in batches:
+                    if first is not None:
+                        logits, stored = first
+                        first = None
+                    else:
+                        logits, raw = build.program.capture(image)
+                        stored = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
+                    if not build.verified:
+                        check_same_output(self.model, image, logits)
+                        build.verified = True
+                    prepared.append((logits, stored))
+            return prepared
 
     @torch.no_grad()
     def run_positions(self, positions: Tensor, stored: list[Tensor], label: int,
@@ -227,16 +254,20 @@ class Explainer:
              keep: Callable[[Tensor, Tensor], Tensor], module: Optional[fx.GraphModule] = None) -> Tensor:
         """``keep(output, positions)`` of every batch of ``positions`` through ``module`` (the
         incremental graph by default), concatenated on the CPU."""
-        module = module if module is not None else self.program.module
-        batch = self._batch_for(batch_size)
-        if not self.cuda_graphs:
-            batch = min(batch, len(positions))  # a CUDA graph pads a short batch to its own size
-        batch = max(1, batch)
-        positions = positions.to(self.device)
+        with self._checked_once(), eval_mode(self.model):
+            build = self._current()
+            module = module if module is not None else build.program.module
+            batch = self._batch_for(batch_size)
+            if not self.cuda_graphs:
+                batch = min(batch, len(positions))  # a CUDA graph pads a short batch to its own size
+            return self._run_batches(positions.to(self.device), stored, max(1, batch), progress, keep, module,
+                                     build.tier)
+
+    def _run_batches(self, positions: Tensor, stored: list[Tensor], batch: int, progress: bool,
+                     keep: Callable[[Tensor, Tensor], Tensor], module: fx.GraphModule, tier: KernelTier) -> Tensor:
         scores = []
-        with self._lock, eval_mode(self.model), common.progress_bar(
-                -(-len(positions) // batch), progress, "krypton_fx", unit="batch") as bar:
-            run, lo, tier = None, 0, self._current().tier
+        with common.progress_bar(-(-len(positions) // batch), progress, "krypton_fx", unit="batch") as bar:
+            run, lo = None, 0
             ready = tier.ready
             while lo < len(positions):
                 if not ready and tier.ready:  # the kernels compiled: on to them (and graphs)
@@ -329,22 +360,22 @@ class Explainer:
                 raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(drill_down).__name__}")
             return drill_down.run(self, image, label=label, batch_size=batch_size, progress=progress)
         start = time.perf_counter()
-        with self._lock:
+        with self._checked_once(), eval_mode(self.model):
             logits, stored = self.prepare(image)
             label = common.label_index(label, logits.shape[-1])
             label = int(logits.argmax(1)) if label is None else label
             base = float(common.scores(logits, label, self.output))
             scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size, progress)
-        batch = min(self._batch_for(batch_size), self.positions)
+            batch = min(self._batch_for(batch_size), self.positions)
         return OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch, self.output,
                                RunStats(self.positions, batch, seconds=time.perf_counter() - start))
 
     @torch.no_grad()
     def run_many(self, images: Tensor, labels: Optional[Sequence[Optional[int]]] = None,
-                 batch_size: Optional[int] = None) -> list[OcclusionResult]:
+                 batch_size: Optional[int] = None, pack: Optional[bool] = None) -> list[OcclusionResult]:
         """Heat maps of several images of the compiled size, in order.
 
-        Each map equals one call per image bit for bit: the unoccluded pass of
+        Each map equals one call per image bit for bit (``pack=True`` aside): the unoccluded pass of
         each image runs on its own, because a batched pass rounds each image
         differently depending on its neighbours, and a map must not depend on
         which other images came with it (a resumed or distributed run writes
@@ -355,19 +386,26 @@ class Explainer:
             images: ``(N, C, *spatial)``.
             labels: one class (or None: the prediction) per image.
             batch_size: positions per batch.
+            pack: None: share batches where the maps stay one call's bit for bit
+                (CUDA graphs); True: wherever images are small enough (on the
+                CPU too: about 1.4x the images a second for the lesion demo's
+                model at stride 8), the maps equal to one call's up to float rounding
+                (a row's last bits can depend on its batch's size); False: never.
         """
         batch_size = common.batch_size(batch_size)
+        if pack not in (None, True, False):
+            raise ValueError(f"pack must be None, True or False, got {pack!r}")
         if not isinstance(images, Tensor) or images.dim() != len(self.image_chw) + 1:
             raise ValueError(f"images must be a tensor (N, {', '.join(map(str, self.image_chw))}), got "
                              f"{tuple(getattr(images, 'shape', ()))}")
         labels = list(labels) if labels is not None else [None] * len(images)
         if len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images: give one per image (or None)")
-        batch = packing.pack_batch(self, len(images), batch_size)
-        if batch is not None:
-            with self._lock:
-                return packing.run_packed(self, images, labels, batch)
-        return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]
+        with self._checked_once(), eval_mode(self.model):  # the model checked once for all images
+            batch = packing.pack_batch(self, len(images), batch_size, pack)
+            if batch is not None:
+                return packing.run_packed(self, images, labels, batch, check=pack is None)
+            return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]
 
     def report(self) -> str:
         """A per-node table: kind, state, patch size, and where savings stop."""
@@ -379,11 +417,9 @@ class Explainer:
                 f"backend={self.backend!r}, device={self.device})")
 
 
-# Explainers of recent compiles, newest last: compile() with the same model and settings
-# returns the same explainer (it follows the model's later changes by itself).
-_CACHE: OrderedDict[tuple, Explainer] = OrderedDict()
-_CACHE_LOCK = threading.Lock()
-CACHE_SIZE = 16
+# Explainers of recent compiles: compile() with the same model and settings returns the
+# same explainer (it follows the model's later changes by itself).
+_CACHE = CompileCache(size=16)
 
 
 def clear_cache() -> None:
@@ -392,23 +428,7 @@ def clear_cache() -> None:
     Example:
         >>> clear_cache()
     """
-    with _CACHE_LOCK:
-        _CACHE.clear()
-
-
-def _cached(model: nn.Module, settings: Settings) -> Explainer:
-    key = (id(model), settings)
-    with _CACHE_LOCK:
-        ex = _CACHE.get(key)
-        if ex is not None and ex.model is model:
-            _CACHE.move_to_end(key)
-            return ex
-    ex = Explainer(model, settings)
-    with _CACHE_LOCK:
-        _CACHE[key] = ex
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return ex
+    _CACHE.clear()
 
 
 def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
@@ -446,7 +466,7 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
             (:class:`krypton_fx.passes.PatchFill`: MONAI's gaussian, mean_patch
             and mean_img modes).
         cache: return the explainer of an earlier compile of the same model with the same
-            settings (the last :data:`CACHE_SIZE` are kept; :func:`clear_cache` forgets
+            settings (the last 16 are kept; :func:`clear_cache` forgets
             them). Safe: an explainer uses the model as it is at each call.
 
     The model is traced here (a model that does not trace fails here); the
@@ -493,4 +513,4 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     settings = Settings(patch_t, stride_t, color_values, size, int(channels), float(tau), batch_size,
                         dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
                         tuple(leaf_modules), tuple(autowrap_functions), starts, fill or NO_FILL)
-    return _cached(model, settings) if cache else Explainer(model, settings)
+    return _CACHE.get(model, settings, Explainer) if cache else Explainer(model, settings)

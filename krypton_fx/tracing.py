@@ -78,11 +78,15 @@ def model_signature(model: nn.Module) -> tuple:
     (the graphs read the tensors themselves). The signature holds references,
     so a replaced object's id cannot be reused by a new one.
     """
-    modules = tuple((name, _Same(m)) for name, m in model.named_modules(remove_duplicate=False))
-    tensors = tuple((name, _Same(t), t.dtype, t.device, tuple(t.shape))
-                    for name, t in list(model.named_parameters(remove_duplicate=False))
-                    + list(model.named_buffers(remove_duplicate=False)))
-    return modules + tensors
+    modules, tensors = [], []
+    for prefix, module in model.named_modules(remove_duplicate=False):  # one walk: every call checks
+        modules.append((prefix, _Same(module)))
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    tensors.append((prefix + "." + name if prefix else name, _Same(t), t.dtype, t.device,
+                                    tuple(t.shape)))
+    return tuple(modules + tensors)
 
 
 def describe_change(old: tuple, new: tuple) -> str:

@@ -136,6 +136,30 @@ def test_an_explainer_with_run_many_gets_whole_chunks(model, images):
     assert_same(results, one_by_one(model, images))
 
 
+def test_pack_true_shares_batches_on_the_cpu_with_one_calls_maps(model, images):
+    ex = krypton_fx.compile(model, image_size=(32, 32), batch_size=128, cache=False, **SETTINGS)  # 49 positions
+    sizes = []
+    real_run = ex._run
+    ex._run = lambda positions, *a, **k: sizes.append(len(positions)) or real_run(positions, *a, **k)
+    results = list(krypton_fx.explain_many(ex, images, pack=True))
+    assert sizes == [5 * 49] and ex._build.packed is not None  # the 5 images in one pack
+    expected = [ex(x) for x in images]
+    for r, e in zip(results, expected):
+        assert r.label == e.label and r.base_prob == e.base_prob
+        torch.testing.assert_close(r.heatmap, e.heatmap, atol=1e-6, rtol=0)  # up to rounding
+    sizes.clear()
+    list(krypton_fx.explain_many(ex, images))  # by default the CPU goes one image at a time
+    assert sizes == [49] * 5
+
+
+def test_pack_false_and_bad_pack_values(model, images):
+    ex = krypton_fx.compile(model, image_size=(32, 32), batch_size=128, cache=False, **SETTINGS)
+    assert_same(ex.run_many(images, pack=False), [ex(x) for x in images])
+    assert ex._build.packed is None
+    with pytest.raises(ValueError, match="pack must be None, True or False"):
+        ex.run_many(images, pack="yes")
+
+
 def test_bad_images_name_the_image(model, images, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match="broken.png"):

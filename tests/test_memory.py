@@ -83,7 +83,10 @@ def test_cpu_batches_come_from_available_memory(monkeypatch):
     monkeypatch.setattr(common, "_available_host_memory", lambda: 3 << 30)
     cpu = torch.device("cpu")
     assert common.default_batch_size(cpu, 100 << 20) == 10  # a third of 3 GiB, 100 MiB a position
-    assert common.default_batch_size(cpu, 1) == 64  # the CPU's cap
+    assert common.default_batch_size(cpu, 1) == 256  # the CPU's cap for small positions
+    assert common.default_batch_size(cpu, 128 << 10) == 256  # 32 MiB a batch
+    assert common.default_batch_size(cpu, 256 << 10) == 128
+    assert common.default_batch_size(cpu, 1 << 20) == 64  # at least 64 rows where memory allows
     assert common.default_batch_size(cpu, 4 << 30) == 1  # never below one
     monkeypatch.setattr(common, "_available_host_memory", lambda: 96 << 30)
     assert common.default_batch_size(cpu, 100 << 20) == 20  # 2 GiB at most: the same on every large machine

@@ -1,6 +1,6 @@
 """Several images' positions in one batch (issue 15): a packed program reads each row's
 own image out of maps stacked along the first spatial axis, and ``run_many`` gives one
-call's maps bit for bit wherever batches have one fixed size (CUDA graphs)."""
+call's maps bit for bit, on the CPU and with CUDA graphs, or goes one image at a time."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_run_many_packs_images_and_gives_one_calls_maps_bit_for_bit(graphed, mon
     monkeypatch.setattr(packing, "_run_pack", lambda ex, prepared, *a: seen.append(len(prepared))
                         or real_run_pack(ex, prepared, *a))
     many = ex.run_many(IMAGES, LABELS)
-    assert seen == [2, 2, 1] and ex._build.packed is not None
+    assert seen == [2, 2, 1] and ex._build.packed is not None and ex._build.pack_checked is True
     for x, label, got in zip(IMAGES, LABELS, many):
         want = ex(x, label=label)
         assert (got.label, got.base_prob) == (want.label, want.base_prob)
@@ -133,11 +133,31 @@ def test_run_many_packs_images_and_gives_one_calls_maps_bit_for_bit(graphed, mon
 
 
 def test_without_fixed_size_batches_run_many_goes_one_image_at_a_time():
+    """On the CPU (and CUDA without graphs) the libraries round a row by its batch's size: a
+    small linear head gives these rows other bits in a batch of 17 than of 30."""
     ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False,
                             batch_size=64)
     many = ex.run_many(IMAGES[:3])
     assert ex._build.packed is None
     assert all(torch.equal(m.heatmap, ex(x).heatmap) for m, x in zip(many, IMAGES[:3]))
+    assert packing.pack_batch(ex, 3, None) is None
+
+
+def test_a_pack_that_differs_from_one_call_falls_back_to_one_image_at_a_time(graphed, monkeypatch, caplog):
+    ex = graphed
+    real = packing.packed_program
+
+    def rounded_otherwise(ex):  # a library that rounds a packed batch differently
+        program = real(ex)
+        forward = program.module.forward
+        program.module.forward = lambda *a: forward(*a) * (1 + 1e-6)
+        return program
+    monkeypatch.setattr(packing, "packed_program", rounded_otherwise)
+    many = ex.run_many(IMAGES, LABELS)
+    assert ex._build.pack_checked is False and "one image at a time" in caplog.text
+    for x, label, got in zip(IMAGES, LABELS, many):
+        assert torch.equal(got.heatmap, ex(x, label=label).heatmap)
+    assert packing.pack_batch(ex, 5, None) is None  # and no more packs for this build
 
 
 def test_with_graphs_every_batch_runs_at_the_graphs_size(graphed, monkeypatch):

@@ -201,6 +201,30 @@ def test_replaced_parameters_buffers_and_submodules_are_used(change):
     assert got.base_prob == pytest.approx(want.base_prob, abs=1e-6)
 
 
+def test_each_call_walks_the_model_for_replaced_parts_once(monkeypatch):
+    """The check above runs once a call (run_many: once for all its images), not once per
+    property read; a replacement between calls is still seen (the test above)."""
+    from krypton_fx import explainer as explainer_module
+    from krypton_fx.tracing import model_signature
+
+    model = _small_resnet()
+    images = torch.randn(3, 3, 40, 40)
+    ex = krypton_fx.compile(model, patch=12, stride=10, image_size=(40, 40), cache=False)
+    ex(images[0])
+    walks = []
+    monkeypatch.setattr(explainer_module, "model_signature", lambda m: walks.append(m) or model_signature(m))
+    ex(images[0])
+    assert len(walks) == 1
+    ex.run_many(images)
+    assert len(walks) == 2
+    logits, stored = ex.prepare(images[1])
+    ex.run_positions(torch.arange(ex.positions), stored, 0)
+    assert len(walks) == 4
+    _replace_head(model)
+    ex(images[0])  # seen: compiled again
+    assert ex._traced[1].fc is model.fc
+
+
 def test_model_cast_after_compile_gives_a_clear_error():
     model = _small_resnet()
     ex = krypton_fx.compile(model, patch=12, stride=10, image_size=(40, 40))

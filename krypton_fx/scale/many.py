@@ -91,13 +91,15 @@ DEFAULT_CHUNK = 16
 
 
 def explain_chunk(explainer: Explainer, images: Sequence[Tensor], labels: Sequence[Optional[int]],
-                  batch_size: Optional[int] = None, drill_down=None) -> list[OcclusionResult]:
+                  batch_size: Optional[int] = None, drill_down=None, pack: Optional[bool] = None
+                  ) -> list[OcclusionResult]:
     """Occlusion maps of same-size ``images`` with one explainer, in order.
 
     The seam for packed execution: an explainer with ``run_many(images,
     labels, batch_size)`` (returning one ``OcclusionResult`` per image) runs
     the positions of several images in shared batches; otherwise each image
-    is one ``Explainer.__call__``. Drill-down always runs per image.
+    is one ``Explainer.__call__``. Drill-down always runs per image. ``pack``
+    goes to ``run_many`` (see :meth:`Explainer.run_many`).
     """
     run_many = getattr(explainer, "run_many", None)
     # An explainer's first run traces and checks the traced graph against the model: alone, as
@@ -107,8 +109,8 @@ def explain_chunk(explainer: Explainer, images: Sequence[Tensor], labels: Sequen
     with _GUARD.trace() if first else _GUARD.run():
         _WARM.add(explainer)
         if run_many is not None and drill_down is None and len(images) > 1:
-            return list(run_many(torch.stack([x.reshape(explainer.image_chw) for x in images]), list(labels),
-                                 batch_size))
+            stack = torch.stack([x.reshape(explainer.image_chw) for x in images])
+            return list(run_many(stack, list(labels), batch_size, **({} if pack is None else {"pack": pack})))
         return [explainer(x, label=y, drill_down=drill_down, batch_size=batch_size)
                 for x, y in zip(images, labels)]
 
@@ -187,7 +189,7 @@ def _chunks(items: Iterator[Item], chunk: int) -> Iterator[list[Item]]:
 
 def iter_results(cache: ExplainerCache, items: Iterator[Item], batch_size: Optional[int] = None,
                  drill_down=None, chunk: int = DEFAULT_CHUNK,
-                 on_chunk: Optional[Callable[[int], None]] = None
+                 on_chunk: Optional[Callable[[int], None]] = None, pack: Optional[bool] = None
                  ) -> Iterator[tuple[Item, Union[OcclusionResult, BaseException]]]:
     """``(item, result or the exception it raised)``, in order; a failure stops nothing.
 
@@ -203,7 +205,7 @@ def iter_results(cache: ExplainerCache, items: Iterator[Item], batch_size: Optio
         ex = cache.get(run[0].image.shape[1:], run[0].color)
         try:
             results: list = explain_chunk(ex, [i.image for i in run], [i.label for i in run], batch_size,
-                                          drill_down)
+                                          drill_down, pack)
         except (ValueError, TypeError, RuntimeError) as e:
             if len(run) == 1:
                 results = [e]
@@ -225,8 +227,8 @@ def iter_results(cache: ExplainerCache, items: Iterator[Item], batch_size: Optio
 
 def explain_many(explainer_or_model: Union[Explainer, nn.Module], images: Any, labels: LabelSpec = None, *,
                  transform: Optional[Callable] = None, batch_size: Optional[int] = None, drill_down=None,
-                 chunk: int = DEFAULT_CHUNK, progress: bool = False, **compile_kwargs
-                 ) -> Iterator[OcclusionResult]:
+                 chunk: int = DEFAULT_CHUNK, progress: bool = False, pack: Optional[bool] = None,
+                 **compile_kwargs) -> Iterator[OcclusionResult]:
     """Occlusion maps of many images: one :class:`OcclusionResult` per image, in order.
 
     One compile serves every image of the same size: give an
@@ -251,6 +253,10 @@ def explain_many(explainer_or_model: Union[Explainer, nn.Module], images: Any, l
         drill_down: a :class:`krypton_fx.DrillDown` for every image (approximate).
         chunk: images that may share one packed run.
         progress: a progress bar over images.
+        pack: whether images share batches: None where the maps stay one
+            call's bit for bit (CUDA graphs), True wherever they fit (the CPU
+            too; maps equal to one call's up to float rounding), False never
+            (see :meth:`Explainer.run_many`).
 
     Raises:
         ValueError: an image that cannot be read or explained (the message names it).
@@ -273,7 +279,7 @@ def explain_many(explainer_or_model: Union[Explainer, nn.Module], images: Any, l
                    else None, desc="krypton_fx images", unit="image")
     try:
         for item, res in iter_results(cache, items, batch_size, drill_down, chunk,
-                                      on_chunk=bar.update if bar is not None else None):
+                                      on_chunk=bar.update if bar is not None else None, pack=pack):
             if isinstance(res, TypeError):
                 raise TypeError(f"{item.name}: {res}") from res
             if isinstance(res, BaseException):
