@@ -113,6 +113,25 @@ def test_folder_maps_equal_the_api_and_equal_stems_do_not_collide(workdir):
                                       np.load(out / f"{row['output']}.npy"))
 
 
+def test_pack_lets_the_images_share_batches(workdir, monkeypatch, capsys):
+    from krypton_fx import packing
+    from krypton_fx.cli import main
+
+    for seed in (1, 2, 3):
+        write_image(workdir / "in" / f"{seed}.png", seed)
+    packs = []
+    real = packing.run_packed
+    monkeypatch.setattr(packing, "run_packed", lambda ex, images, *a, **k: packs.append(len(images))
+                        or real(ex, images, *a, **k))
+    monkeypatch.chdir(workdir)
+    monkeypatch.syspath_prepend(str(workdir))
+    assert main(["explain", "in", *ARGS, "--out-dir", "out", "--pack"]) == 0
+    assert packs == [3]  # the three images' 49 positions in one run
+    for seed in (1, 2, 3):
+        np.testing.assert_allclose(np.load(workdir / "out" / f"{seed}.npy"),
+                                   expected_map(workdir / "in" / f"{seed}.png"), atol=1e-6, rtol=0)
+
+
 def test_bad_files_are_rows_and_a_rerun_touches_nothing_complete(workdir):
     folder = workdir / "in"
     write_image(folder / "good1.png", 1)
@@ -220,6 +239,7 @@ BAD = {
     "output would overwrite an input": (["in/a.png", *ARGS, "--out-dir", "in"], "never overwrites an input"),
     "a GPU that is not there": (["in/a.png", *ARGS[:-2], "--out-dir", "o", "--devices", "cuda:7"], "cuda"),
     "nothing to explain": (["empty", *ARGS, "--out-dir", "o"], "no input files"),
+    "--pack without --out-dir": (["in/a.png", *ARGS, "--pack"], "add --out-dir"),
 }
 
 

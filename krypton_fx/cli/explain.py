@@ -96,6 +96,9 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                       help="explain every IMAGE (files, folders, globs) into DIR: <stem>.png, <stem>.npy "
                            "and summary.csv; a rerun skips complete images")
     many.add_argument("--overwrite", action="store_true", help="redo images whose outputs are complete")
+    many.add_argument("--pack", action="store_true",
+                      help="let several small images share a batch on the CPU too (faster; each map equals "
+                           "one image's run up to float rounding, not bit for bit)")
     many.add_argument("--devices", metavar="all|cuda:0,cuda:1|cpu",
                       help="one worker per device over a shared queue (instead of --device)")
     many.add_argument("--ray", metavar="auto|ADDRESS",
@@ -121,6 +124,8 @@ def run(args) -> int:
             raise CLIError(f"--{option} works with --out-dir DIR (many images); add --out-dir")
     if args.overwrite:
         raise CLIError("--overwrite works with --out-dir DIR; --out and --npy are always overwritten")
+    if args.pack:
+        raise CLIError("--pack works with --out-dir DIR (many images share batches); add --out-dir")
     if len(args.image) > 1:
         raise CLIError(f"{len(args.image)} images given but --out writes one picture; use --out-dir DIR "
                        "for many images")

@@ -125,7 +125,7 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
                           output=args.output, channels=channels)
     return FileJob(loaded.model.cpu(), str(out), compile_kwargs, reader=reader, label=args.label,
                    drill_down=drill, fingerprint=settings, model_name=loaded.name,
-                   categories=loaded.categories)
+                   categories=loaded.categories, pack=True if args.pack else None)
 
 
 def _collect(results, rows: dict, total: int, initial: int) -> None:

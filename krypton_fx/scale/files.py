@@ -64,6 +64,7 @@ class FileJob:
         model_name: for picture titles.
         categories: class names, if known.
         chunk: images that may share one packed run.
+        pack: whether images share batches (see :meth:`krypton_fx.Explainer.run_many`).
     """
 
     model: nn.Module
@@ -77,6 +78,7 @@ class FileJob:
     model_name: str = "model"
     categories: Optional[list] = None
     chunk: int = DEFAULT_CHUNK
+    pack: Optional[bool] = None
 
 
 def _picture_writer(job: FileJob, task: Task, res, picture, image_hw) -> Callable:
@@ -147,7 +149,8 @@ class FileWorker:
                 yield t
 
         items = self._items(remember(tasks), pictures, arrays)
-        for item, res in iter_results(self.cache, items, drill_down=self.job.drill_down, chunk=self.job.chunk):
+        for item, res in iter_results(self.cache, items, drill_down=self.job.drill_down, chunk=self.job.chunk,
+                                      pack=self.job.pack):
             task = by_index.pop(item.index)
             picture = pictures.pop(item.index, None)
             if isinstance(res, BaseException):
