@@ -9,10 +9,12 @@ stacked along the first spatial axis, so every gather reads its own image's
 window by adding ``image * extent`` to the window's start. The kernels do not
 change.
 
-Exact, and the same bits as one call per image: each image's unoccluded pass
-still runs alone (a batched one rounds differently), and with CUDA graphs every
-batch has the graph's size (short ones padded, captured or not), so a row's
-result depends only on that row's inputs, never on which rows share its batch.
+Exact, and by default the same bits as one call per image (``pack=True``
+trades that for throughput where batches have no fixed size, below): each
+image's unoccluded pass still runs alone (a batched one rounds differently),
+and with CUDA graphs every batch has the graph's size (short ones padded,
+captured or not), so a row's result depends only on that row's inputs, never
+on which rows share its batch.
 Without graphs a short batch keeps its own size, and the libraries pick their
 algorithms by batch size (on the CPU, oneDNN's convolutions round batches of
 fewer than 16 rows differently, and a small matrix product such as a 10-to-5
@@ -21,8 +23,9 @@ inputs (MONAI's ``mean_patch`` and ``mean_img``), ``run_many`` runs one image at
 a time. That a row's result does not depend on its batch at one fixed size is
 what the libraries do, not what they promise, so the first pack of each build
 also runs its first image alone and compares the bits; where they differ, the
-build goes one image at a time from then on. ``tests/test_packing.py`` checks
-the packed maps bit for bit.
+build goes one image at a time from then on. ``pack=True`` packs anyway, on the
+CPU too: its maps equal one call's up to float rounding. ``tests/test_packing.py``
+checks the packed maps bit for bit.
 """
 
 from __future__ import annotations
