@@ -20,7 +20,6 @@ the window are dropped).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Sequence
 
@@ -75,10 +74,10 @@ def _grid_index(starts: Tensor, size: Sequence[int], strides: Sequence[int],
     return index.expand(batch, *size)
 
 
-@functools.lru_cache(maxsize=256)
 def _box_offsets(size: tuple[int, ...], strides: tuple[int, ...], device: torch.device) -> Tensor:
     """``(prod(size),)`` flat index ``sum_d k_d * strides[d]`` of every element of a box of
-    ``size``, row-major: the same for every position, so made once."""
+    ``size``, row-major: the same for every position. (Made per call, not cached: a cached
+    tensor would outlive the mode it was made in, a fake-tensor mode say.)"""
     index = torch.zeros((), dtype=torch.int64, device=device)
     for d, (extent, stride) in enumerate(zip(size, strides)):
         shape = [1] * len(size)
