@@ -101,16 +101,17 @@ def _window_rows(starts: Tensor, window: Sequence[int], map_size: Sequence[int])
     return _dot(starts, strides)[:, None] + _box_offsets(tuple(window), strides, starts.device)[None, :]
 
 
-def _inside_patch(offsets: Tensor, window: Sequence[int], patch_size: Sequence[int]) -> Tensor:
-    """``(B, prod(window))``: whether each window element lies in its position's patch."""
-    batch, n = offsets.shape[0], len(window)
-    inside = torch.ones((batch,) + (1,) * n, dtype=torch.bool, device=offsets.device)
-    for d, (extent, size) in enumerate(zip(window, patch_size)):
-        coord = torch.arange(extent, device=offsets.device) - offsets[:, d, None]  # in the patch
+def _in_range(starts: Tensor, size: Sequence[int], limits: Sequence[int]) -> Tensor:
+    """``(B, *size)``: whether ``0 <= starts[b, d] + k_d < limits[d]`` on every axis, for each
+    element ``k`` of a box of ``size`` at each row of ``starts`` (int64 ``(B, N)``)."""
+    batch, n = starts.shape[0], len(size)
+    inside = torch.ones((batch,) + (1,) * n, dtype=torch.bool, device=starts.device)
+    for d, (extent, limit) in enumerate(zip(size, limits)):
+        coord = starts[:, d, None] + torch.arange(extent, device=starts.device)
         shape = [batch] + [1] * n
         shape[d + 1] = extent
-        inside = inside & ((coord >= 0) & (coord < size)).view(shape)
-    return inside.reshape(batch, -1)
+        inside = inside & ((coord >= 0) & (coord < limit)).view(shape)
+    return inside
 
 
 def _overlay_rows(offsets: Tensor, window: Sequence[int], patch_size: Sequence[int]) -> Tensor:
@@ -119,12 +120,7 @@ def _overlay_rows(offsets: Tensor, window: Sequence[int], patch_size: Sequence[i
     the window (clipped)."""
     batch, dev = offsets.shape[0], offsets.device
     rows_per_position = math.prod(window)
-    inside = torch.ones((batch,) + (1,) * len(window), dtype=torch.bool, device=dev)
-    for d, (extent, limit) in enumerate(zip(patch_size, window)):
-        coord = offsets[:, d, None] + torch.arange(extent, device=dev)  # in the window
-        shape = [batch] + [1] * len(window)
-        shape[d + 1] = extent
-        inside = inside & ((coord >= 0) & (coord < limit)).view(shape)
+    inside = _in_range(offsets, patch_size, window)  # each patch element in the window
     dst = _grid_index(offsets, patch_size, _row_major_strides(window))
     dst = dst + (torch.arange(batch, device=dev) * rows_per_position).view(
         (batch,) + (1,) * len(window))
@@ -150,7 +146,8 @@ def _gather(stored: Tensor, table: Tensor, window: tuple[int, ...],
         first = torch.arange(batch, device=table.device) * math.prod(patch_size) + stored_rows.shape[0]
         patch_index = (first - _dot(table[:, n:], strides))[:, None] + _box_offsets(
             window, strides, table.device)[None, :]
-        rows = torch.where(_inside_patch(table[:, n:], window, patch_size), patch_index, rows)
+        in_patch = _in_range(-table[:, n:], window, patch_size).reshape(batch, -1)  # each window element
+        rows = torch.where(in_patch, patch_index, rows)
         out = torch.cat([stored_rows, patch_rows]).index_select(0, rows.reshape(-1))
         return out.view(batch, *window, c).movedim(-1, 1)
     # One spare row receives every clipped patch element.
