@@ -379,18 +379,17 @@ class Explainer:
         each image runs on its own, because a batched pass rounds each image
         differently depending on its neighbours, and a map must not depend on
         which other images came with it (a resumed or distributed run writes
-        the same files as one uninterrupted process). With CUDA graphs, images
-        with fewer positions than a batch share batches (:mod:`krypton_fx.packing`).
+        the same files as one uninterrupted process). Images with fewer positions
+        than a batch share batches of one fixed size (:mod:`krypton_fx.packing`).
 
         Args:
             images: ``(N, C, *spatial)``.
             labels: one class (or None: the prediction) per image.
             batch_size: positions per batch.
             pack: None: share batches where the maps stay one call's bit for bit
-                (CUDA graphs); True: wherever images are small enough (on the
-                CPU too: about 1.4x the images a second for the lesion demo's
-                model at stride 8), the maps equal to one call's up to float rounding
-                (a row's last bits can depend on its batch's size); False: never.
+                (checked on the first pack of a build); True: wherever images are
+                small enough, the unoccluded passes batched too, the maps equal to
+                one call's up to float rounding; False: never.
         """
         batch_size = common.batch_size(batch_size)
         if pack not in (None, True, False):

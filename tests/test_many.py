@@ -136,20 +136,22 @@ def test_an_explainer_with_run_many_gets_whole_chunks(model, images):
     assert_same(results, one_by_one(model, images))
 
 
-def test_pack_true_shares_batches_on_the_cpu_with_one_calls_maps(model, images):
+def test_on_the_cpu_images_share_batches_with_one_calls_maps(model, images):
     ex = krypton_fx.compile(model, image_size=(32, 32), batch_size=128, cache=False, **SETTINGS)  # 49 positions
     sizes = []
     real_run = ex._run
     ex._run = lambda positions, *a, **k: sizes.append(len(positions)) or real_run(positions, *a, **k)
-    results = list(krypton_fx.explain_many(ex, images, pack=True))
-    assert sizes == [5 * 49] and ex._build.packed is not None  # the 5 images in one pack
     expected = [ex(x) for x in images]
-    for r, e in zip(results, expected):
-        assert r.label == e.label and r.base_prob == e.base_prob
-        torch.testing.assert_close(r.heatmap, e.heatmap, atol=1e-6, rtol=0)  # up to rounding
     sizes.clear()
-    list(krypton_fx.explain_many(ex, images))  # by default the CPU goes one image at a time
-    assert sizes == [49] * 5
+    # two images a batch: two packs, the check's first and last image alone, and the fifth alone
+    assert_same(list(krypton_fx.explain_many(ex, images)), expected)
+    assert sizes == [2 * 49, 49, 49, 2 * 49, 49] and ex._build.pack_checked is True
+    sizes.clear()
+    results = list(krypton_fx.explain_many(ex, images, pack=True))  # the fifth image a short pack
+    assert sizes == [2 * 49, 2 * 49, 49]
+    for r, e in zip(results, expected):
+        assert r.label == e.label and r.base_prob == pytest.approx(e.base_prob, abs=1e-6)
+        torch.testing.assert_close(r.heatmap, e.heatmap, atol=1e-6, rtol=0)  # up to rounding
 
 
 def test_pack_false_and_bad_pack_values(model, images):

@@ -5,6 +5,7 @@ call's maps bit for bit, on the CPU and with CUDA graphs, or goes one image at a
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 import torch
@@ -132,19 +133,49 @@ def test_run_many_packs_images_and_gives_one_calls_maps_bit_for_bit(graphed, mon
     assert [key[1] for key in ex._graphs if key[0] is packed] == [64]
 
 
-def test_without_fixed_size_batches_run_many_goes_one_image_at_a_time():
-    """On the CPU (and CUDA without graphs) the libraries round a row by its batch's size: a
-    small linear head gives these rows other bits in a batch of 17 than of 30."""
-    ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False,
-                            batch_size=64)
-    many = ex.run_many(IMAGES[:3])
+def _cpu_dag(batch_size: int = 64):
+    """The DAG explainer on the CPU: 30 positions an image, so a batch of 64 holds two images."""
+    return krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False,
+                              batch_size=batch_size)
+
+
+def _batch_sizes(module: nn.Module) -> list[int]:
+    sizes: list[int] = []
+    module.register_forward_pre_hook(lambda mod, args: sizes.append(len(args[0])))
+    return sizes
+
+
+def test_on_the_cpu_a_pack_is_one_batch_of_one_size_with_one_calls_bits():
+    """Without CUDA graphs a pack is the images that fit one batch (two here), so every packed
+    row runs in a batch of 60; the fifth image, a short pack, runs as one call."""
+    ex = _cpu_dag()
+    many = ex.run_many(IMAGES[:1], LABELS[:1])  # one image: nothing to pack
     assert ex._build.packed is None
-    assert all(torch.equal(m.heatmap, ex(x).heatmap) for m, x in zip(many, IMAGES[:3]))
-    assert packing.pack_batch(ex, 3, None) is None
+    packed_sizes = _batch_sizes(packing.packed_program(ex).module)
+    alone_sizes = _batch_sizes(ex._build.program.module)
+    many = ex.run_many(IMAGES, LABELS)
+    # the two packs, then the check's first and last image of the first pack, then the fifth image
+    assert packed_sizes == [60, 60] and alone_sizes == [30, 30, 30] and ex._build.pack_checked is True
+    for x, label, got in zip(IMAGES, LABELS, many):
+        want = ex(x, label=label)
+        assert (got.label, got.base_prob) == (want.label, want.base_prob)
+        assert torch.equal(got.heatmap, want.heatmap)
 
 
-def test_a_pack_that_differs_from_one_call_falls_back_to_one_image_at_a_time(graphed, monkeypatch, caplog):
-    ex = graphed
+def test_on_the_cpu_too_few_images_for_one_pack_run_one_call_each():
+    ex = _cpu_dag(batch_size=128)  # four images a pack
+    assert packing.pack_batch(ex, 3, None) is None and packing.pack_batch(ex, 4, None) == 128
+    assert packing.pack_batch(ex, 3, None, pack=True) == 128  # pack=True packs what there is
+    assert packing.pack_batch(ex, 4, 50) is None  # one image a batch: nothing to share
+    ex.run_many(IMAGES[:3])
+    assert ex._build.packed is None
+
+
+@pytest.mark.parametrize("device", ["cuda graphs", "cpu"])
+def test_a_pack_that_differs_from_one_call_falls_back_to_one_image_at_a_time(graphed, device, monkeypatch,
+                                                                             caplog):
+    ex = graphed if device == "cuda graphs" else _cpu_dag()
+    caplog.set_level(logging.INFO, logger=packing.__name__)  # a warning with graphs, news on the CPU
     real = packing.packed_program
 
     def rounded_otherwise(ex):  # a library that rounds a packed batch differently
@@ -155,9 +186,42 @@ def test_a_pack_that_differs_from_one_call_falls_back_to_one_image_at_a_time(gra
     monkeypatch.setattr(packing, "packed_program", rounded_otherwise)
     many = ex.run_many(IMAGES, LABELS)
     assert ex._build.pack_checked is False and "one image at a time" in caplog.text
+    assert caplog.records[-1].levelno == (logging.WARNING if device == "cuda graphs" else logging.INFO)
     for x, label, got in zip(IMAGES, LABELS, many):
         assert torch.equal(got.heatmap, ex(x, label=label).heatmap)
     assert packing.pack_batch(ex, 5, None) is None  # and no more packs for this build
+
+
+def test_the_check_reads_the_last_image_of_the_pack_too(monkeypatch):
+    """A library whose blocks round a batch's tail rows otherwise: only the last image differs."""
+    ex = _cpu_dag(batch_size=96)  # three images a pack
+    real = packing.packed_program
+
+    def tail_rounded_otherwise(ex):
+        program = real(ex)
+        forward = program.module.forward
+
+        def run(positions, *stored):
+            out = forward(positions, *stored).clone()
+            out[positions >= 2 * ex.positions] *= 1 + 1e-6
+            return out
+        program.module.forward = run
+        return program
+    monkeypatch.setattr(packing, "packed_program", tail_rounded_otherwise)
+    many = ex.run_many(IMAGES[:3])
+    assert ex._build.pack_checked is False
+    assert all(torch.equal(got.heatmap, ex(x).heatmap) for x, got in zip(IMAGES, many))
+
+
+def test_pack_true_runs_a_packs_unoccluded_passes_as_one_batch():
+    ex = _cpu_dag(batch_size=96)  # three images a pack: the first alone (it may compile), then two
+    capture_sizes = _batch_sizes(ex._current().program.capture)
+    many = ex.run_many(IMAGES, LABELS, pack=True)
+    assert capture_sizes == [1, 2, 2]
+    for x, label, got in zip(IMAGES, LABELS, many):
+        want = ex(x, label=label)
+        assert got.label == want.label and got.base_prob == pytest.approx(want.base_prob, abs=1e-6)
+        torch.testing.assert_close(got.heatmap, want.heatmap, atol=1e-6, rtol=0)
 
 
 def test_with_graphs_every_batch_runs_at_the_graphs_size(graphed, monkeypatch):
