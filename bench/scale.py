@@ -12,7 +12,7 @@ Timed on one thread (``torch.set_num_threads(1)``), the three methods
 interleaved round after round, the minimum of each kept; every map is
 checked against the loop's.
 
-    python bench/scale.py                       # 64 images, strides 2 and 8, 3 rounds, CPU
+    python bench/scale.py                       # 64 images, strides 2 and 8, 5 rounds, CPU
     python bench/scale.py --device cuda --rounds 5
 """
 
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--strides", default="2,8")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=None,
@@ -108,10 +108,10 @@ def main(argv=None) -> int:
         print(line, flush=True)
     lines.append("many/loop: explain_many's images per second over the per-image loop's (same explainer, "
                  "same maps, bit for bit; the issue's goal is >= 1.5x). By default Explainer.run_many packs "
-                 "the positions of several images into one batch only where the maps stay bit for bit one "
-                 "call's (CUDA graphs: every batch one size); packed: explain_many(..., pack=True), which "
-                 "packs on the CPU too, its maps equal to the loop's up to the max |diff| shown (a row's "
-                 "last bits can depend on its batch's size)")
+                 "the positions of the images that fit one batch into it, every packed row at one batch size, "
+                 "the first pack checked bit for bit against one call; packed: explain_many(..., pack=True), "
+                 "unchecked and with the unoccluded passes batched too, its maps equal to the loop's up to "
+                 "the max |diff| shown")
     print(lines[-1])
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

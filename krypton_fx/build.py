@@ -78,6 +78,7 @@ class Build:
     verified: bool = False
     packed: Optional[IncrementalProgram] = None  # for several images a batch (packing.py), made once needed
     pack_checked: Optional[bool] = None  # whether a pack gave one call's bits (None: no pack ran yet)
+    packs_checked: set = dataclasses.field(default_factory=set)  # pack sizes (images) compared so far
 
 
 def check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:

@@ -403,7 +403,7 @@ class Explainer:
         with self._checked_once(), eval_mode(self.model):  # the model checked once for all images
             batch = packing.pack_batch(self, len(images), batch_size, pack)
             if batch is not None:
-                return packing.run_packed(self, images, labels, batch, check=pack is None)
+                return packing.run_packed(self, images, labels, batch, pack is None, batch_size)
             return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]
 
     def report(self) -> str:

@@ -11,18 +11,18 @@ change.
 
 Exact, and by default the same bits as one call per image: each image's
 unoccluded pass still runs alone (a batched one rounds each image depending on
-its neighbours), and every row of a packed run goes through a batch of one
-fixed size, so its result depends only on its own inputs, never on which rows
-share its batch. With CUDA graphs every batch has the graph's size (short ones
-padded, captured or not). Without them a pack is one batch of G images, G the
-images that fit one (and a short last pack runs its images one call each); the
-libraries pick their algorithms by the batch's size, and a row's bits at G * P
-rows equal its bits at P rows for most models (measured on the CPU: ResNet18,
-DenseNet121, MobileNetV3, EfficientNet-B0 and the lesion models), not for all
-(a small linear head's product rounds 17 rows otherwise than 30). So the first
-pack of each build also runs its first and last image alone and compares the
-bits; where they differ, the build goes one image at a time from then on.
-Per-image fill inputs (MONAI's ``mean_patch`` and ``mean_img``) never pack.
+its neighbours), and every row of a packed run goes through a batch whose size
+depends only on how many images its pack holds, never on which. With CUDA
+graphs every batch has the graph's size (short packs padded, captured or not).
+Without them a pack is one batch of up to G images, G the images that fit one;
+the libraries pick their algorithms by the batch's size, and a row's bits at
+G * P rows equal its bits at P rows for most models (measured on the CPU:
+ResNet18, DenseNet121, MobileNetV3, EfficientNet-B0 and the lesion models), not
+for all (a small linear head's product rounds 17 rows otherwise than 30). So
+the first pack of each size in a build also runs its first and last image alone
+and compares the bits; where they differ, the build goes one image at a time
+from then on. Per-image fill inputs (MONAI's ``mean_patch`` and ``mean_img``)
+never pack.
 
 ``pack=True`` trades the bits for throughput: it packs with no check, and runs
 a pack's unoccluded passes as one batch; its maps equal one call's up to float
@@ -53,6 +53,13 @@ logger = logging.getLogger(__name__)
 # Memory for the stacked stored activations of one pack.
 _CPU_BUDGET = 512 << 20
 _CUDA_BUDGET = 4 << 30
+# Without CUDA graphs: the most images a pack holds, and on the CPU, where the explainer's
+# default batch is sized for one image's windows, the rows a pack may run as its one batch
+# (what packing shares is the per-batch cost, some sixty ops' dispatch and index arithmetic;
+# measured with the lesion demo's model at stride 8, per-image loop = 1: 1.15x at 196 rows,
+# 1.60x at 490, 1.69x at 784).
+MAX_IMAGES = 16
+_CPU_PACK_BYTES = 128 << 20
 
 
 def pack_batch(ex: Explainer, images: int, batch_size: Optional[int], pack: Optional[bool] = None) -> Optional[int]:
@@ -60,12 +67,13 @@ def pack_batch(ex: Explainer, images: int, batch_size: Optional[int], pack: Opti
 
     Images pack when there are several, with no per-image fill inputs, and
     fewer positions an image than a batch (without CUDA graphs, at least two
-    images' positions in one). ``pack=None`` packs where every row's batch has
-    one size (see the module's docstring): on the CPU, and on a GPU with CUDA
-    graphs; never once a pack of this build differed from one call, and not
-    where there are too few images for one whole pack. ``pack=True`` packs on
-    any device; ``False`` never. The cheap conditions come first: the batch
-    needs the build (a compile on a blank image where there is none yet).
+    images' positions in one; on the CPU the default batch of a pack is up to
+    :data:`MAX_IMAGES` images within :data:`_CPU_PACK_BYTES`). ``pack=None``
+    packs where every row's batch has one size for each pack size (see the
+    module's docstring): on the CPU, and on a GPU with CUDA graphs; never once
+    a pack of this build differed from one call. ``pack=True`` packs on any
+    device; ``False`` never. The cheap conditions come first: the batch needs
+    the build (a compile on a blank image where there is none yet).
     """
     fill = ex.settings.fill
     if pack is False or images < 2 or fill.scaled or fill.image_color:
@@ -76,22 +84,23 @@ def pack_batch(ex: Explainer, images: int, batch_size: Optional[int], pack: Opti
     batch = ex._batch_for(batch_size)
     if ex.cuda_graphs:
         return batch if ex.positions < batch else None
-    fit = batch // ex.positions
-    return batch if fit >= 2 and (pack or images >= fit) else None
+    if ex.device.type == "cpu" and common.batch_size(batch_size) is None and ex.settings.batch_size is None:
+        batch = max(batch, min(MAX_IMAGES * ex.positions, _CPU_PACK_BYTES // max(1, ex.bytes_per_position)))
+    return batch if batch // ex.positions >= 2 else None
 
 
 def _images_per_pack(ex: Explainer, batch: int, stored: Sequence[Tensor]) -> int:
     """Images a pack holds (``stored``: one image's stored activations), within the memory
     budget of their stacked maps: with CUDA graphs enough to fill ``batch`` rows (at most
-    ``batch``); without, the images that fit one batch, so that each pack runs as one batch of
-    one size (and the torch gathers, which read a copy of the stacked rows, copy no image that
-    the batch does not read)."""
+    ``batch``); without, the images that fit one batch (at most :data:`MAX_IMAGES`), so that
+    each pack runs as one batch (and the torch gathers, which read a copy of the stacked rows,
+    copy no image that the batch does not read)."""
     per_image = sum(t.numel() * t.element_size() for t in stored)
     budget = _CPU_BUDGET
     if ex.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(ex.device)
         budget = min(_CUDA_BUDGET, free // 8)
-    fit = batch if ex.cuda_graphs else batch // ex.positions
+    fit = batch if ex.cuda_graphs else min(MAX_IMAGES, batch // ex.positions)
     return max(1, min(fit, budget // max(1, per_image)))
 
 
@@ -107,28 +116,28 @@ def packed_program(ex: Explainer) -> IncrementalProgram:
 
 
 def run_packed(ex: Explainer, images: Tensor, labels: Sequence[Optional[int]],
-               batch: int, check: bool = True) -> list[OcclusionResult]:
+               batch: int, check: bool = True, batch_size: Optional[int] = None) -> list[OcclusionResult]:
     """Heat maps of ``images`` (``(N, C, *spatial)``), several images per batch.
 
     With ``check`` (``pack=None``): the same bits as one call per image: each
-    unoccluded pass alone, the first pack of a build checked against one call,
-    and without CUDA graphs a short last pack run one call per image. Without
-    (``pack=True``): a pack's unoccluded passes in one batch, no check."""
+    unoccluded pass alone, the first pack of each size in a build checked
+    against one call (without CUDA graphs a last pack of one image runs as one call). Without
+    (``pack=True``): a pack's unoccluded passes in one batch, no check. ``batch_size`` is the
+    caller's: what an image that runs as one call (and the check's) runs with."""
     start = time.perf_counter()
     first = ex._prepare_all(images[:1])
     group = _images_per_pack(ex, batch, first[0][1])
-    alone_tail = check and not ex.cuda_graphs
+    prepare = ex._prepare_all if check else functools.partial(_prepare_together, ex)
     results: list[OcclusionResult] = []
     for lo in range(0, len(images), group):
         if lo:
             start = time.perf_counter()
-        short = alone_tail and len(images) - lo < group  # it would run at another batch size
-        if short or (check and ex._build.pack_checked is False):  # (or a pack differed from one call)
-            results += [ex(x, label=label, batch_size=batch) for x, label in zip(images[lo:], labels[lo:])]
+        last_alone = len(images) - lo == 1 and not ex.cuda_graphs  # (with graphs: padded, as any)
+        if check and (last_alone or ex._build.pack_checked is False):  # (or a pack differed)
+            results += [ex(x, label=label, batch_size=batch_size) for x, label in zip(images[lo:], labels[lo:])]
             break
-        prepare = ex._prepare_all if check else functools.partial(_prepare_together, ex)
         prepared = first + prepare(images[1:group]) if lo == 0 else prepare(images[lo:lo + group])
-        results += _run_pack(ex, prepared, labels[lo:lo + group], batch, group, start, check)
+        results += _run_pack(ex, prepared, labels[lo:lo + group], batch, group, start, check, batch_size)
     return results
 
 
@@ -148,18 +157,18 @@ def _prepare_together(ex: Explainer, images: Tensor) -> list[tuple[Tensor, list[
 
 
 def _run_pack(ex: Explainer, prepared: list, labels: Sequence[Optional[int]], batch: int, group: int,
-              start: float, check: bool) -> list[OcclusionResult]:
+              start: float, check: bool, batch_size: Optional[int] = None) -> list[OcclusionResult]:
     picked, bases = [], []
     for (logits, _), label in zip(prepared, labels):
         label = common.label_index(label, logits.shape[-1])
         picked.append(int(logits.argmax(1)) if label is None else label)
         bases.append(float(common.scores(logits, picked[-1], ex.output)))
-    # Each stored map stacked along the first spatial axis; a short pack is padded to
-    # `group` images (the same shapes for every pack: a CUDA graph is captured once).
+    # Each stored map stacked along the first spatial axis; with CUDA graphs a short pack is
+    # padded to `group` images (the same shapes for every pack: a graph is captured once).
     stacks = []
     for i in range(len(prepared[0][1])):
         maps = [stored[i] for _, stored in prepared]
-        maps += [maps[-1]] * (group - len(maps))
+        maps += [maps[-1]] * ((group - len(maps)) if ex.cuda_graphs else 0)
         stacks.append(torch.cat(maps, 2).contiguous(memory_format=channels_last(maps[0].dim() - 2)))
     count = ex.positions
     row_labels = torch.tensor(picked).repeat_interleave(count).to(ex.device)
@@ -169,20 +178,22 @@ def _run_pack(ex: Explainer, prepared: list, labels: Sequence[Optional[int]], ba
                      lambda logits, rows: common.scores(logits, row_labels[rows], ex.output),
                      module=program.module)
     build = ex._build
-    if check and build.pack_checked is None:
+    if check and len(prepared) not in build.packs_checked:
         # A row's bits not depending on its batch is what the libraries do (measured; see the
-        # module's docstring), not what they promise: the first pack of a build checks it on its
-        # first and last image, and where it fails, images go one at a time from here on.
+        # module's docstring), not what they promise: the first pack of each size checks it on
+        # its first and last image, and where it fails, images go one at a time from here on.
+        build.packs_checked.add(len(prepared))
         probes = sorted({0, len(prepared) - 1})
-        alone = {k: ex.run_positions(torch.arange(count), prepared[k][1], picked[k], batch) for k in probes}
-        differ = max(float((alone[k] - scores[k * count:(k + 1) * count]).abs().max()) for k in probes)
-        build.pack_checked = all(torch.equal(alone[k], scores[k * count:(k + 1) * count]) for k in probes)
-        if not build.pack_checked:
+        alone = {k: ex.run_positions(torch.arange(count), prepared[k][1], picked[k], batch_size) for k in probes}
+        same = all(torch.equal(alone[k], scores[k * count:(k + 1) * count]) for k in probes)
+        build.pack_checked = same and build.pack_checked is not False
+        if not same:
             # Expected on the CPU for some models (see above); a surprise with CUDA graphs.
+            differ = max(float((alone[k] - scores[k * count:(k + 1) * count]).abs().max()) for k in probes)
             log = logger.warning if ex.cuda_graphs else logger.info
             log("a packed batch gave %s's map other bits than one call (max difference %.3g) on %s: "
                 "explaining one image at a time", type(ex.model).__name__, differ, ex.device)
-            scores = torch.cat([alone[0]] + [ex.run_positions(torch.arange(count), stored, label, batch)
+            scores = torch.cat([alone[0]] + [ex.run_positions(torch.arange(count), stored, label, batch_size)
                                              for (_, stored), label in zip(prepared[1:], picked[1:])])
     seconds = (time.perf_counter() - start) / len(prepared)
     return [OcclusionResult(scores[k * count:(k + 1) * count].view(ex.grid), label, base, ex.stride, ex.patch,

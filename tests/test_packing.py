@@ -162,13 +162,28 @@ def test_on_the_cpu_a_pack_is_one_batch_of_one_size_with_one_calls_bits():
         assert torch.equal(got.heatmap, want.heatmap)
 
 
-def test_on_the_cpu_too_few_images_for_one_pack_run_one_call_each():
+def test_on_the_cpu_a_short_pack_is_checked_at_its_own_size():
     ex = _cpu_dag(batch_size=128)  # four images a pack
-    assert packing.pack_batch(ex, 3, None) is None and packing.pack_batch(ex, 4, None) == 128
-    assert packing.pack_batch(ex, 3, None, pack=True) == 128  # pack=True packs what there is
-    assert packing.pack_batch(ex, 4, 50) is None  # one image a batch: nothing to share
-    ex.run_many(IMAGES[:3])
-    assert ex._build.packed is None
+    alone_sizes = _batch_sizes(ex._current().program.module)
+    assert packing.pack_batch(ex, 3, None) == 128 and packing.pack_batch(ex, 4, 50) is None  # one a batch
+    for images, checks in ((IMAGES, 2 + 1), (IMAGES[:3], 2), (IMAGES[1:4], 0)):  # (+1: the fifth image)
+        alone_sizes.clear()
+        many = ex.run_many(images)
+        assert len(alone_sizes) == checks and ex._build.pack_checked is True
+        assert all(torch.equal(got.heatmap, ex(x).heatmap) for x, got in zip(images, many))
+    assert ex._build.packs_checked == {4, 3}
+
+
+def test_on_the_cpu_a_pack_runs_up_to_sixteen_images_by_default():
+    """The explainer's default batch is sized for one image's windows; a pack's is larger."""
+    ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False)
+    assert ex.batch_size < 16 * 30 and packing.pack_batch(ex, 20, None) == 16 * 30
+    assert packing.pack_batch(ex, 20, 64) == 64  # a batch the caller asks for is kept
+    images = torch.randn(17, 3, 21, 19, generator=torch.Generator().manual_seed(4))
+    packed_sizes = _batch_sizes(packing.packed_program(ex).module)
+    many = ex.run_many(images)
+    assert packed_sizes == [16 * 30]  # and the 17th image alone
+    assert all(torch.equal(got.heatmap, ex(x).heatmap) for x, got in zip(images, many))
 
 
 @pytest.mark.parametrize("device", ["cuda graphs", "cpu"])

