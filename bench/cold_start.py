@@ -8,7 +8,7 @@ cache warm, so both rounds are printed, with the first process's background comp
 third krypton_fx process, from an empty cache again, runs with tiers off
 (``KRYPTON_FX_TIERED=0``: each kernel compiled at its first launch, as before tiers).
 
-    python bench/cold_start.py                        # CPU (one thread), 64 x 64 images
+    python bench/cold_start.py                        # CPU (one thread), 64 x 64 images (InceptionV3 96)
     python bench/cold_start.py --device cuda          # ResNet18, VGG16 at 224, InceptionV3 at 299
 """
 
@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="resnet18,vgg16,inception_v3")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--size", type=int, default=None, help="image size (default: 224/299 on CUDA, 64 on CPU)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image size (default: 224 on CUDA, 64 on the CPU; InceptionV3 299 and 96, its least is 75)")
     p.add_argument("--stride", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
@@ -83,18 +84,19 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    if args.size is None and not args.device.startswith("cuda"):
-        args.size = 64
+    cpu = not args.device.startswith("cuda")
+    sizes = {model: args.size or ((96 if model == "inception_v3" else 64) if cpu else None)
+             for model in args.models.split(",")}
     print(f"one image, cold, each in a fresh process ({args.device}); patch 16, stride {args.stride}, "
-          f"batch {args.batch_size}")
+          f"batch {args.batch_size}; image size " + ", ".join(f"{m} {s or 'default'}" for m, s in sizes.items()))
     print(f"{'model':14s} {'naive s':>8s} {'krypton 1st s':>13s} {'krypton 2nd s':>13s} {'ratio 1st':>9s} "
           f"{'ratio 2nd':>9s} {'untiered 1st':>13s}")
 
     def run(side: str, model: str, cache: str, **env: str) -> dict:
         cmd = [sys.executable, __file__, "--worker", side, "--model", model, "--device", args.device,
                "--stride", str(args.stride), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-        if args.size:
-            cmd += ["--size", str(args.size)]
+        if sizes[model]:
+            cmd += ["--size", str(sizes[model])]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True,
                              env={**os.environ, "TRITON_CACHE_DIR": cache, **env}).stdout
         return json.loads(out.strip().splitlines()[-1])
