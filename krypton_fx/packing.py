@@ -193,8 +193,9 @@ def _run_pack(ex: Explainer, prepared: list, labels: Sequence[Optional[int]], ba
             log = logger.warning if ex.cuda_graphs else logger.info
             log("a packed batch gave %s's map other bits than one call (max difference %.3g) on %s: "
                 "explaining one image at a time", type(ex.model).__name__, differ, ex.device)
-            scores = torch.cat([alone[0]] + [ex.run_positions(torch.arange(count), stored, label, batch_size)
-                                             for (_, stored), label in zip(prepared[1:], picked[1:])])
+            scores = torch.cat([alone[k] if k in alone else
+                                ex.run_positions(torch.arange(count), stored, label, batch_size)
+                                for k, ((_, stored), label) in enumerate(zip(prepared, picked))])
     seconds = (time.perf_counter() - start) / len(prepared)
     return [OcclusionResult(scores[k * count:(k + 1) * count].view(ex.grid), label, base, ex.stride, ex.patch,
                             ex.output, RunStats(count, batch, seconds=seconds))
