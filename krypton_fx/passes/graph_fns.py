@@ -1,10 +1,12 @@
 """The functions the incremental graph calls, besides the gather ops (``krypton_fx.ops``):
-the patch of a colour, 1x1x1 convs as matrix products, sum pools, and the table
-arithmetic of packed programs (several images per batch)."""
+the patch of a colour, 1x1x1 convs as matrix products, sum pools, the table
+arithmetic of packed programs (several images per batch), and the decoder's
+windowed ops (crops of transposed convs, resampling by source taps)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,13 @@ from torch import Tensor, fx
 from torch.profiler import record_function
 
 __all__ = ["color_patch", "offset_first_axis", "whole_map_table", "pointwise_conv", "is_pointwise_3d",
-           "sum_pool", "max_pool_channels_last"]
+           "sum_pool", "max_pool_channels_last", "channels_last", "crop_box", "full_size_stand_in",
+           "resample_window"]
+
+
+def channels_last(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of maps with ``ndim`` spatial axes (contiguous for one)."""
+    return {2: torch.channels_last, 3: torch.channels_last_3d}.get(ndim, torch.contiguous_format)
 
 
 @fx.wrap
@@ -85,3 +93,81 @@ def max_pool_channels_last(x: Tensor, kernel: tuple[int, ...], stride: tuple[int
     if x.device.type != "cpu" or x.dim() != len(kernel) + 2 or not x.is_contiguous():
         return pool(x, kernel, stride, padding, dilation, ceil_mode)
     return pool(x.contiguous(memory_format=layout), kernel, stride, padding, dilation, ceil_mode).contiguous()
+
+
+@fx.wrap
+def full_size_stand_in(patch: Tensor, full: tuple[int, ...]) -> Tensor:
+    """A tensor without storage (device ``meta``) of the whole map's shape, ``(B, C, *full)``,
+    for shape queries (``x.shape[-2:]``) of a map the incremental graph holds as a patch."""
+    return torch.empty((patch.shape[0], patch.shape[1], *full), dtype=patch.dtype, device="meta")
+
+
+@fx.wrap
+def crop_box(x: Tensor, crop: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
+    """``x[..., crop_d : crop_d + size_d]`` on every spatial axis, channels-last (a transposed
+    conv's result on a window holds the box at the same offset for every position)."""
+    if all(c == 0 for c in crop) and tuple(x.shape[2:]) == tuple(size):
+        return x
+    box = x[(slice(None), slice(None), *(slice(c, c + n) for c, n in zip(crop, size)))]
+    return box.contiguous(memory_format=channels_last(len(size)))
+
+
+def _take(x: Tensor, index: Sequence[Optional[Tensor]]) -> Tensor:
+    """``out[b, c, j_0, ...] = x[b, c, i_0, ...]`` with ``i_d = index[d][b, j_d]`` (int64 ``(B, M_d)``)
+    on the axes that have an index, ``i_d = j_d`` on the others: one row gather over
+    channels-last rows (as the gather ops read)."""
+    batch, channels, size = x.shape[0], x.shape[1], tuple(x.shape[2:])
+    n, dev = len(size), x.device
+    out_size = tuple(size[d] if i is None else i.shape[1] for d, i in enumerate(index))
+    rows = torch.arange(batch, device=dev).view(batch, *(1,) * n) * math.prod(size)
+    step = 1
+    for d in reversed(range(n)):
+        coord = torch.arange(size[d], device=dev)[None] if index[d] is None else index[d]
+        shape = [coord.shape[0]] + [1] * n
+        shape[d + 1] = out_size[d]
+        rows = rows + (coord * step).view(shape)
+        step *= size[d]
+    flat = x.movedim(1, -1).reshape(-1, channels)  # no copy when x is channels-last
+    out = flat.index_select(0, rows.reshape(-1))
+    return out.view(batch, *out_size, channels).movedim(-1, 1)
+
+
+@fx.wrap
+def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weight: Sequence[Optional[Tensor]],
+                    size: tuple[int, ...]) -> Tensor:
+    """A resampling op (``F.interpolate``) on each position's window, by source taps
+    (:class:`krypton_fx.geometry.AxisTaps`): box output ``j`` on axis ``d`` is
+    ``sum_t weight[d][o, t] * window[first[d][o] + t - w_d]``, ``o = x_d + j``.
+
+    Args:
+        window: ``(B, C, *R)`` gathered windows.
+        table: int64 ``(B, 2N)`` rows ``[x_0..x_{N-1}, w_0..w_{N-1}]``: the box's start in the
+            op's output, the window's start in its input.
+        first: per axis, int64 ``(O_d,)`` first source of each output.
+        weight: per axis, ``(O_d, T_d)`` tap weights, or None where the op copies (nearest).
+        size: the box, ``N`` sizes.
+
+    Returns:
+        ``(B, C, *size)``, channels-last. Axes with one tap of weight 1 are copied in one
+        gather; the others are resampled one after another, shrinking axes first.
+    """
+    n = len(size)
+    taps, scaled = [], []
+    for d in range(n):
+        o = table[:, d, None] + torch.arange(size[d], device=table.device)  # (B, M_d) outputs
+        taps.append(first[d][o] - table[:, n + d, None])  # their first source in the window
+        scaled.append(None if weight[d] is None else weight[d][o])  # (B, M_d, T_d)
+    copied = [d for d in range(n) if scaled[d] is None]
+    x = window
+    if copied:
+        x = _take(x, [taps[d] if d in copied else None for d in range(n)])
+    for d in sorted((d for d in range(n) if scaled[d] is not None), key=lambda d: size[d] / x.shape[2 + d]):
+        w = scaled[d].to(x.dtype)
+        view = [w.shape[0], 1] + [1] * n
+        view[2 + d] = size[d]
+        acc = None
+        for t in range(w.shape[2]):
+            term = _take(x, [taps[d] + t if e == d else None for e in range(n)]) * w[:, :, t].view(view)
+            acc = term if acc is None else acc + term
+        x = acc
+    return x.contiguous(memory_format=channels_last(n))
