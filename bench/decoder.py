@@ -73,12 +73,13 @@ class UNetClassifier(nn.Module):
 
 
 def build(case: str) -> tuple[nn.Module, tuple[int, ...]]:
-    """``(model, spatial size)`` of ``unet-UP[-3d]@SIZE``."""
+    """``(model, spatial size)`` of ``unet-UP[-3d][-lLEVELS]@SIZE`` (2 levels unless given)."""
     arch, _, size = case.partition("@")
     parts = arch.split("-")
-    dims = 3 if parts[-1] == "3d" else 2
+    dims = 3 if "3d" in parts else 2
+    levels = next((int(p[1:]) for p in parts if p.startswith("l") and p[1:].isdigit()), 2)
     torch.manual_seed(0)
-    model = UNetClassifier(up=parts[1], dims=dims, levels=2 if dims == 3 else 3).eval()
+    model = UNetClassifier(up=parts[1], dims=dims, levels=levels).eval()
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -89,7 +90,7 @@ def build(case: str) -> tuple[nn.Module, tuple[int, ...]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="unet-transpose@128,unet-bilinear@128,unet-nearest@128,"
-                                      "unet-transpose@256,unet-transpose-3d@48")
+                                      "unet-transpose@256,unet-transpose-l3@256,unet-transpose-3d@48")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the machine is shared)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--positions", type=int, default=32, help="centre positions timed (a multiple of the batch)")

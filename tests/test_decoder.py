@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from strategies import assert_random_dag_exact, random_encoder_decoders
+from test_packing import _assert_packed_rows_exact
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -134,6 +135,12 @@ class FunctionalDecoder(nn.Module):
         y = self.squeeze(self.resize(y))
         deep = self.up(self.whole(y), output_size=y.shape)
         return self.head(torch.cat([deep, y], 1).amax((2, 3)))
+
+
+@pytest.mark.parametrize("up", ["transpose", "bilinear", "size:nearest"])
+def test_a_packed_decoder_program_reads_each_rows_own_image(up):
+    """Several images' positions per batch (run_many): rows bit for bit one image's program."""
+    _assert_packed_rows_exact(TinyUNet(up).eval(), 2, (14, 12), (3, 4), (3, 4), 0.0, up)
 
 
 def test_functional_forms_and_shape_queries_are_exact():

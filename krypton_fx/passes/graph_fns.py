@@ -112,24 +112,22 @@ def crop_box(x: Tensor, crop: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
     return box.contiguous(memory_format=channels_last(len(size)))
 
 
-def _take(x: Tensor, index: Sequence[Optional[Tensor]]) -> Tensor:
-    """``out[b, c, j_0, ...] = x[b, c, i_0, ...]`` with ``i_d = index[d][b, j_d]`` (int64 ``(B, M_d)``)
-    on the axes that have an index, ``i_d = j_d`` on the others: one row gather over
-    channels-last rows (as the gather ops read)."""
-    batch, channels, size = x.shape[0], x.shape[1], tuple(x.shape[2:])
-    n, dev = len(size), x.device
-    out_size = tuple(size[d] if i is None else i.shape[1] for d, i in enumerate(index))
-    rows = torch.arange(batch, device=dev).view(batch, *(1,) * n) * math.prod(size)
+def _row_index(batch: int, size: tuple[int, ...], index: Sequence[Optional[Tensor]],
+               device: torch.device) -> Tensor:
+    """Flat row (of a ``(batch * prod(size), C)`` row view) of every element of ``(batch, *out)``
+    where ``out[d]`` reads ``index[d][b, j_d]`` (int64 ``(B, M_d)``) on the axes that have an
+    index and ``j_d`` on the others; ``(batch, *out)`` int64."""
+    n = len(size)
+    out = tuple(size[d] if i is None else i.shape[1] for d, i in enumerate(index))
+    rows = torch.arange(batch, device=device).view(batch, *(1,) * n) * math.prod(size)
     step = 1
     for d in reversed(range(n)):
-        coord = torch.arange(size[d], device=dev)[None] if index[d] is None else index[d]
+        coord = torch.arange(size[d], device=device)[None] if index[d] is None else index[d]
         shape = [coord.shape[0]] + [1] * n
-        shape[d + 1] = out_size[d]
+        shape[d + 1] = out[d]
         rows = rows + (coord * step).view(shape)
         step *= size[d]
-    flat = x.movedim(1, -1).reshape(-1, channels)  # no copy when x is channels-last
-    out = flat.index_select(0, rows.reshape(-1))
-    return out.view(batch, *out_size, channels).movedim(-1, 1)
+    return rows
 
 
 @fx.wrap
@@ -149,25 +147,31 @@ def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weig
 
     Returns:
         ``(B, C, *size)``, channels-last. Axes with one tap of weight 1 are copied in one
-        gather; the others are resampled one after another, shrinking axes first.
+        row gather; the others are resampled one after another (shrinking axes first),
+        each tap a row gather, weighed and summed in place on rows of channels.
     """
-    n = len(size)
+    n, batch, channels, dev = len(size), window.shape[0], window.shape[1], window.device
     taps, scaled = [], []
     for d in range(n):
-        o = table[:, d, None] + torch.arange(size[d], device=table.device)  # (B, M_d) outputs
+        o = table[:, d, None] + torch.arange(size[d], device=dev)  # (B, M_d) outputs
         taps.append(first[d][o] - table[:, n + d, None])  # their first source in the window
-        scaled.append(None if weight[d] is None else weight[d][o])  # (B, M_d, T_d)
+        scaled.append(None if weight[d] is None else weight[d][o].to(window.dtype))  # (B, M_d, T_d)
+    rows = window.movedim(1, -1).reshape(-1, channels)  # no copy when the window is channels-last
+    current = tuple(window.shape[2:])
     copied = [d for d in range(n) if scaled[d] is None]
-    x = window
     if copied:
-        x = _take(x, [taps[d] if d in copied else None for d in range(n)])
-    for d in sorted((d for d in range(n) if scaled[d] is not None), key=lambda d: size[d] / x.shape[2 + d]):
-        w = scaled[d].to(x.dtype)
-        view = [w.shape[0], 1] + [1] * n
-        view[2 + d] = size[d]
+        index = [taps[d] if d in copied else None for d in range(n)]
+        rows = rows.index_select(0, _row_index(batch, current, index, dev).reshape(-1))
+        current = tuple(size[d] if d in copied else current[d] for d in range(n))
+    for d in sorted((d for d in range(n) if scaled[d] is not None), key=lambda d: size[d] / current[d]):
+        out = current[:d] + (size[d],) + current[d + 1:]
+        view = [batch] + [1] * n
+        view[1 + d] = size[d]
         acc = None
-        for t in range(w.shape[2]):
-            term = _take(x, [taps[d] + t if e == d else None for e in range(n)]) * w[:, :, t].view(view)
-            acc = term if acc is None else acc + term
-        x = acc
-    return x.contiguous(memory_format=channels_last(n))
+        for t in range(scaled[d].shape[2]):
+            index = [taps[d] + t if e == d else None for e in range(n)]
+            term = rows.index_select(0, _row_index(batch, current, index, dev).reshape(-1))
+            w = scaled[d][:, :, t].reshape(view).expand(batch, *out).reshape(-1, 1)
+            acc = term.mul_(w) if acc is None else acc.addcmul_(term, w)
+        rows, current = acc, out
+    return rows.view(batch, *size, channels).movedim(-1, 1)
