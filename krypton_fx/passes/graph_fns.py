@@ -148,14 +148,15 @@ def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weig
     Returns:
         ``(B, C, *size)``, channels-last. Axes with one tap of weight 1 are copied in one
         row gather; the others are resampled one after another (shrinking axes first),
-        each tap a row gather, weighed and summed in place on rows of channels.
+        each tap a row gather, weighed and summed in place on rows of channels (in the
+        weights' dtype: float32 for half-precision maps, rounded once at the end).
     """
     n, batch, channels, dev = len(size), window.shape[0], window.shape[1], window.device
     taps, scaled = [], []
     for d in range(n):
         o = table[:, d, None] + torch.arange(size[d], device=dev)  # (B, M_d) outputs
         taps.append(first[d][o] - table[:, n + d, None])  # their first source in the window
-        scaled.append(None if weight[d] is None else weight[d][o].to(window.dtype))  # (B, M_d, T_d)
+        scaled.append(None if weight[d] is None else weight[d][o])  # (B, M_d, T_d)
     rows = window.movedim(1, -1).reshape(-1, channels)  # no copy when the window is channels-last
     current = tuple(window.shape[2:])
     copied = [d for d in range(n) if scaled[d] is None]
@@ -171,7 +172,8 @@ def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weig
         for t in range(scaled[d].shape[2]):
             index = [taps[d] + t if e == d else None for e in range(n)]
             term = rows.index_select(0, _row_index(batch, current, index, dev).reshape(-1))
+            term = term.to(scaled[d].dtype)  # half precision is weighed in float32, as the kernels do
             w = scaled[d][:, :, t].reshape(view).expand(batch, *out).reshape(-1, 1)
             acc = term.mul_(w) if acc is None else acc.addcmul_(term, w)
         rows, current = acc, out
-    return rows.view(batch, *size, channels).movedim(-1, 1)
+    return rows.to(window.dtype).view(batch, *size, channels).movedim(-1, 1)

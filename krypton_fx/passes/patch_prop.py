@@ -300,7 +300,9 @@ class PatchProp(fx.Interpreter):
             crop = tuple(a[2] for a in axes)
         elif local.op == "resample":
             try:
-                taps = resample_taps(local, in_box.full, out_full, result.dtype, result.device)
+                # the kernels weigh half-precision maps in float32 (their opmath) and round once
+                dtype = torch.float64 if result.dtype == torch.float64 else torch.float32
+                taps = resample_taps(local, in_box.full, out_full, dtype, result.device)
             except ValueError as e:
                 return self._dense(n, Kind.GLOBAL, [src], f"{_target_name(n)}: {e}", result)
             axes = [_resample_axis(start, size, t, tau) for start, size, t in zip(in_box.starts, in_box.sizes, taps)]

@@ -68,13 +68,13 @@ class WindowedOps:
     def _windowed_resample(self, info: PatchInfo, window: fx.Node) -> fx.Node:
         """Resampling by per-axis source taps (geometry.AxisTaps): each position's box start and
         window start index the taps; nearest modes copy, the others weigh their taps."""
-        g, k, dtype = self.graph, self._n_tables, self.tables.color.dtype
+        g, k = self.graph, self._n_tables
         firsts, weights = [], []
         for axis, taps in enumerate(info.taps):
             self.tables.register_buffer(f"resample_first_{k}_{axis}", taps.first.clone())
             firsts.append(g.get_attr(f"krypton_tables.resample_first_{k}_{axis}"))
             if not taps.selects:
-                self.tables.register_buffer(f"resample_weight_{k}_{axis}", taps.weight.to(dtype))
+                self.tables.register_buffer(f"resample_weight_{k}_{axis}", taps.weight.clone())
             weights.append(None if taps.selects else g.get_attr(f"krypton_tables.resample_weight_{k}_{axis}"))
         table = self._table(torch.stack(list(info.box.starts) + list(info.reads[0].window.starts), 1))
         return g.call_function(resample_window, (window, table, tuple(firsts), tuple(weights), info.box.sizes))
