@@ -42,7 +42,8 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
                         channels: Optional[int] = None) -> float:
     """Theoretical speedup ``R = Q / Q_inc`` of incremental inference (eqs. 16-20).
 
-    Counts convolution multiply-adds only, with the patch at the image centre.
+    Counts convolution multiply-adds only (transposed convolutions per input element, on
+    the input window they read), with the patch at the image centre.
     ``image_size`` gives the spatial axes: ``(H, W)`` (an int: a square),
     ``(D, H, W)`` for volumes, ``(L,)`` for signals; ``patch`` an int or one
     per axis; ``channels`` defaults to the first convolution's input channels.
@@ -55,7 +56,7 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
     size = spatial_size(image_size)
     patch_t = int_tuple(patch, len(size), "patch")
     if channels is None:  # the first convolution's input channels, else 3
-        first = next((m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))), None)
+        first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)  # transposed too
         channels = first.in_channels if first is not None else 3
     if not (0.0 < tau <= 1.0):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")

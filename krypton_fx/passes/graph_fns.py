@@ -132,7 +132,7 @@ def _row_index(batch: int, size: tuple[int, ...], index: Sequence[Optional[Tenso
 
 @fx.wrap
 def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weight: Sequence[Optional[Tensor]],
-                    size: tuple[int, ...]) -> Tensor:
+                    size: tuple[int, ...], lerp: Sequence[bool] = ()) -> Tensor:
     """A resampling op (``F.interpolate``) on each position's window, by source taps
     (:class:`krypton_fx.geometry.AxisTaps`): box output ``j`` on axis ``d`` is
     ``sum_t weight[d][o, t] * window[first[d][o] + t - w_d]``, ``o = x_d + j``.
@@ -144,6 +144,8 @@ def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weig
         first: per axis, int64 ``(O_d,)`` first source of each output.
         weight: per axis, ``(O_d, T_d)`` tap weights, or None where the op copies (nearest).
         size: the box, ``N`` sizes.
+        lerp: per axis, whether its two taps weigh ``1 - w`` and ``w`` (linear modes): one
+            ``torch.lerp`` instead of a multiply and a multiply-add.
 
     Returns:
         ``(B, C, *size)``, channels-last. Axes with one tap of weight 1 are copied in one
@@ -151,6 +153,12 @@ def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weig
         each tap a row gather, weighed and summed in place on rows of channels (in the
         weights' dtype: float32 for half-precision maps, rounded once at the end).
     """
+    with record_function("krypton::resample"):
+        return _resample_rows(window, table, first, weight, size, lerp)
+
+
+def _resample_rows(window: Tensor, table: Tensor, first: Sequence[Tensor], weight: Sequence[Optional[Tensor]],
+                   size: tuple[int, ...], lerp: Sequence[bool]) -> Tensor:
     n, batch, channels, dev = len(size), window.shape[0], window.shape[1], window.device
     taps, scaled = [], []
     for d in range(n):
@@ -168,12 +176,15 @@ def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weig
         out = current[:d] + (size[d],) + current[d + 1:]
         view = [batch] + [1] * n
         view[1 + d] = size[d]
-        acc = None
-        for t in range(scaled[d].shape[2]):
-            index = [taps[d] + t if e == d else None for e in range(n)]
-            term = rows.index_select(0, _row_index(batch, current, index, dev).reshape(-1))
-            term = term.to(scaled[d].dtype)  # half precision is weighed in float32, as the kernels do
-            w = scaled[d][:, :, t].reshape(view).expand(batch, *out).reshape(-1, 1)
-            acc = term.mul_(w) if acc is None else acc.addcmul_(term, w)
-        rows, current = acc, out
+        terms = [rows.index_select(0, _row_index(batch, current, [taps[d] + t if e == d else None for e in range(n)],
+                                                 dev).reshape(-1)).to(scaled[d].dtype)  # half: in float32
+                 for t in range(scaled[d].shape[2])]
+        weights = [scaled[d][:, :, t].reshape(view).expand(batch, *out).reshape(-1, 1) for t in range(len(terms))]
+        if lerp and lerp[d]:  # linear modes: w0 = 1 - w1, one pass instead of two
+            rows = terms[0].lerp_(terms[1], weights[1])
+        else:
+            rows = terms[0].mul_(weights[0])
+            for term, w in zip(terms[1:], weights[1:]):
+                rows.addcmul_(term, w)
+        current = out
     return rows.to(window.dtype).view(batch, *size, channels).movedim(-1, 1)

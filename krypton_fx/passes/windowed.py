@@ -77,7 +77,8 @@ class WindowedOps:
                 self.tables.register_buffer(f"resample_weight_{k}_{axis}", taps.weight.clone())
             weights.append(None if taps.selects else g.get_attr(f"krypton_tables.resample_weight_{k}_{axis}"))
         table = self._table(torch.stack(list(info.box.starts) + list(info.reads[0].window.starts), 1))
-        return g.call_function(resample_window, (window, table, tuple(firsts), tuple(weights), info.box.sizes))
+        lerp = tuple(t.taps == 2 and bool(((t.weight.sum(1) - 1).abs() <= 1e-6).all()) for t in info.taps)
+        return g.call_function(resample_window, (window, table, tuple(firsts), tuple(weights), info.box.sizes, lerp))
 
     def _windowed_pool(self, info: PatchInfo, window: fx.Node) -> fx.Node:
         local = info.local
