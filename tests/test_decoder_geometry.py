@@ -96,7 +96,7 @@ def transposed_layers(draw):
     return dims, k, s, p, op, d, groups, size
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(layer=transposed_layers(), data=st.data())
 def test_transposed_conv_box_contains_the_change_and_its_window_reproduces_it(layer, data):
     dims, k, s, p, op, d, groups, size = layer
@@ -154,7 +154,7 @@ def resample_layers(draw):
     return dims, size, kwargs
 
 
-@settings(max_examples=60)
+@settings(max_examples=40)
 @given(layer=resample_layers(), data=st.data())
 def test_resampling_box_contains_the_change_and_its_taps_reproduce_it(layer, data):
     dims, size, kwargs = layer
