@@ -25,6 +25,10 @@ class OcclusionResult:
         patch: ``(h, w)`` occlusion patch.
         output: ``"prob"`` or ``"logit"``.
         stats: counts and time of the run (:class:`RunStats`).
+        heatmaps: ``(K, *grid)``: one map per explained class, ``heatmaps[k]`` that of
+            ``labels[k]`` (a call with ``labels=`` or ``top_k=``; else ``K = 1``, the map above).
+        labels: the ``K`` explained classes; ``labels[0] == label``.
+        base_probs: their ``K`` values without occlusion.
     """
 
     heatmap: Tensor
@@ -34,6 +38,17 @@ class OcclusionResult:
     patch: tuple[int, int]
     output: str = "prob"
     stats: "RunStats" = dataclasses.field(default_factory=lambda: RunStats(0, 0))
+    heatmaps: Optional[Tensor] = None
+    labels: Optional[list[int]] = None
+    base_probs: Optional[list[float]] = None
+
+    def __post_init__(self):
+        if self.heatmaps is None:
+            self.heatmaps = self.heatmap.unsqueeze(0)
+        if self.labels is None:
+            self.labels = [self.label]
+        if self.base_probs is None:
+            self.base_probs = [self.base_prob]
 
 
 @dataclasses.dataclass
