@@ -88,7 +88,7 @@ class _SegmentPlan:
     """Everything the incremental path needs for one call."""
 
     segments: list[Tensor]               # per example: (1 or C, *spatial) int64 segment ids
-    baselines: list[Union[float, Tensor]]  # per example: a number or a (1 or C, *spatial) image
+    baselines: list[Union[float, Tensor]]  # per example: a number or a (C, *spatial) image
     classes: list[int]                   # per example: the class the target selects
     base: Tensor                         # (N,): the unablated output for the target (output dtype)
 
@@ -107,7 +107,7 @@ def _incremental_segments(model: nn.Module, images: Tensor, segments: list[Tenso
     - ``image``: ``(C, *spatial)``, the model's dtype and device;
     - ``segments``: ``(1 or C, *spatial)`` int64 ids, any integers, not necessarily
       consecutive; a segment may be in several pieces; ``C`` rows: per-channel masks;
-    - ``baseline``: a float, or a ``(1 or C, *spatial)`` tensor (the model's dtype and device);
+    - ``baseline``: a float, or a ``(C, *spatial)`` tensor (the model's dtype and device);
     - ``label``: the class whose logit is recorded; ``batch_size``: at most this many
       ablated images per batch (Captum's ``perturbations_per_eval * N`` bound);
     - returns ``(S,)`` float32 on the CPU, ``S`` the distinct ids of ``segments`` in ascending
@@ -119,7 +119,7 @@ def _incremental_segments(model: nn.Module, images: Tensor, segments: list[Tenso
         model: the ``nn.Module`` being explained (eval mode, traceable as far as known).
         images: ``(N, C, *spatial)`` finite floating-point images.
         segments: per example, its ``(1 or C, *spatial)`` int64 mask.
-        baselines: per example, a finite float or a ``(1 or C, *spatial)`` tensor.
+        baselines: per example, a finite float or a ``(C, *spatial)`` tensor.
         classes: per example, the class whose logit is recorded.
         batch_size: the most ablated images per batch.
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .forms import (
     CaptumArgumentError,
+    CaptumArgumentRuntimeError,
     OcclusionArgumentError,
     Target,
     _as_output_tensor,
@@ -219,6 +220,13 @@ class _Totals:
         self.weights = ([torch.zeros((self.n_outputs, *x.shape[1:]), device=x.device) for x in call.inputs]
                         if use_weights else [])
         self.checked = call.ppe == 1
+        for i, (x, mask) in enumerate(zip(call.inputs, call.masks)):
+            if mask.dim() and mask.shape[0] > 1 and x.numel() and mask.shape[0] != self.n_outputs:
+                # Captum fails adding the drops up (RuntimeError): say why
+                raise CaptumArgumentRuntimeError(
+                    f"feature_mask[{i}] has one mask per example ({mask.shape[0]}) but the target selects "
+                    f"{self.n_outputs} output value(s) per call: per-example masks need one output per "
+                    "example (a target per example, or a forward_func returning one value per example)")
 
     def add(self, ids: list[int], modified: Tensor, masks_of: Optional[dict[int, Tensor]] = None) -> None:
         """Adds one forward call's drops (``masks_of`` as the batch had them, or made again)."""
