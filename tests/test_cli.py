@@ -293,3 +293,30 @@ def test_warnings_for_a_stride_past_the_patch_and_a_one_class_model(tmp_path):
     assert "--stride 16x16 is larger than --patch 8x8" in proc.stderr
     assert "one output: its softmax probability is 1 everywhere" in proc.stderr
     assert "(16 positions, batch 16)" in proc.stdout  # the batch that ran, not the one asked for
+
+
+@pytest.mark.parametrize("python_on_fd_2", [True, False], ids=["a terminal's stderr", "a captured stderr"])
+def test_native_stderr_goes_to_a_file_while_pythons_keeps_the_terminal(tmp_path, capfd, monkeypatch,
+                                                                        python_on_fd_2):
+    """What Ray's C++ core writes to descriptor 2 lands in Ray's log folder; the command's own
+    warnings, progress and log lines (sys.stderr, the krypton_fx log handler) stay on the terminal."""
+    import io
+    import logging
+
+    from krypton_fx.cli.errors import attach_log_handler, native_stderr_to, warn
+
+    if python_on_fd_2:  # as in a terminal: sys.stderr writes to descriptor 2 itself
+        monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True))
+    handler = attach_log_handler()
+    try:
+        with native_stderr_to(tmp_path / "native.err"):
+            os.write(2, b"[E core_worker.cc:1] native\n")
+            warn("ours")
+            logging.getLogger("krypton_fx.test").warning("logged")
+        os.write(2, b"after\n")
+    finally:
+        logging.getLogger("krypton_fx").removeHandler(handler)
+    err = capfd.readouterr().err
+    assert (tmp_path / "native.err").read_text() == "[E core_worker.cc:1] native\n"
+    assert "krypton-fx: warning: ours" in err and "krypton-fx: warning: logged" in err and "after" in err
+    assert "native" not in err

@@ -110,7 +110,11 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                       help="one worker per device over a shared queue (instead of --device)")
     many.add_argument("--ray", metavar="auto|ADDRESS",
                       help="run the workers on a Ray cluster (pip install 'krypton_fx[ray]'): auto joins "
-                           "the running cluster or starts a local one")
+                           "the running cluster or starts a local one. Ray's own logs stay out of the terminal, "
+                           "in its session's log folder (/tmp/ray/session_latest/logs by default, or under "
+                           "the cluster's --temp-dir; the run prints where): the workers' output in "
+                           "worker-*.out/.err, Ray Data's in ray-data/, what Ray's core says in this process "
+                           "in krypton-fx-driver.err")
     many.add_argument("--workers", type=opt.positive_int, metavar="N",
                       help="Ray workers (default: one per GPU of the cluster, else 2)")
     p.set_defaults(run=run)
