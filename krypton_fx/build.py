@@ -29,10 +29,11 @@ class Settings:
     Attributes:
         patch: occlusion patch, one int per spatial axis (``(h, w)`` for images).
         stride: between positions, one int per spatial axis.
-        color: patch colour, one float per channel, in the model's input space.
+        color: patch colour in the model's input space: one float, or one per channel.
         image_size: spatial size of the images the explainer takes: ``(H, W)``,
             ``(D, H, W)`` for volumes, ``(L,)`` for signals.
-        channels: image channels.
+        channels: image channels, or None: from the model's first layer (else the colour,
+            else the first image; :attr:`Explainer.channels`).
         tau: projective-field threshold; 1.0 is exact.
         batch_size: positions per batch, or None to size batches from memory.
         device: where the graphs run.
@@ -50,7 +51,7 @@ class Settings:
     stride: tuple[int, ...]
     color: tuple[float, ...]
     image_size: tuple[int, ...]
-    channels: int
+    channels: Optional[int]
     tau: float
     batch_size: Optional[int]
     device: torch.device
@@ -77,8 +78,13 @@ class Build:
     spatial: dict[str, tuple[int, ...]]  # spatial shape of each stored node's map
     verified: bool = False
     packed: Optional[IncrementalProgram] = None  # for several images a batch (packing.py), made once needed
-    pack_checked: Optional[bool] = None  # whether a pack gave one call's bits (None: no pack ran yet)
-    packs_checked: set = dataclasses.field(default_factory=set)  # pack sizes (images) compared so far
+    # Pack sizes (images) compared with one call so far, and whether the bits were the same.
+    packs_checked: dict[int, bool] = dataclasses.field(default_factory=dict)
+
+    @property
+    def pack_failed(self) -> bool:
+        """Whether a pack of this build gave other bits than one call (then images go one at a time)."""
+        return not all(self.packs_checked.values())
 
 
 def check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:

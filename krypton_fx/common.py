@@ -128,6 +128,10 @@ def image_batch(image: Tensor, expect: Optional[tuple[int, ...]] = None,
     if dtype is not None and image.dtype != dtype:
         raise TypeError(f"image is {str(image.dtype)[6:]} but the model computes in {str(dtype)[6:]}; "
                         f"convert it first: image.to(torch.{str(dtype)[6:]})")
+    if expect is not None and tuple(image.shape[2:]) == tuple(expect[1:]) and image.shape[1] != expect[0]:
+        raise ValueError(f"image has {image.shape[1]} channel{'s' * (image.shape[1] != 1)} but the explainer "
+                         f"was compiled for {expect[0]}; compile with channels={image.shape[1]} if the model "
+                         f"takes {image.shape[1]}, or give the image {expect[0]} channels")
     if expect is not None and tuple(image.shape[1:]) != tuple(expect):
         raise ValueError(f"image has shape {tuple(image.shape[1:])} but the explainer was compiled for "
                          f"{tuple(expect)}; resize the image or compile with image_size={tuple(expect[1:])}")
@@ -136,9 +140,10 @@ def image_batch(image: Tensor, expect: Optional[tuple[int, ...]] = None,
     return image
 
 
-def scores(logits: Tensor, label: Union[int, Tensor], output: str) -> Tensor:
+def scores(logits: Tensor, label: Union[int, Tensor, list[int]], output: str) -> Tensor:
     """What a heat map records for ``label``: its softmax probability or its logit (float32).
-    ``label`` is one class, or a ``(N,)`` tensor of one class per row (on ``logits``' device)."""
+    ``label`` is one class (``(N,)`` values), a ``(N,)`` tensor of one class per row (on
+    ``logits``' device), or a list of ``K`` classes (``(N, K)``, the same bits per class)."""
     if logits.dim() != 2:
         raise ValueError(f"the model must return class scores of shape (N, classes), got {tuple(logits.shape)}")
     values = torch.softmax(logits.float(), dim=1) if output == "prob" else logits

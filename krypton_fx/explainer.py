@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 import threading
@@ -21,11 +20,13 @@ from .common import IntOrTuple
 from .naive import naive_occlusion
 from .passes.functionalize import functionalize
 from .passes.patch_prop import META_KEY, PatchInfo, annotate
-from .passes.rewrite import NO_FILL, PatchFill, rewrite
+from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill, rewrite
 from .report import format_report
 from .results import OcclusionResult, RunStats
+from .runner import BatchRunner, Keep
+from .targets import Labels, class_target
 from .tiered import KernelTier
-from .tracing import describe_change, eval_mode, model_signature, trace
+from .tracing import describe_change, eval_mode, input_channels, model_signature, trace
 
 __all__ = ["OcclusionResult", "RunStats", "Explainer", "Settings", "compile", "naive_occlusion",
            "clear_cache"]
@@ -35,10 +36,8 @@ logger = logging.getLogger(__name__)
 
 # --- the compiled explainer ------------------------------------------------------------
 
-
-# Batches of one size a process runs before the explainer captures a CUDA graph for it:
-# a capture costs about two eager batches, a replay saves most of one.
-CAPTURE_AFTER = 4
+# One image's unoccluded output and the incremental graph's inputs for it.
+Prepared = tuple[Tensor, list[Tensor]]
 
 
 class Explainer:
@@ -50,6 +49,10 @@ class Explainer:
     parameter, buffer or submodule (or a change of dtype or device) makes the
     explainer compile itself again. Calls from several threads are safe (they
     run one at a time) and leave the model's train/eval modes as they were.
+
+    Besides the public calls, the package's other runners (packing, drill-down, the
+    Captum and MONAI drop-ins) use a small documented surface: :meth:`current_build`,
+    :meth:`batch_for`, :meth:`prepare_all`, :meth:`run_program`; nothing else.
     """
 
     def __init__(self, model: nn.Module, settings: Settings):
@@ -61,13 +64,17 @@ class Explainer:
             *starts, self.grid = geo.occlusion_grid(settings.image_size, settings.patch, settings.stride)
         self._starts = tuple(starts)
         self._lock = threading.RLock()
-        self._graphs: dict = {}
-        self._graph_uses: dict = {}  # batches run per (program, batch size), until captured
-        self._batch_cap: Optional[int] = None  # the largest batch that fitted after running out of memory
+        self.runner = BatchRunner(settings.device, settings.cuda_graphs, settings.batch_size)
         # Tracing fails fast, here; the rest of the compile (PatchProp, rewrite) runs on the
         # first image, whose run through the traced graph then also yields that image's
         # stored activations (see _compile).
         self._traced = self._trace()
+        # Image channels: as compiled, else from the first layer the image meets, else from a
+        # per-channel colour, else from the first image (see prepare_all).
+        self.channels: Optional[int] = (settings.channels or input_channels(self._traced[1])
+                                         or (len(settings.color) if len(settings.color) > 1 else None))
+        if self.channels is not None:  # a colour of other channels fails here, in compile()
+            common.color_values(settings.color, self.channels, torch.float64)
         self._build: Optional[Build] = None
         self._checking = self._checked = False  # see _checked_once
 
@@ -79,25 +86,23 @@ class Explainer:
     backend = property(lambda self: self.settings.backend)
     output = property(lambda self: self.settings.output)
     cuda_graphs = property(lambda self: self.settings.cuda_graphs)
-    image_chw = property(lambda self: (self.settings.channels, *self.settings.image_size))
+    image_chw = property(lambda self: (self.channels, *self.settings.image_size))
     # What the current build holds.
-    graph_module = property(lambda self: self._current().graph_module)
-    program = property(lambda self: self._current().program)
-    color = property(lambda self: self._current().color)
-    bytes_per_position = property(lambda self: self._current().bytes_per_position)
+    graph_module = property(lambda self: self.current_build().graph_module)
+    program = property(lambda self: self.current_build().program)
+    color = property(lambda self: self.current_build().color)
+    bytes_per_position = property(lambda self: self.current_build().bytes_per_position)
 
     @property
     def batch_size(self) -> int:
         """Positions per batch: the compiled ``batch_size`` or what fits in memory (at most the
         largest batch that fitted, once a batch has run out of memory)."""
-        batch = self.settings.batch_size or common.default_batch_size(self.device, self.bytes_per_position)
-        return min(batch, self._batch_cap or batch)
+        return self.runner.default_batch(self.bytes_per_position)
 
-    def _batch_for(self, batch_size: Optional[int]) -> int:
+    def batch_for(self, batch_size: Optional[int]) -> int:
         """The batch a call with ``batch_size`` (None: the default) runs: never above one that
         has run out of memory."""
-        batch = common.batch_size(batch_size) or self.batch_size
-        return min(batch, self._batch_cap or batch)
+        return self.runner.batch_for(batch_size, self.bytes_per_position)
 
     @property
     def positions(self) -> int:
@@ -127,16 +132,16 @@ class Explainer:
         s, model = self.settings, self.model
         signature, gm = self._traced
         dtype = common.model_dtype(model)
-        color = common.color_values(s.color, s.channels, dtype).to(s.device)
-        example = image if image is not None else torch.zeros(1, s.channels, *s.image_size, dtype=dtype,
+        channels = self.channels or 3  # (no image and no layer says: any count gives the geometry)
+        color = common.color_values(s.color, channels, dtype).to(s.device)
+        example = image if image is not None else torch.zeros(1, channels, *s.image_size, dtype=dtype,
                                                               device=s.device)
         with eval_mode(model):
             gm = functionalize(gm, example)
             prop = annotate(gm, example, s.patch, self._starts, tau=s.tau, what=type(model).__name__)
         program = rewrite(gm, backend=s.backend, color=color, fill=s.fill)
         program.module.to(s.device)
-        self._graphs.clear()
-        self._graph_uses.clear()
+        self.runner.clear()
         spatial = {n.name: tuple(prop.shapes[n][2:]) for n in prop.stored}
         build = Build(gm, program, dtype, color, bytes_per_position(prop), signature,
                       KernelTier(s.backend, s.device), spatial)
@@ -146,9 +151,9 @@ class Explainer:
         stored = [spec.prepare(by_name[spec.node]) for spec in program.stored]
         return build, (prop.result, stored)
 
-    def _current(self, image: Optional[Tensor] = None) -> Build:
+    def current_build(self, image: Optional[Tensor] = None) -> Build:
         """The build for the model as it is now: compiled (again) if there is none yet or
-        anything was replaced since."""
+        anything was replaced since (on ``image``, else on a blank image)."""
         with self._lock:
             build, _ = self._current_and_first(image)
             return build
@@ -210,141 +215,80 @@ class Explainer:
             if extra[-1].numel() != self.positions:
                 raise ValueError(f"scale has {extra[-1].numel()} values for {self.positions} positions")
         if color is not None:
-            extra.append(common.color_values(color, self.settings.channels,
+            extra.append(common.color_values(color, self.channels,
                                              common.model_dtype(self.model)).to(self.device))
-        logits, stored = self._prepare(image)
+        logits, stored = self.prepare_all([image])[0]
         return logits, stored + extra
 
-    def _prepare(self, image: Tensor) -> tuple[Tensor, list[Tensor]]:
-        return self._prepare_all([image])[0]
+    def prepare_all(self, images: Sequence[Tensor], together: bool = False) -> list[Prepared]:
+        """Each image's unoccluded output and stored activations, with the checks of the
+        model's state made once.
 
-    def _prepare_all(self, images: Sequence[Tensor]) -> list[tuple[Tensor, list[Tensor]]]:
-        """Each image's unoccluded pass, one at a time (a batched pass would round each image
-        depending on its neighbours), with the checks of the model's state made once."""
+        Each image runs alone by default: a batched pass rounds each image depending on its
+        neighbours, and a map must not depend on them. ``together=True`` runs the images
+        (after the first of a build) as one batch, for throughput (``pack=True``).
+        """
         with self._lock:
             dtype = common.model_dtype(self.model)
+            if self.channels is None and len(images):  # no layer said: the first image does
+                first = common.image_batch(images[0], None, dtype, self.spatial_dims)
+                common.color_values(self.settings.color, first.shape[1], dtype)
+                self.channels = first.shape[1]
             batches = [common.image_batch(image, self.image_chw, dtype).to(self.device) for image in images]
             if not batches:
                 return []
             build, first = self._current_and_first(batches[0])
             build.program.refresh_weights()
-            prepared = []
+            prepared: list[Prepared] = [first] if first is not None else []
             with eval_mode(self.model):
-                for image in batches:
-                    if first is not None:
-                        logits, stored = first
-                        first = None
-                    else:
-                        logits, raw = build.program.capture(image)
-                        stored = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
-                    if not build.verified:
-                        check_same_output(self.model, image, logits)
-                        build.verified = True
-                    prepared.append((logits, stored))
+                rest = batches[len(prepared):]
+                if together and len(rest) > 1:
+                    logits, stored = self._capture(build, torch.cat(rest))
+                    prepared += [(logits[k:k + 1], [t[k:k + 1] for t in stored]) for k in range(len(rest))]
+                else:
+                    prepared += [self._capture(build, image) for image in rest]
+                if not build.verified:
+                    check_same_output(self.model, batches[0], prepared[0][0])
+                    build.verified = True
             return prepared
 
+    @staticmethod
+    def _capture(build: Build, images: Tensor) -> Prepared:
+        """The unoccluded pass of a batch of images: output and stored activations, prepared."""
+        logits, raw = build.program.capture(images)
+        return logits, [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
+
     @torch.no_grad()
-    def run_positions(self, positions: Tensor, stored: list[Tensor], label: int,
+    def run_positions(self, positions: Tensor, stored: list[Tensor], label: Union[int, Sequence[int]],
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
-        """Scores of ``label`` for the given occlusion position indices (any subset, any order)."""
-        return self._run(positions, stored, batch_size, progress,
-                         lambda logits, _: common.scores(logits, label, self.output))
-
-    def _run(self, positions: Tensor, stored: list[Tensor], batch_size: Optional[int], progress: bool,
-             keep: Callable[[Tensor, Tensor], Tensor], module: Optional[fx.GraphModule] = None) -> Tensor:
-        """``keep(output, positions)`` of every batch of ``positions`` through ``module`` (the
-        incremental graph by default), concatenated on the CPU."""
-        with self._checked_once(), eval_mode(self.model):
-            build = self._current()
-            module = module if module is not None else build.program.module
-            batch = self._batch_for(batch_size)
-            if not self.cuda_graphs:
-                batch = min(batch, len(positions))  # a CUDA graph pads a short batch to its own size
-            return self._run_batches(positions.to(self.device), stored, max(1, batch), progress, keep, module,
-                                     build.tier)
-
-    def _run_batches(self, positions: Tensor, stored: list[Tensor], batch: int, progress: bool,
-                     keep: Callable[[Tensor, Tensor], Tensor], module: fx.GraphModule, tier: KernelTier) -> Tensor:
-        scores = []
-        with common.progress_bar(-(-len(positions) // batch), progress, "krypton_fx", unit="batch") as bar:
-            run, lo = None, 0
-            ready = tier.ready
-            while lo < len(positions):
-                if not ready and tier.ready:  # the kernels compiled: on to them (and graphs)
-                    run, ready = None, True
-                try:
-                    if run is None:  # (capturing a CUDA graph allocates too)
-                        run = self._batch_runner(batch, stored, -(-(len(positions) - lo) // batch), module,
-                                                 None if ready else tier)
-                    chunk = positions[lo:lo + batch]
-                    scores.append(keep(run(chunk), chunk))
-                except (torch.OutOfMemoryError, RuntimeError) as e:
-                    if not common.is_out_of_memory(e) or batch == 1:
-                        raise
-                    batch, run = self._shrink_batch(batch, e), None
-                    bar.total = bar.n + -(-(len(positions) - lo) // batch)
-                    continue
-                bar.update(1)
-                lo += batch
-        # One device-to-host copy at the end: no synchronisation per batch.
-        return torch.cat(scores).cpu() if scores else torch.empty(0)
-
-    def _shrink_batch(self, batch: int, error: BaseException) -> int:
-        """Halve the batch after it ran out of memory; later calls start from the smaller one."""
-        smaller = batch // 2
-        logger.warning("a batch of %d positions ran out of memory on %s (%s): going on with %d",
-                       batch, self.device, common.first_line(error), smaller)
-        self._batch_cap = smaller
-        self._graphs.clear()  # their memory is what a smaller batch needs
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return smaller
+        """Scores of ``label`` for the given occlusion position indices (any subset, any order):
+        ``(P,)`` for one class, ``(P, K)`` for a list of ``K`` classes."""
+        label = list(label) if isinstance(label, (list, tuple)) else label
+        return self.run_program(positions, stored, lambda logits, _: common.scores(logits, label, self.output),
+                                batch_size, progress)
 
     @torch.no_grad()
     def run_outputs(self, positions: Tensor, stored: list[Tensor], batch_size: Optional[int] = None,
                     progress: bool = False) -> Tensor:
         """The model's whole output (every class, before any softmax) for the given positions,
         float32 on the CPU: what MONAI's occlusion sensitivity averages."""
-        return self._run(positions, stored, batch_size, progress, lambda logits, _: logits.float())
+        return self.run_program(positions, stored, lambda logits, _: logits.float(), batch_size, progress)
 
-    def _batch_runner(self, batch: int, stored: list[Tensor], batches: int, module: fx.GraphModule,
-                      compiling: Optional[KernelTier] = None) -> Callable[[Tensor], Tensor]:
-        """The incremental graph for this batch size: CUDA-graph replay where it pays.
-
-        Capturing costs a few eager runs of the graph: a graph is captured
-        once this batch size has run :data:`CAPTURE_AFTER` batches in this
-        process (this call's included), and then kept, one per batch size in
-        use (a short batch is padded to its graph's size, never captured
-        anew). Until then batches run eagerly, padded to the same size. While
-        the build's kernels still compile (``compiling``: its tier), batches run
-        on the torch ops (:mod:`krypton_fx.tiered`) and nothing is captured.
-        """
-        if compiling is not None:
-            eager = functools.partial(compiling.run, module, stored=stored)
-        else:
-            eager = lambda pos: module(pos, *stored)  # noqa: E731
-        if not self.cuda_graphs:
-            return eager
-        from .cuda_graphs import GraphedBatch, padded
-        if compiling is not None:
-            return padded(eager, batch)
-        # A graph holds raw pointers: capture again if parameters were replaced
-        # (model.to(...), say) since it was captured. One set of graphs per program.
-        pointers = tuple(t.data_ptr() for t in module.state_dict().values())
-        for key in [k for k in self._graphs if k[0] is module and k[2] != pointers]:
-            del self._graphs[key]
-        runner = self._graphs.get((module, batch, pointers))
-        if runner is None:
-            uses = self._graph_uses[(module, batch)] = self._graph_uses.get((module, batch), 0) + batches
-            if uses < CAPTURE_AFTER:
-                return padded(eager, batch)
-            runner = self._graphs[(module, batch, pointers)] = GraphedBatch(module, batch, stored)
-        runner.load(stored)
-        return runner
+    @torch.no_grad()
+    def run_program(self, positions: Tensor, stored: list[Tensor], keep: Keep, batch_size: Optional[int] = None,
+                    progress: bool = False, program: Optional[IncrementalProgram] = None) -> Tensor:
+        """``keep(output, positions)`` of every batch of ``positions`` through ``program`` (the
+        build's incremental program by default; the packed one, say), concatenated on the CPU."""
+        with self._checked_once(), eval_mode(self.model):
+            build = self.current_build()
+            module = (program or build.program).module
+            return self.runner.run(module, positions, stored, self.batch_for(batch_size), progress, keep,
+                                   build.tier)
 
     def __call__(self, image: Tensor, label: Optional[int] = None, drill_down=None,
-                 batch_size: Optional[int] = None, progress: bool = False) -> OcclusionResult:
-        """Occlusion heat map of ``image``.
+                 batch_size: Optional[int] = None, progress: bool = False, labels: Labels = None,
+                 top_k: Optional[int] = None) -> OcclusionResult:
+        """Occlusion heat map of ``image``, for one class or several at once.
 
         Args:
             image: ``(C, H, W)`` or ``(1, C, H, W)``, preprocessed for the model.
@@ -353,22 +297,37 @@ class Explainer:
             drill_down: adaptive drill-down settings (approximate), or None.
             batch_size: positions per batch; defaults to the compiled one.
             progress: show a progress bar.
+            labels: instead of ``label``, several classes (``[3, 5]``) or ``"all"``: one map
+                per class from the same occluded forwards (``res.heatmaps``, ``res.labels``;
+                each equal to a call with that ``label`` bit for bit).
+            top_k: instead, the ``k`` classes the unoccluded image scores highest.
+
+        Example:
+            >>> import torchvision
+            >>> ex = compile(torchvision.models.resnet18(num_classes=10), patch=16, stride=16,
+            ...              image_size=(32, 32))
+            >>> res = ex(torch.rand(3, 32, 32), top_k=3)
+            >>> tuple(res.heatmaps.shape), len(res.labels), bool((res.heatmap == res.heatmaps[0]).all())
+            ((3, 2, 2), 3, True)
         """
         batch_size = common.batch_size(batch_size)
+        target = class_target(label, labels, top_k, self.output)
         if drill_down is not None:  # an approximate mode that runs itself on this explainer
             if not callable(getattr(drill_down, "run", None)):
                 raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(drill_down).__name__}")
+            if labels is not None or top_k is not None:
+                raise ValueError("drill_down explains one class: give label= (or none) instead of labels=/top_k=")
             return drill_down.run(self, image, label=label, batch_size=batch_size, progress=progress)
         start = time.perf_counter()
         with self._checked_once(), eval_mode(self.model):
             logits, stored = self.prepare(image)
-            label = common.label_index(label, logits.shape[-1])
-            label = int(logits.argmax(1)) if label is None else label
-            base = float(common.scores(logits, label, self.output))
-            scores = self.run_positions(torch.arange(self.positions), stored, label, batch_size, progress)
-            batch = min(self._batch_for(batch_size), self.positions)
-        return OcclusionResult(scores.view(self.grid), label, base, self.stride, self.patch, self.output,
-                               RunStats(self.positions, batch, seconds=time.perf_counter() - start))
+            resolved = target.resolve(logits)
+            scores = self.run_program(torch.arange(self.positions), stored, resolved, batch_size, progress)
+            batch = min(self.batch_for(batch_size), self.positions)
+        maps = scores.T.reshape(len(resolved.labels), *self.grid)
+        return OcclusionResult(maps[0], resolved.labels[0], resolved.base[0], self.stride, self.patch, self.output,
+                               RunStats(self.positions, batch, seconds=time.perf_counter() - start),
+                               heatmaps=maps, labels=list(resolved.labels), base_probs=list(resolved.base))
 
     @torch.no_grad()
     def run_many(self, images: Tensor, labels: Optional[Sequence[Optional[int]]] = None,
@@ -433,7 +392,7 @@ def clear_cache() -> None:
 def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
             color: Union[float, Sequence[float]] = 0.0, image_size: IntOrTuple = (224, 224),
             tau: float = 1.0, batch_size: Optional[int] = None, device=None, backend: str = "auto",
-            output: str = "prob", channels: int = 3, leaf_modules: Iterable[type] = (),
+            output: str = "prob", channels: Optional[int] = None, leaf_modules: Iterable[type] = (),
             autowrap_functions: Iterable[Callable] = (), cuda_graphs: Optional[bool] = None,
             cache: bool = True, axis_starts: Optional[Sequence[Sequence[int]]] = None,
             fill: Optional[PatchFill] = None) -> Explainer:
@@ -454,7 +413,9 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
         device: where to run; defaults to the model's device.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"`` or ``"triton"``.
         output: ``"prob"`` (softmax probability of the label) or ``"logit"``.
-        channels: image channels.
+        channels: image channels; None: those of the first layer the image meets (its
+            first convolution or batch norm), else as many as ``color`` gives, else the
+            first image's.
         leaf_modules: module types to keep opaque when tracing.
         autowrap_functions: functions to keep opaque when tracing.
         cuda_graphs: replay each batch from a CUDA graph (default: on for CUDA).
@@ -499,8 +460,12 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
     check_backend(backend, dev)
     if cuda_graphs and dev.type != "cuda":
         raise ValueError("cuda_graphs=True needs a CUDA device; leave it None on the CPU")
-    color_values = tuple(float(v) for v in common.color_values(color, channels, torch.float64))
-    common.color_values(color, channels, common.model_dtype(model))  # fails now, not at the first call
+    if channels is not None:
+        channels = common.batch_size(channels, "channels")
+    # One value, or one per channel (checked against the channels when they are known).
+    given = channels or max(1, torch.as_tensor(color, dtype=torch.float64).numel())
+    color_values = tuple(float(v) for v in common.color_values(color, given, torch.float64))
+    common.color_values(color, given, common.model_dtype(model))  # fails now, not at the first call
     model.to(dev)
     starts = None
     if axis_starts is not None:
@@ -509,7 +474,7 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
                                     for axis, p, n in zip(starts, patch_t, size)):
             raise ValueError(f"axis_starts must give {nd} non-empty lists of starts at which the patch "
                              f"{patch_t} fits inside {size}")
-    settings = Settings(patch_t, stride_t, color_values, size, int(channels), float(tau), batch_size,
+    settings = Settings(patch_t, stride_t, color_values, size, channels, float(tau), batch_size,
                         dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
                         tuple(leaf_modules), tuple(autowrap_functions), starts, fill or NO_FILL)
     return _CACHE.get(model, settings, Explainer) if cache else Explainer(model, settings)

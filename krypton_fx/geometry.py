@@ -6,11 +6,14 @@ while patch *sizes* are plain ints: a compiled explainer uses one static patch
 size per node, so every position's patch of a node has the same shape and the
 positions can be batched.
 
-Equation numbers refer to ``paper/krypton-paper.txt``. The paper's eqs. 21-38
-cover sliding windows (conv, pool); the decoder's ops extend them here:
-transposed convolutions (and pixel shuffle) scatter each input over a window of
-outputs, resampling (``F.interpolate``) reads a few source taps per output
-(docs/design.md, "Geometry").
+Equation numbers are those of the KRYPTON paper (Nakandala, Kumar and
+Papakonstantinou, "Incremental and Approximate Inference for Faster
+Occlusion-based Deep CNN Explanations", SIGMOD 2019), numbered as in its
+preprint ("KRYPTON: Accelerating Occlusion based Deep CNN Explainability
+Workloads"). Its eqs. 21-38 cover sliding windows (conv, pool); the decoder's
+ops extend them here: transposed convolutions (and pixel shuffle) scatter each
+input over a window of outputs, resampling (``F.interpolate``) reads a few
+source taps per output (docs/design.md, "Geometry").
 """
 
 from __future__ import annotations

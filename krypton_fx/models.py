@@ -39,7 +39,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from . import common, monai_nets
+from . import common, monai_nets, tracing
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "read_state_dict", "load_weights",
            "input_channels", "model_spatial_dims", "torchvision_names", "is_file_name"]
@@ -111,9 +111,20 @@ def _first_conv(model: nn.Module) -> Optional[nn.modules.conv._ConvNd]:
 
 
 def input_channels(model: nn.Module) -> int:
-    """Channels of the inputs ``model`` takes: its first convolution's (1-D, 2-D or 3-D), else 3."""
-    first = _first_conv(model)
-    return first.in_channels if first is not None else 3
+    """Channels of the inputs ``model`` takes: those of the first layer its input meets
+    (:func:`krypton_fx.tracing.input_channels`), or where it does not trace its first
+    convolution's (1-D, 2-D or 3-D); else 3.
+
+    Example:
+        >>> input_channels(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU()))
+        1
+    """
+    try:
+        channels = tracing.input_channels(tracing.trace(model))
+    except tracing.TraceError:
+        first = _first_conv(model)
+        channels = first.in_channels if first is not None else None
+    return channels or 3
 
 
 def model_spatial_dims(model: nn.Module) -> Optional[int]:

@@ -31,7 +31,6 @@ rounding. ``tests/test_packing.py`` checks the packed maps bit for bit.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -74,14 +73,16 @@ def pack_batch(ex: Explainer, images: int, batch_size: Optional[int], pack: Opti
     a pack of this build differed from one call. ``pack=True`` packs on any
     device; ``False`` never. The cheap conditions come first: the batch needs
     the build (a compile on a blank image where there is none yet).
+
+    (The explainer's surface used here and below: ``current_build``, ``batch_for``,
+    ``prepare_all``, ``run_program``, ``run_positions`` and its settings.)
     """
     fill = ex.settings.fill
     if pack is False or images < 2 or fill.scaled or fill.image_color:
         return None
-    if pack is None and ((ex.device.type != "cpu" and not ex.cuda_graphs)
-                         or (ex._build is not None and ex._build.pack_checked is False)):
+    if pack is None and ((ex.device.type != "cpu" and not ex.cuda_graphs) or ex.current_build().pack_failed):
         return None
-    batch = ex._batch_for(batch_size)
+    batch = ex.batch_for(batch_size)
     if ex.cuda_graphs:
         return batch if ex.positions < batch else None
     if ex.device.type == "cpu" and common.batch_size(batch_size) is None and ex.settings.batch_size is None:
@@ -106,7 +107,7 @@ def _images_per_pack(ex: Explainer, batch: int, stored: Sequence[Tensor]) -> int
 
 def packed_program(ex: Explainer) -> IncrementalProgram:
     """The explainer's packed program for its current build (made once)."""
-    build = ex._current()
+    build = ex.current_build()
     if build.packed is None:
         s = ex.settings
         build.packed = rewrite(build.graph_module, backend=s.backend, color=build.color, fill=s.fill,
@@ -125,35 +126,20 @@ def run_packed(ex: Explainer, images: Tensor, labels: Sequence[Optional[int]],
     one call. Without (``pack=True``): a pack's unoccluded passes in one batch,
     no check. ``batch_size`` is the caller's: what one call (the check's too) runs with."""
     start = time.perf_counter()
-    first = ex._prepare_all(images[:1])
+    first = ex.prepare_all(images[:1])
     group = _images_per_pack(ex, batch, first[0][1])
-    prepare = ex._prepare_all if check else functools.partial(_prepare_together, ex)
     results: list[OcclusionResult] = []
     for lo in range(0, len(images), group):
         if lo:
             start = time.perf_counter()
         last_alone = len(images) - lo == 1 and not ex.cuda_graphs  # (with graphs: padded, as any)
-        if check and (last_alone or ex._build.pack_checked is False):  # (or a pack differed)
+        if check and (last_alone or ex.current_build().pack_failed):  # (or a pack differed)
             results += [ex(x, label=label, batch_size=batch_size) for x, label in zip(images[lo:], labels[lo:])]
             break
-        prepared = first + prepare(images[1:group]) if lo == 0 else prepare(images[lo:lo + group])
+        rest = images[1:group] if lo == 0 else images[lo:lo + group]
+        prepared = (first if lo == 0 else []) + ex.prepare_all(rest, together=not check)
         results += _run_pack(ex, prepared, labels[lo:lo + group], batch, group, start, check, batch_size)
     return results
-
-
-def _prepare_together(ex: Explainer, images: Tensor) -> list[tuple[Tensor, list[Tensor]]]:
-    """``pack=True``: the unoccluded passes of ``images`` as one batch, each image rounded as a
-    batch of that size has it. (The traced graph takes any batch: the incremental graph, traced
-    from the same model, runs batches of positions.)"""
-    if len(images) < 2:
-        return ex._prepare_all(images)
-    build = ex._current()
-    dtype = common.model_dtype(ex.model)
-    batch = torch.cat([common.image_batch(x, ex.image_chw, dtype) for x in images]).to(ex.device)
-    build.program.refresh_weights()
-    logits, raw = build.program.capture(batch)
-    stored = [spec.prepare(v) for spec, v in zip(build.program.stored, raw)]
-    return [(logits[k:k + 1], [t[k:k + 1] for t in stored]) for k in range(len(images))]
 
 
 def _run_pack(ex: Explainer, prepared: list, labels: Sequence[Optional[int]], batch: int, group: int,
@@ -174,19 +160,18 @@ def _run_pack(ex: Explainer, prepared: list, labels: Sequence[Optional[int]], ba
     row_labels = torch.tensor(picked).repeat_interleave(count).to(ex.device)
     program = packed_program(ex)
     program.refresh_weights()
-    scores = ex._run(torch.arange(len(prepared) * count), stacks, batch, False,
-                     lambda logits, rows: common.scores(logits, row_labels[rows], ex.output),
-                     module=program.module)
-    build = ex._build
+    scores = ex.run_program(torch.arange(len(prepared) * count), stacks,
+                            lambda logits, rows: common.scores(logits, row_labels[rows], ex.output),
+                            batch, program=program)
+    build = ex.current_build()
     if check and len(prepared) not in build.packs_checked:
         # A row's bits not depending on its batch is what the libraries do (measured; see the
         # module's docstring), not what they promise: the first pack of each size checks it on
         # its first and last image, and where it fails, images go one at a time from here on.
-        build.packs_checked.add(len(prepared))
         probes = sorted({0, len(prepared) - 1})
         alone = {k: ex.run_positions(torch.arange(count), prepared[k][1], picked[k], batch_size) for k in probes}
         same = all(torch.equal(alone[k], scores[k * count:(k + 1) * count]) for k in probes)
-        build.pack_checked = same and build.pack_checked is not False
+        build.packs_checked[len(prepared)] = same
         if not same:
             # Expected on the CPU for some models (see above); a surprise with CUDA graphs.
             differ = max(float((alone[k] - scores[k * count:(k + 1) * count]).abs().max()) for k in probes)

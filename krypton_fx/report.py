@@ -8,6 +8,7 @@ import torch
 from torch import fx, nn
 
 from .common import int_tuple, spatial_size
+from .models import input_channels
 from .passes.functionalize import functionalize
 from .passes.patch_prop import CLEAN, META_KEY, PATCHED, PatchInfo, annotate
 from .tracing import eval_mode, trace
@@ -46,7 +47,7 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
     the input window they read), with the patch at the image centre.
     ``image_size`` gives the spatial axes: ``(H, W)`` (an int: a square),
     ``(D, H, W)`` for volumes, ``(L,)`` for signals; ``patch`` an int or one
-    per axis; ``channels`` defaults to the first convolution's input channels.
+    per axis; ``channels`` defaults to those of the first layer the image meets.
 
     Example:
         >>> import torchvision
@@ -55,9 +56,8 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
     """
     size = spatial_size(image_size)
     patch_t = int_tuple(patch, len(size), "patch")
-    if channels is None:  # the first convolution's input channels, else 3
-        first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)  # transposed too
-        channels = first.in_channels if first is not None else 3
+    if channels is None:  # those of the first layer the image meets, else 3
+        channels = input_channels(model)
     if not (0.0 < tau <= 1.0):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
     if any(p > n for p, n in zip(patch_t, size)):

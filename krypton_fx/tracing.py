@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 from torch import fx, nn
 
 from . import common
 
-__all__ = ["trace", "eval_mode", "TraceError", "model_signature", "describe_change"]
+__all__ = ["trace", "eval_mode", "TraceError", "model_signature", "describe_change", "input_channels"]
 
 
 class TraceError(ValueError):
@@ -163,3 +163,63 @@ def trace(model: nn.Module, leaf_modules: Iterable[type] = (),
                 f"Hint: {_trace_hint(first)}") from e
     name = model.__class__.__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+# Layers whose weights fix the channels of their input: (module type, channels of the input it takes).
+_CHANNELS_OF_MODULE: tuple[tuple[type, Callable[[nn.Module], int]], ...] = (
+    ((nn.Conv1d, nn.Conv2d, nn.Conv3d), lambda m: m.in_channels),
+    ((nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), lambda m: m.in_channels),
+    ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), lambda m: m.num_features),
+    ((nn.GroupNorm,), lambda m: m.num_channels),
+)
+_CONV_FUNCTIONS = {"conv1d", "conv2d", "conv3d"}
+
+
+def input_channels(gm: fx.GraphModule) -> Optional[int]:
+    """Channels of the image ``gm`` takes, from the first layer the image reaches whose
+    weights fix them (a convolution, a batch or group norm), or None where none says.
+
+    The graph is walked from the input through its users in order, so the answer is the
+    layer the image meets first, not the first one the model registers.
+
+    Example:
+        >>> gm = trace(nn.Sequential(nn.ReLU(), nn.Conv2d(1, 4, 3)))
+        >>> input_channels(gm)
+        1
+    """
+    source = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    queue, seen = [source] if source is not None else [], set()
+    while queue:
+        node = queue.pop(0)
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            channels = _channels_taken(gm, user)
+            if channels is not None:
+                return channels
+            queue.append(user)
+    return None
+
+
+def _channels_taken(gm: fx.GraphModule, node: fx.Node) -> Optional[int]:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        for types, channels in _CHANNELS_OF_MODULE:
+            if type(module) in types:
+                return int(channels(module))
+    if node.op == "call_function" and getattr(node.target, "__name__", "") in _CONV_FUNCTIONS:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(weight, fx.Node) and weight.op == "get_attr":
+            w = _attr(gm, weight.target)
+            groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+            if w is not None and isinstance(groups, int):
+                return int(w.shape[1]) * groups
+    return None
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj

@@ -636,3 +636,43 @@ def assert_random_dag_exact(blocks, in_ch: int, data, seed: int, dims: int = 2) 
                                       output="logit", spatial_dims=dims)
     assert got.label == want.label
     torch.testing.assert_close(got.heatmap, want.heatmap, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Feature masks for Captum's FeatureAblation (tests/test_captum_ablation.py)
+# ---------------------------------------------------------------------------
+# A small (N, C, H, W) input and a mask that broadcasts to it in every way Captum
+# takes: shared or per example, per channel or not, constant along a spatial axis,
+# with fewer dimensions than the input; ids arbitrary integers (negative, gaps),
+# so segments come in several pieces; baselines of every form.
+
+
+@dataclass(frozen=True)
+class AblationCase:
+    shape: tuple[int, ...]         # the input's (N, C, H, W)
+    mask: Tensor                   # int64 ids, broadcastable to shape, maybe fewer dims
+    baseline: object               # a float or a tensor broadcastable to shape
+    target: object                 # an int or one class per example (list)
+    ppe: int                       # perturbations_per_eval
+    seed: int                      # for the input and the forward's weights
+
+
+@st.composite
+def ablation_cases(draw, classes: int = 3) -> AblationCase:
+    n, c, h, w = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 4)),
+                  draw(st.integers(1, 4)))
+    mask_shape = [draw(st.sampled_from([1, size])) for size in (n, c, h, w)]
+    drop = draw(st.integers(0, 2)) if mask_shape[:2] == [1, 1] else 0  # fewer dims: leading ones only
+    mask_shape = mask_shape[drop:]
+    ids = draw(st.lists(st.integers(-3, 9), min_size=1, max_size=5, unique=True))
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.tensor(ids)[torch.randint(len(ids), mask_shape, generator=gen)]
+    kind = draw(st.sampled_from(["scalar", "per-channel", "image", "per-example"]))
+    baseline = {"scalar": draw(st.floats(-2, 2, allow_nan=False)),
+                "per-channel": torch.randn(c, 1, 1, generator=gen),
+                "image": torch.randn(1, c, h, w, generator=gen),
+                "per-example": torch.randn(n, c, h, w, generator=gen)}[kind]
+    target = (draw(st.integers(-classes, classes - 1)) if draw(st.booleans())
+              else [draw(st.integers(0, classes - 1)) for _ in range(n)])
+    return AblationCase((n, c, h, w), mask, baseline, target, draw(st.integers(1, 4)), seed)

@@ -13,6 +13,7 @@ from torch import nn
 
 import krypton_fx
 from krypton_fx import explainer as explainer_module
+from krypton_fx import runner as runner_module
 
 
 @pytest.fixture
@@ -111,6 +112,7 @@ def graphed_explainer(monkeypatch):
     _FakeGraph.captured = []
     ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(2, 2), image_size=(21, 19), cache=False)
     ex.settings = dataclasses.replace(ex.settings, cuda_graphs=True)
+    ex.runner.cuda_graphs = True
     return ex
 
 
@@ -134,7 +136,7 @@ def test_a_one_off_small_call_runs_without_capturing(graphed_explainer):
     _, stored = ex.prepare(image)
     ex.run_positions(torch.arange(3), stored, 0, batch_size=8)  # one batch: a capture would not pay
     assert _FakeGraph.captured == []
-    for _ in range(explainer_module.CAPTURE_AFTER):
+    for _ in range(runner_module.CAPTURE_AFTER):
         ex.run_positions(torch.arange(3), stored, 0, batch_size=8)
     assert _FakeGraph.captured == [8]  # used again and again: now it pays
 
@@ -144,7 +146,7 @@ def test_a_capture_out_of_memory_captures_a_smaller_batch(graphed_explainer, mon
     image = torch.randn(3, 21, 19)
     want = ex(image, batch_size=16).heatmap
     _FakeGraph.captured = []
-    ex._graphs.clear()
+    ex.runner._graphs.clear()
     real_init = _FakeGraph.__init__
 
     def capture(self, module, batch, stored):

@@ -139,13 +139,13 @@ def test_an_explainer_with_run_many_gets_whole_chunks(model, images):
 def test_on_the_cpu_images_share_batches_with_one_calls_maps(model, images):
     ex = krypton_fx.compile(model, image_size=(32, 32), batch_size=128, cache=False, **SETTINGS)  # 49 positions
     sizes = []
-    real_run = ex._run
-    ex._run = lambda positions, *a, **k: sizes.append(len(positions)) or real_run(positions, *a, **k)
+    real_run = ex.run_program
+    ex.run_program = lambda positions, *a, **k: sizes.append(len(positions)) or real_run(positions, *a, **k)
     expected = [ex(x) for x in images]
     sizes.clear()
     # two images a batch: two packs, the check's first and last image alone, and the fifth alone
     assert_same(list(krypton_fx.explain_many(ex, images)), expected)
-    assert sizes == [2 * 49, 49, 49, 2 * 49, 49] and ex._build.pack_checked is True
+    assert sizes == [2 * 49, 49, 49, 2 * 49, 49] and ex._build.packs_checked and not ex._build.pack_failed
     sizes.clear()
     results = list(krypton_fx.explain_many(ex, images, pack=True))  # the fifth image a short pack
     assert sizes == [2 * 49, 2 * 49, 49]

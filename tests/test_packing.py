@@ -16,8 +16,8 @@ from test_cold_start import _FakeGraph
 from torch import nn
 
 import krypton_fx
-from krypton_fx import explainer as explainer_module
 from krypton_fx import packing
+from krypton_fx import runner as runner_module
 from krypton_fx.passes.rewrite import Packing, PatchFill, channels_last, rewrite
 
 
@@ -71,7 +71,7 @@ def _assert_packed_rows_exact(model, channels, size, patch, stride, color, case)
                             color=color, cache=False)
     images = torch.randn(3, channels, *size, generator=torch.Generator().manual_seed(1))
     stored = [ex.prepare(x)[1] for x in images]
-    build, count = ex._current(), ex.positions
+    build, count = ex.current_build(), ex.positions
     program = rewrite(build.graph_module, color=build.color, packing=Packing(count, build.spatial))
     stacks = [torch.cat([s[i] for s in stored], 2).contiguous(memory_format=channels_last(len(size)))
               for i in range(len(stored[0]))]
@@ -87,7 +87,7 @@ def _assert_packed_rows_exact(model, channels, size, patch, stride, color, case)
 def test_a_packed_program_takes_no_per_image_fill_inputs():
     ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False)
     ex.prepare(torch.zeros(3, 21, 19))
-    build = ex._current()
+    build = ex.current_build()
     with pytest.raises(ValueError, match="per-image fill inputs"):
         rewrite(build.graph_module, color=build.color, fill=PatchFill(scaled=True),
                 packing=Packing(ex.positions, build.spatial))
@@ -103,6 +103,7 @@ def graphed(monkeypatch):
     ex = krypton_fx.compile(dag_model(), patch=(5, 4), stride=(4, 3), image_size=(21, 19), cache=False,
                             batch_size=64)  # 30 positions an image
     ex.settings = dataclasses.replace(ex.settings, cuda_graphs=True)
+    ex.runner.cuda_graphs = True
     return ex
 
 
@@ -112,7 +113,7 @@ LABELS = [None, 1, None, 0, 2]
 
 def test_run_many_packs_images_and_gives_one_calls_maps_bit_for_bit(graphed, monkeypatch):
     ex = graphed
-    monkeypatch.setattr(explainer_module, "CAPTURE_AFTER", 2)  # captured from the second pack on
+    monkeypatch.setattr(runner_module, "CAPTURE_AFTER", 2)  # captured from the second pack on
     # A budget of two images' stored maps a pack: packs of 2, 2 and a short 1 (padded).
     one_image = sum(t.numel() * t.element_size() for t in ex.prepare(IMAGES[0])[1])
     monkeypatch.setattr(packing, "_CPU_BUDGET", 2 * one_image + 1)
@@ -121,7 +122,7 @@ def test_run_many_packs_images_and_gives_one_calls_maps_bit_for_bit(graphed, mon
     monkeypatch.setattr(packing, "_run_pack", lambda ex, prepared, *a: seen.append(len(prepared))
                         or real_run_pack(ex, prepared, *a))
     many = ex.run_many(IMAGES, LABELS)
-    assert seen == [2, 2, 1] and ex._build.packed is not None and ex._build.pack_checked is True
+    assert seen == [2, 2, 1] and ex._build.packed is not None and ex._build.packs_checked and not ex._build.pack_failed
     for x, label, got in zip(IMAGES, LABELS, many):
         want = ex(x, label=label)
         assert (got.label, got.base_prob) == (want.label, want.base_prob)
@@ -130,7 +131,7 @@ def test_run_many_packs_images_and_gives_one_calls_maps_bit_for_bit(graphed, mon
     torch.testing.assert_close(many[1].heatmap, naive.heatmap, atol=1e-5, rtol=0)
     # captured once for the packed program: the short last pack kept the stacks' shapes
     packed = ex._build.packed.module
-    assert [key[1] for key in ex._graphs if key[0] is packed] == [64]
+    assert [key[1] for key in ex.runner._graphs if key[0] is packed] == [64]
 
 
 def _cpu_dag(batch_size: int = 64):
@@ -155,7 +156,8 @@ def test_on_the_cpu_a_pack_is_one_batch_of_one_size_with_one_calls_bits():
     alone_sizes = _batch_sizes(ex._build.program.module)
     many = ex.run_many(IMAGES, LABELS)
     # the two packs, then the check's first and last image of the first pack, then the fifth image
-    assert packed_sizes == [60, 60] and alone_sizes == [30, 30, 30] and ex._build.pack_checked is True
+    assert packed_sizes == [60, 60] and alone_sizes == [30, 30, 30]
+    assert ex._build.packs_checked and not ex._build.pack_failed
     for x, label, got in zip(IMAGES, LABELS, many):
         want = ex(x, label=label)
         assert (got.label, got.base_prob) == (want.label, want.base_prob)
@@ -164,14 +166,14 @@ def test_on_the_cpu_a_pack_is_one_batch_of_one_size_with_one_calls_bits():
 
 def test_on_the_cpu_a_short_pack_is_checked_at_its_own_size():
     ex = _cpu_dag(batch_size=128)  # four images a pack
-    alone_sizes = _batch_sizes(ex._current().program.module)
+    alone_sizes = _batch_sizes(ex.current_build().program.module)
     assert packing.pack_batch(ex, 3, None) == 128 and packing.pack_batch(ex, 4, 50) is None  # one a batch
     for images, checks in ((IMAGES, 2 + 1), (IMAGES[:3], 2), (IMAGES[1:4], 0)):  # (+1: the fifth image)
         alone_sizes.clear()
         many = ex.run_many(images)
-        assert len(alone_sizes) == checks and ex._build.pack_checked is True
+        assert len(alone_sizes) == checks and ex._build.packs_checked and not ex._build.pack_failed
         assert all(torch.equal(got.heatmap, ex(x).heatmap) for x, got in zip(images, many))
-    assert ex._build.packs_checked == {4, 3}
+    assert ex._build.packs_checked == {4: True, 3: True}
 
 
 def test_on_the_cpu_a_pack_runs_up_to_sixteen_images_by_default():
@@ -200,7 +202,7 @@ def test_a_pack_that_differs_from_one_call_falls_back_to_one_image_at_a_time(gra
         return program
     monkeypatch.setattr(packing, "packed_program", rounded_otherwise)
     many = ex.run_many(IMAGES, LABELS)
-    assert ex._build.pack_checked is False and "one image at a time" in caplog.text
+    assert ex._build.pack_failed and "one image at a time" in caplog.text
     assert caplog.records[-1].levelno == (logging.WARNING if device == "cuda graphs" else logging.INFO)
     for x, label, got in zip(IMAGES, LABELS, many):
         assert torch.equal(got.heatmap, ex(x, label=label).heatmap)
@@ -224,13 +226,13 @@ def test_the_check_reads_the_last_image_of_the_pack_too(monkeypatch):
         return program
     monkeypatch.setattr(packing, "packed_program", tail_rounded_otherwise)
     many = ex.run_many(IMAGES[:3])
-    assert ex._build.pack_checked is False
+    assert ex._build.pack_failed
     assert all(torch.equal(got.heatmap, ex(x).heatmap) for x, got in zip(IMAGES, many))
 
 
 def test_pack_true_runs_a_packs_unoccluded_passes_as_one_batch():
     ex = _cpu_dag(batch_size=96)  # three images a pack: the first alone (it may compile), then two
-    capture_sizes = _batch_sizes(ex._current().program.capture)
+    capture_sizes = _batch_sizes(ex.current_build().program.capture)
     many = ex.run_many(IMAGES, LABELS, pack=True)
     assert capture_sizes == [1, 2, 2]
     for x, label, got in zip(IMAGES, LABELS, many):
@@ -241,7 +243,7 @@ def test_pack_true_runs_a_packs_unoccluded_passes_as_one_batch():
 
 def test_with_graphs_every_batch_runs_at_the_graphs_size(graphed, monkeypatch):
     """Before a capture too, a short batch is padded: the same rounding either way."""
-    monkeypatch.setattr(explainer_module, "CAPTURE_AFTER", 1000)  # never captured here
+    monkeypatch.setattr(runner_module, "CAPTURE_AFTER", 1000)  # never captured here
     sizes = []
     graphed.program.module.register_forward_pre_hook(lambda mod, args: sizes.append(len(args[0])))
     res = graphed(IMAGES[0], batch_size=8)  # 30 positions: 8, 8, 8 and 6 padded to 8

@@ -130,6 +130,7 @@ def test_no_cuda_graph_is_captured_while_the_kernels_compile(tiers, monkeypatch)
     _FakeGraph.captured = []
     ex = _explainer(backend="triton")
     ex.settings = dataclasses.replace(ex.settings, cuda_graphs=True)
+    ex.runner.cuda_graphs = True
     cold = [ex(IMAGE).heatmap for _ in range(2)]  # 8 batches: a capture would pay
     assert _FakeGraph.captured == [] and tiers.launches == 0
     tiers.future.set_result(0.5)

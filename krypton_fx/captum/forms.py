@@ -1,13 +1,15 @@
 """Captum's argument forms, targets, forward calls, errors and progress bar, normalised.
 
-The helpers behind :class:`krypton_fx.captum.Occlusion`: they take Captum's
-argument forms (tuples per input, targets, baselines), check them as Captum
-does, and raise :class:`OcclusionArgumentError` (a ``ValueError`` that says
-what to fix, and an ``AssertionError`` as in Captum) for a bad one.
+The helpers behind :class:`krypton_fx.captum.Occlusion` and
+:class:`krypton_fx.captum.FeatureAblation`: they take Captum's argument forms
+(tuples per input, targets, baselines, feature masks), check them as Captum
+does, and raise :class:`CaptumArgumentError` (a ``ValueError`` that says what
+to fix, and an ``AssertionError`` as in Captum) for a bad one.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import numbers
 from typing import Callable, Optional, Sequence, Union
@@ -16,8 +18,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-__all__ = ["OcclusionArgumentError", "OcclusionArgumentTypeError", "OcclusionArgumentIndexError",
-           "OcclusionArgumentRuntimeError", "Baseline", "Target"]
+__all__ = ["CaptumArgumentError", "CaptumArgumentTypeError", "CaptumArgumentIndexError",
+           "CaptumArgumentRuntimeError", "OcclusionArgumentError", "OcclusionArgumentTypeError",
+           "OcclusionArgumentIndexError", "OcclusionArgumentRuntimeError", "Baseline", "Target"]
 
 Baseline = Union[None, int, float, Tensor, tuple]
 Target = Union[None, int, tuple, Tensor, list]
@@ -26,10 +29,11 @@ Target = Union[None, int, tuple, Tensor, list]
 # --- argument errors ---------------------------------------------------------------------------
 
 
-class OcclusionArgumentError(ValueError, AssertionError):
-    """A bad argument to :class:`Occlusion`: a ``ValueError`` whose message says what to fix, and
-    an ``AssertionError``, which is what ``captum.attr.Occlusion`` raises for it (its checks are
-    asserts), so ``except AssertionError`` written for Captum still catches it.
+class CaptumArgumentError(ValueError, AssertionError):
+    """A bad argument to a Captum drop-in (:class:`Occlusion`, :class:`FeatureAblation`): a
+    ``ValueError`` whose message says what to fix, and an ``AssertionError``, which is what
+    Captum raises for it (its checks are asserts), so ``except AssertionError`` written for
+    Captum still catches it.
 
     Example:
         >>> import torch
@@ -41,19 +45,26 @@ class OcclusionArgumentError(ValueError, AssertionError):
     """
 
 
-class OcclusionArgumentTypeError(OcclusionArgumentError, TypeError):
+class CaptumArgumentTypeError(CaptumArgumentError, TypeError):
     """An argument of the wrong type (Captum: ``AssertionError``, or ``TypeError``)."""
 
 
-class OcclusionArgumentIndexError(OcclusionArgumentError, IndexError):
+class CaptumArgumentIndexError(CaptumArgumentError, IndexError):
     """An index out of range, where Captum fails with ``IndexError`` (an int target past the
     classes, fewer baselines than inputs)."""
 
 
-class OcclusionArgumentRuntimeError(OcclusionArgumentError, RuntimeError):
+class CaptumArgumentRuntimeError(CaptumArgumentError, RuntimeError):
     """A bad argument that Captum only notices when a torch op fails (``RuntimeError``): a
-    baseline that does not broadcast, a negative window, per-example classes out of range or
-    not integers."""
+    baseline or feature mask that does not broadcast, a negative window, per-example classes
+    out of range or not integers."""
+
+
+# The names the Occlusion drop-in has always raised: the same classes.
+OcclusionArgumentError = CaptumArgumentError
+OcclusionArgumentTypeError = CaptumArgumentTypeError
+OcclusionArgumentIndexError = CaptumArgumentIndexError
+OcclusionArgumentRuntimeError = CaptumArgumentRuntimeError
 
 
 # --- argument normalisation (Captum's forms) ------------------------------------------------
@@ -65,7 +76,7 @@ def _format_inputs(inputs) -> tuple[tuple[Tensor, ...], bool]:
         return (inputs,), False
     if isinstance(inputs, tuple) and inputs and all(isinstance(x, Tensor) for x in inputs):
         return inputs, True
-    raise OcclusionArgumentTypeError("inputs must be a torch.Tensor or a non-empty tuple of tensors (one "
+    raise CaptumArgumentTypeError("inputs must be a torch.Tensor or a non-empty tuple of tensors (one "
                                      f"per forward argument), got {_describe(inputs)}")
 
 
@@ -79,11 +90,11 @@ def _int_tuple(value, what: str) -> tuple[int, ...]:
     # Captum asserts tuples (torch.Size is one): a list fails there, so it fails here too.
     if not isinstance(value, tuple):
         hint = f"; pass tuple({value!r})" if isinstance(value, list) else ""
-        raise OcclusionArgumentTypeError(f"{what} must be a tuple of ints, got {value!r}{hint}")
+        raise CaptumArgumentTypeError(f"{what} must be a tuple of ints, got {value!r}{hint}")
     out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-            raise OcclusionArgumentTypeError(f"{what} must be a tuple of ints, got {value!r}")
+            raise CaptumArgumentTypeError(f"{what} must be a tuple of ints, got {value!r}")
         out.append(int(v))
     return tuple(out)
 
@@ -92,28 +103,28 @@ def _format_windows(sliding_window_shapes, inputs: tuple[Tensor, ...]) -> tuple[
     """One window shape per input, each with ``input.dim() - 1`` entries (Captum's rules)."""
     if not isinstance(sliding_window_shapes, tuple):
         hint = f"; pass tuple({sliding_window_shapes!r})" if isinstance(sliding_window_shapes, list) else ""
-        raise OcclusionArgumentTypeError("sliding_window_shapes must be a tuple of ints (one input) or a "
+        raise CaptumArgumentTypeError("sliding_window_shapes must be a tuple of ints (one input) or a "
                                          f"tuple of such tuples (one per input), got "
                                          f"{sliding_window_shapes!r}{hint}")
     shapes = tuple(sliding_window_shapes)
     if len(shapes) == 0 or isinstance(shapes[0], numbers.Integral):
         shapes = (shapes,)  # a single input's window; () is the window of a 1-D input
     if len(shapes) != len(inputs):
-        raise OcclusionArgumentError(f"sliding_window_shapes gives {len(shapes)} window(s) for {len(inputs)} "
+        raise CaptumArgumentError(f"sliding_window_shapes gives {len(shapes)} window(s) for {len(inputs)} "
                                      "input(s): give one window shape per input tensor")
     windows = []
     for i, (shape, x) in enumerate(zip(shapes, inputs)):
         window = _int_tuple(shape, f"sliding_window_shapes[{i}]")
         dims = tuple(x.shape[1:])
         if len(window) != len(dims):
-            raise OcclusionArgumentError(f"sliding window {window} for input {i} of shape {tuple(x.shape)} "
+            raise CaptumArgumentError(f"sliding window {window} for input {i} of shape {tuple(x.shape)} "
                                          f"must have {len(dims)} entries, one per dimension after the batch "
                                          "dimension")
         if any(w < 1 for w in window):
-            raise OcclusionArgumentRuntimeError(f"sliding window {window} for input {i} has an entry < 1; "
+            raise CaptumArgumentRuntimeError(f"sliding window {window} for input {i} has an entry < 1; "
                                                 "every window dimension must be at least 1")
         if any(w > d for w, d in zip(window, dims)):
-            raise OcclusionArgumentError(f"sliding window {window} for input {i} is larger than the input's "
+            raise CaptumArgumentError(f"sliding window {window} for input {i} is larger than the input's "
                                          f"dimensions {dims}; use a smaller window")
         windows.append(window)
     return tuple(windows)
@@ -127,7 +138,7 @@ def _format_strides(strides, inputs: tuple[Tensor, ...],
     if len(inputs) == 1 and not (isinstance(strides, tuple) and len(strides) == 1):
         strides = (strides,)
     if not isinstance(strides, tuple) or len(strides) != len(inputs):
-        raise OcclusionArgumentError(f"strides {strides!r} must give one stride (an int or a tuple per "
+        raise CaptumArgumentError(f"strides {strides!r} must give one stride (an int or a tuple per "
                                      f"dimension) for each of the {len(inputs)} input tensors")
     out = []
     for i, (stride, window) in enumerate(zip(strides, windows)):
@@ -136,16 +147,16 @@ def _format_strides(strides, inputs: tuple[Tensor, ...],
         else:
             per_dim = _int_tuple(stride, f"strides[{i}]")
             if len(per_dim) != len(window):
-                raise OcclusionArgumentError(f"strides[{i}] = {per_dim} must be an int or have {len(window)} "
+                raise CaptumArgumentError(f"strides[{i}] = {per_dim} must be an int or have {len(window)} "
                                              f"entries, one per dimension of input {i} after the batch "
                                              "dimension")
         # Captum accepts a stride < 1 and returns NaN (it divides by the stride): refuse it.
         if any(s < 1 for s in per_dim):
-            raise OcclusionArgumentError(f"strides[{i}] = {per_dim} has an entry < 1; strides must be positive")
+            raise CaptumArgumentError(f"strides[{i}] = {per_dim} has an entry < 1; strides must be positive")
         dims = tuple(inputs[i].shape[1:])
         for d, (s, w, size) in enumerate(zip(per_dim, window, dims)):
             if w < size and s > w:
-                raise OcclusionArgumentError(f"stride {s} along dimension {d + 1} of input {i} is larger than "
+                raise CaptumArgumentError(f"stride {s} along dimension {d + 1} of input {i} is larger than "
                                              f"the window ({w}), so some elements would never be occluded; "
                                              f"use a stride <= {w}")
         out.append(per_dim)
@@ -162,10 +173,10 @@ def _format_baselines(baselines: Baseline, inputs: tuple[Tensor, ...]) -> tuple[
     # extra ones; an extra one is refused here.
     for i, b in enumerate(baselines):
         if not isinstance(b, (Tensor, int, float)):
-            raise OcclusionArgumentTypeError(f"baselines[{i}] must be a number or a torch.Tensor, got "
+            raise CaptumArgumentTypeError(f"baselines[{i}] must be a number or a torch.Tensor, got "
                                              f"{type(b).__name__}")
     if len(baselines) != len(inputs):
-        raise OcclusionArgumentIndexError(f"baselines gives {len(baselines)} value(s) for {len(inputs)} "
+        raise CaptumArgumentIndexError(f"baselines gives {len(baselines)} value(s) for {len(inputs)} "
                                           "input(s): give one scalar or tensor per input tensor")
     for i, (b, x) in enumerate(zip(baselines, inputs)):
         if isinstance(b, Tensor):
@@ -177,11 +188,68 @@ def _format_baselines(baselines: Baseline, inputs: tuple[Tensor, ...]) -> tuple[
             except RuntimeError:
                 ok = False
             if not ok:
-                raise OcclusionArgumentRuntimeError(
+                raise CaptumArgumentRuntimeError(
                     f"baseline {i} of shape {tuple(b.shape)} does not broadcast to its input's shape "
                     f"{tuple(x.shape)}; give a scalar, a tensor of the input's shape, or one broadcastable "
                     "to it such as (1, C, 1, 1)")
     return baselines
+
+
+def _format_feature_masks(feature_mask, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """One int64 feature-id mask per input, on the input's device, with the input's number of
+    dimensions (leading ones added), every dimension 1 or the input's.
+
+    None gives Captum's default: every element of every input its own feature, numbered
+    consecutively across the inputs. A mask holds integer ids (float masks of whole numbers and
+    bool masks are taken as such; Captum groups by equal values too).
+    """
+    if feature_mask is None:
+        masks, first = [], 0
+        for x in inputs:
+            count = x[0:1].numel()
+            masks.append(first + torch.arange(count, device=x.device).reshape(x[0:1].shape))
+            first += count
+        return tuple(masks)
+    if isinstance(feature_mask, Tensor):
+        feature_mask = (feature_mask,)
+    if not isinstance(feature_mask, tuple) or not all(isinstance(m, Tensor) for m in feature_mask):
+        raise CaptumArgumentTypeError(f"feature_mask must be a tensor or a tuple of tensors (one per input), "
+                                      f"got {_describe(feature_mask)}")
+    if len(feature_mask) != len(inputs):
+        raise CaptumArgumentIndexError(f"feature_mask gives {len(feature_mask)} mask(s) for {len(inputs)} "
+                                       "input(s): give one mask per input tensor")
+    return tuple(_format_one_mask(m, x, i) for i, (m, x) in enumerate(zip(feature_mask, inputs)))
+
+
+def _format_one_mask(mask: Tensor, x: Tensor, index: int) -> Tensor:
+    if mask.is_complex():
+        raise CaptumArgumentTypeError(f"feature_mask[{index}] must hold integer feature ids, got dtype "
+                                      f"{mask.dtype}")
+    if mask.is_floating_point():
+        if not bool((torch.isfinite(mask) & (mask == mask.round())).all()):
+            raise CaptumArgumentTypeError(f"feature_mask[{index}] must hold integer feature ids, got "
+                                          f"non-integer values in a {mask.dtype} mask; pass mask.long() "
+                                          "of the ids you mean")
+    if mask.dim() > x.dim():
+        raise CaptumArgumentRuntimeError(f"feature_mask[{index}] of shape {tuple(mask.shape)} has more "
+                                         f"dimensions than its input of shape {tuple(x.shape)}")
+    mask = mask.reshape((1,) * (x.dim() - mask.dim()) + tuple(mask.shape))
+    if any(m != 1 and m != d for m, d in zip(mask.shape, x.shape)):
+        raise CaptumArgumentRuntimeError(
+            f"feature_mask[{index}] of shape {tuple(mask.shape)} does not broadcast to its input of shape "
+            f"{tuple(x.shape)}: every mask dimension must be 1 or the input's (a (1, 1, H, W) mask for "
+            "all examples and channels, (N, 1, H, W) per example, (1, C, H, W) per channel)")
+    return mask.to(device=x.device, dtype=torch.int64)
+
+
+def _feature_tensors(masks: tuple[Tensor, ...]) -> dict[int, list[int]]:
+    """Every feature id and the inputs it occurs in, in Captum's order: the ids of the first
+    mask ascending, then the new ids of the next mask, and so on."""
+    tensors: dict[int, list[int]] = {}
+    for i, mask in enumerate(masks):
+        for feature in torch.unique(mask).tolist():
+            tensors.setdefault(int(feature), []).append(i)
+    return tensors
 
 
 def _shift_counts(dims: Sequence[int], window: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
@@ -204,7 +272,7 @@ def _as_output_tensor(output) -> Tensor:
         return output
     if isinstance(output, (int, float)) and not isinstance(output, bool):
         return torch.tensor(output, dtype=torch.int64 if isinstance(output, int) else torch.float64)
-    raise OcclusionArgumentTypeError(f"forward_func must return a tensor, int or float, got "
+    raise CaptumArgumentTypeError(f"forward_func must return a tensor, int or float, got "
                                      f"{type(output).__name__}")
 
 
@@ -217,13 +285,13 @@ def _select_targets(output: Tensor, target: Target) -> Tensor:
     if isinstance(target, (int, tuple)):
         index = (target,) if isinstance(target, int) else target
         if len(index) > output.dim() - 1:
-            raise OcclusionArgumentError(f"target {target!r} indexes {len(index)} output dimension(s) but the "
+            raise CaptumArgumentError(f"target {target!r} indexes {len(index)} output dimension(s) but the "
                                          f"output has shape {tuple(output.shape)}; give one index per "
                                          "dimension after the batch")
         try:
             return output[(slice(None), *index)]
         except IndexError as e:
-            raise OcclusionArgumentIndexError(f"target {target!r} is out of range for output shape "
+            raise CaptumArgumentIndexError(f"target {target!r} is out of range for output shape "
                                               f"{tuple(output.shape)}") from e
     num_examples = output.shape[0] if output.dim() else 0
     if isinstance(target, Tensor):
@@ -231,12 +299,12 @@ def _select_targets(output: Tensor, target: Target) -> Tensor:
             return _select_targets(output, int(target.item()))
         if target.dim() == 1 and target.numel() == num_examples:
             return _gather_per_example(output, target.to(output.device))
-        raise OcclusionArgumentError(f"target tensor of shape {tuple(target.shape)} does not fit output shape "
+        raise CaptumArgumentError(f"target tensor of shape {tuple(target.shape)} does not fit output shape "
                                      f"{tuple(output.shape)}: give one integer, or a 1-D tensor with one class "
                                      "per example")
     if isinstance(target, list):
         if len(target) != num_examples:
-            raise OcclusionArgumentError(f"target list has {len(target)} entries but the output has "
+            raise CaptumArgumentError(f"target list has {len(target)} entries but the output has "
                                          f"{num_examples} examples: give one target per example")
         if all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in target):
             return _gather_per_example(output, torch.tensor([int(t) for t in target], device=output.device))
@@ -244,25 +312,25 @@ def _select_targets(output: Tensor, target: Target) -> Tensor:
             try:
                 return torch.stack([output[(i, *t)] for i, t in enumerate(target)])
             except IndexError as e:
-                raise OcclusionArgumentIndexError(f"target {target!r} is out of range for output shape "
+                raise CaptumArgumentIndexError(f"target {target!r} is out of range for output shape "
                                                   f"{tuple(output.shape)}") from e
-        raise OcclusionArgumentTypeError("a target list must hold ints (one class per example) or tuples (one "
+        raise CaptumArgumentTypeError("a target list must hold ints (one class per example) or tuples (one "
                                          f"output index per example), got {[type(t).__name__ for t in target]}")
-    raise OcclusionArgumentTypeError(f"target must be None, an int, a tuple, a list or a tensor, got "
+    raise CaptumArgumentTypeError(f"target must be None, an int, a tuple, a list or a tensor, got "
                                      f"{type(target).__name__}")
 
 
 def _gather_per_example(output: Tensor, classes: Tensor) -> Tensor:
     if output.dim() != 2:
-        raise OcclusionArgumentError(f"a per-example target needs an output of shape (N, classes), got "
+        raise CaptumArgumentError(f"a per-example target needs an output of shape (N, classes), got "
                                      f"{tuple(output.shape)}; use a single int or tuple target instead")
     # Captum's torch.gather fails on these with RuntimeError.
     if classes.is_floating_point() or classes.is_complex() or classes.dtype is torch.bool:
-        raise OcclusionArgumentRuntimeError(f"target tensor must hold integer class indices, got dtype "
+        raise CaptumArgumentRuntimeError(f"target tensor must hold integer class indices, got dtype "
                                             f"{classes.dtype}")
     classes = classes.long()
     if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= output.shape[1]):
-        raise OcclusionArgumentRuntimeError(f"target classes {classes.tolist()} are out of range: the output "
+        raise CaptumArgumentRuntimeError(f"target classes {classes.tolist()} are out of range: the output "
                                             f"has {output.shape[1]} classes (0..{output.shape[1] - 1})")
     return torch.gather(output, 1, classes.reshape(len(output), 1)).squeeze(-1)
 
@@ -291,13 +359,17 @@ def _takes_arguments(forward_func: Callable) -> bool:
         return True
 
 
+def _call_forward(forward_func: Callable, inputs: tuple[Tensor, ...], extra_args: Optional[tuple]):
+    """What ``forward_func`` returns for the inputs and extra arguments (a function without
+    parameters is called without them, as in Captum)."""
+    if _takes_arguments(forward_func):
+        return forward_func(*inputs, *(extra_args or ()))
+    return forward_func()
+
+
 def _run_forward(forward_func: Callable, inputs: tuple[Tensor, ...], target: Target,
                  extra_args: Optional[tuple]) -> Tensor:
-    if _takes_arguments(forward_func):
-        output = forward_func(*inputs, *(extra_args or ()))
-    else:
-        output = forward_func()
-    return _select_targets(_as_output_tensor(output), target)
+    return _select_targets(_as_output_tensor(_call_forward(forward_func, inputs, extra_args)), target)
 
 
 def _per_example_classes(target: Target, examples: int, classes: int) -> Optional[list[int]]:
@@ -314,6 +386,27 @@ def _per_example_classes(target: Target, examples: int, classes: int) -> Optiona
                                         for t in target):
         return [int(t) for t in target]
     return None
+
+
+# --- Captum's class surface -------------------------------------------------------------------
+
+
+def _wrapped_like_captum(method: Callable) -> Callable:
+    """Captum decorates ``attribute`` with ``log_usage`` (a ``functools.wraps`` wrapper), and its
+    subclasses call ``super().attribute.__wrapped__(self, ...)`` to skip it: keep that handle.
+    Nothing is logged."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+def _spaced_name(name: str) -> str:
+    """A class name with a space before each capital but the first, as Captum's ``get_name``
+    writes it (``"Feature Ablation"``; it titles the progress bar)."""
+    return "".join(c if c.islower() or i == 0 else " " + c for i, c in enumerate(name))
 
 
 # --- progress (Captum's bar) -------------------------------------------------------------------

@@ -47,7 +47,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -74,7 +73,9 @@ from .forms import (
     _progress_bar,
     _select_targets,
     _shift_counts,
+    _spaced_name,
     _WindowProgress,
+    _wrapped_like_captum,
 )
 from .plain import attribute_plain
 
@@ -111,19 +112,6 @@ class _IncrementalPlan:
 
 
 # --- the attribution class ------------------------------------------------------------------------
-
-
-def _wrapped_like_captum(method: Callable) -> Callable:
-    """Captum decorates ``attribute`` with ``log_usage`` (a ``functools.wraps`` wrapper), and its
-    subclasses call ``super().attribute.__wrapped__(self, ...)`` to skip it: keep that handle.
-    Nothing is logged."""
-
-    @functools.wraps(method)
-    def attribute(*args, **kwargs):
-        return method(*args, **kwargs)
-
-    return attribute
-
 
 
 class Occlusion:
@@ -177,7 +165,7 @@ class Occlusion:
     def get_name(cls) -> str:
         """The class name with a space before each capital but the first, as Captum writes it
         (``"Occlusion"``; it titles the progress bar)."""
-        return "".join(c if c.islower() or i == 0 else " " + c for i, c in enumerate(cls.__name__))
+        return _spaced_name(cls.__name__)
 
     @property
     def multiplies_by_inputs(self) -> bool:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from ..explainer import Explainer
 from ..explainer import compile as compile_explainer
 from ..models import input_channels
+from ..packing import MAX_IMAGES
 from ..results import OcclusionResult
 from .sources import Item, LabelSpec, iter_items
 
@@ -87,8 +88,9 @@ def no_tracing():
 
 _WARM: "weakref.WeakSet[Explainer]" = weakref.WeakSet()
 
-# Images per chunk: what one packed run may hold (each image keeps its stored activations alive).
-DEFAULT_CHUNK = 16
+# Images per chunk: one pack (packing.MAX_IMAGES), so that a default chunk runs as one packed
+# batch on the CPU (each image of a chunk keeps its stored activations alive).
+DEFAULT_CHUNK = MAX_IMAGES
 
 
 def explain_chunk(explainer: Explainer, images: Sequence[Tensor], labels: Sequence[Optional[int]],
@@ -134,7 +136,7 @@ class ExplainerCache:
             s = base.settings
             self.model = base.model
             self.kwargs = dict(patch=s.patch, stride=s.stride, tau=s.tau, batch_size=s.batch_size,
-                               device=s.device, backend=s.backend, output=s.output, channels=s.channels,
+                               device=s.device, backend=s.backend, output=s.output, channels=base.channels,
                                leaf_modules=s.leaf_modules, autowrap_functions=s.autowrap_functions,
                                cuda_graphs=s.cuda_graphs)
             self.default_color = s.color
@@ -146,7 +148,7 @@ class ExplainerCache:
             self.default_color = self.kwargs.pop("color", 0.0)
         else:
             raise TypeError(f"explain_many takes an Explainer or a torch.nn.Module, got {type(base).__name__}")
-        if "channels" not in self.kwargs:
+        if self.kwargs.get("channels") is None:
             self.kwargs["channels"] = input_channels(self.model)
         self.channels = int(self.kwargs["channels"])
         self._by_key: dict = {}
