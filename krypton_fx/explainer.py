@@ -14,7 +14,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, fx, nn
 
-from . import common, packing
+from . import common, packing, peak
 from . import geometry as geo
 from .build import Build, CompileCache, Settings, bytes_per_position, check_backend, check_same_output
 from .common import IntOrTuple
@@ -350,7 +350,7 @@ class Explainer:
             image: ``(C, H, W)`` or ``(1, C, H, W)``, preprocessed for the model.
             label: class to explain (an int, a numpy integer or a 0-d integer
                 tensor); defaults to the unoccluded prediction.
-            drill_down: adaptive drill-down settings (approximate), or None.
+            drill_down: adaptive drill-down settings (approximate), or None (tau < 1: peak.keep_peak).
             batch_size: positions per batch; defaults to the compiled one.
             progress: show a progress bar.
         """
@@ -359,6 +359,8 @@ class Explainer:
             if not callable(getattr(drill_down, "run", None)):
                 raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(drill_down).__name__}")
             return drill_down.run(self, image, label=label, batch_size=batch_size, progress=progress)
+        if self.tau < 1.0:  # approximate: the cells that decide the reading recomputed at tau = 1
+            return peak.keep_peak(self, compile, image, label, batch_size, progress)
         start = time.perf_counter()
         with self._checked_once(), eval_mode(self.model):
             logits, stored = self.prepare(image)
@@ -401,7 +403,7 @@ class Explainer:
         if len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images: give one per image (or None)")
         with self._checked_once(), eval_mode(self.model):  # the model checked once for all images
-            batch = packing.pack_batch(self, len(images), batch_size, pack)
+            batch = packing.pack_batch(self, len(images), batch_size, pack) if self.tau == 1.0 else None
             if batch is not None:
                 return packing.run_packed(self, images, labels, batch, pack is None, batch_size)
             return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]

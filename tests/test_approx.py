@@ -207,16 +207,19 @@ def test_upsample_matrix_is_exact_on_samples_and_linear_between(cells, step):
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.6])
-@pytest.mark.parametrize("stage1", [2, 4, 6, (8, 4), (4, 10), 100])
-def test_drill_down_r1_equals_exact(tiny, lesion_images, tau, stage1):
+@pytest.mark.parametrize("stage1", [4, (8, 4), 100])
+@pytest.mark.parametrize("kind", ["cover", "sample"])
+def test_drill_down_r1_equals_exact(tiny, lesion_images, tau, stage1, kind):
     ex = _compile(tiny, tau=tau)
     for image in lesion_images[:2]:
-        exact = ex(image)
-        res = ex(image, drill_down=DrillDown(r=1.0, stage1_stride=stage1))
+        exact = ex(image)  # tau < 1: the tau map with its peak recomputed exactly, as drill-down's
+        res = ex(image, drill_down=DrillDown(r=1.0, stage1_stride=stage1, stage1=kind))
         # The same positions in other batches: CPU convolutions may round differently
         # for another batch size (seen with tau 0.6, stage-one step 4: 6e-8).
         torch.testing.assert_close(res.heatmap, exact.heatmap, atol=1e-6, rtol=0)
-        assert res.stats["positions_run"] == ex.positions
+        assert res.stats["positions_run"] == ex.positions + res.stats["peak_positions"]
+        assert (res.stats["peak_positions"] == 0) == (tau == 1.0)
+        assert bool(res.stats.exact_cells.all()) == (tau == 1.0)
         assert (res.label, res.base_prob) == (exact.label, exact.base_prob)
 
 
@@ -227,39 +230,72 @@ def test_drill_down_r1_equals_naive(tiny, lesion_images):
     torch.testing.assert_close(res.heatmap, ref.heatmap, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dd", [DrillDown(r=0.25, speedup=3.0), DrillDown(r=0.1, stage1_stride=8),
-                                DrillDown(r=0.5, stage1_stride=(4, 6)), DrillDown(r=0.01, speedup=10.0)])
-def test_drill_down_stats_and_measured_cells(tiny, lesion_images, dd):
+@pytest.mark.parametrize("dd", [DrillDown(r=0.25, speedup=3.0, stage1="sample"),
+                                DrillDown(r=0.1, stage1_stride=8, stage1="sample", margin=None),
+                                DrillDown(r=0.5, stage1_stride=(4, 6), stage1="sample"),
+                                DrillDown(r=0.01, speedup=10.0, stage1="sample", margin=None)])
+def test_sampled_drill_down_stats_and_measured_cells(tiny, lesion_images, dd):
     ex = _compile(tiny)
     image = lesion_images[1]
     exact = ex(image)
     res = ex(image, drill_down=dd)
     assert res.heatmap.shape == exact.heatmap.shape and res.heatmap.dtype == torch.float32
     stats = res.stats
-    assert stats["positions_run"] == stats["stage1_positions"] + stats["stage2_positions"]
-    assert stats["positions_run"] <= stats["stage1_positions"] + math.ceil(dd.r * ex.positions)
+    assert stats["positions_run"] == stats["stage1_positions"] + stats["stage2_positions"] + stats["peak_positions"]
+    assert stats["stage2_positions"] <= math.ceil(dd.r * ex.positions)
+    assert (stats["peak_positions"] == 0) if dd.margin is None else stats["margin"] == dd.margin
     assert stats["achieved_speedup"] == pytest.approx(ex.positions / stats["positions_run"])
     s1 = stats["stage1_stride"]
     assert s1[0] % ex.stride[0] == 0 and s1[1] % ex.stride[1] == 0 and min(s1) >= min(ex.stride)
     assert stats["expected_speedup"] == pytest.approx(drill_down_speedup(s1, ex.stride, dd.r))
-    # Every measured cell (stage one or two) holds the exact value.
+    # Every measured cell (stage one or two) holds the exact value; stats.exact_cells says which.
     hm, wm = ex.grid
     rows = stage1_grid(hm, s1[0] // ex.stride[0])
     cols = stage1_grid(wm, s1[1] // ex.stride[1])
     coarse = res.heatmap[rows][:, cols]
     torch.testing.assert_close(coarse, exact.heatmap[rows][:, cols], atol=0, rtol=0)
-    agree = (res.heatmap == exact.heatmap).sum().item()
-    assert agree >= stats["positions_run"]
+    mask = stats["exact_cells"]
+    assert int(mask.sum()) == stats["positions_run"] and bool(mask[rows][:, cols].all())
+    torch.testing.assert_close(res.heatmap[mask], exact.heatmap[mask], atol=1e-6, rtol=0)
+    assert stats["peak_bounded"] is False
+    if dd.margin is not None:  # the strongest drop shown is an exact cell
+        assert bool(mask.view(-1)[res.heatmap.argmin()])
 
 
-def test_drill_down_keeps_the_largest_drop(tiny, lesion_images):
-    # With enough stage-two budget, the strongest drop of the exact map is re-measured.
+@pytest.mark.parametrize("dd", [DrillDown(r=0.25, speedup=3.0), DrillDown(r=0.01, stage1_stride=8),
+                                DrillDown(r=0.05, stage1_stride=(4, 6), neighbourhood=0),
+                                DrillDown(r=0.01, speedup=10.0, margin=0.0)])
+def test_covering_drill_down_stats_and_exact_cells(tiny, lesion_images, dd):
     ex = _compile(tiny)
-    image = lesion_images[0]
-    exact = ex(image).heatmap
-    res = ex(image, drill_down=DrillDown(r=0.3, stage1_stride=4)).heatmap
-    k = int(exact.argmin())
-    assert res.view(-1)[k] == exact.view(-1)[k]
+    image = lesion_images[1]
+    exact = ex(image)
+    res = ex(image, drill_down=dd)
+    stats = res.stats
+    steps = dd.stage1_step(ex.stride)
+    assert stats["stage1_positions"] == math.prod(math.ceil(n / k) for n, k in zip(ex.grid, steps))
+    assert stats["stage1_patch"] == tuple(p + (k - 1) * s for p, s, k in zip(ex.patch, ex.stride, steps))
+    assert stats["stage2_positions"] == math.ceil(dd.r * ex.positions)
+    assert stats["positions_run"] == stats["stage1_positions"] + stats["stage2_positions"] + stats["peak_positions"]
+    assert stats["peak_bounded"] is True and stats["margin"] == dd.margin
+    mask = stats["exact_cells"]
+    assert int(mask.sum()) == stats["stage2_positions"] + stats["peak_positions"]
+    torch.testing.assert_close(res.heatmap[mask], exact.heatmap[mask], atol=1e-6, rtol=0)
+    peak = int(res.heatmap.argmin())
+    assert bool(mask.view(-1)[peak]) and (res.heatmap[~mask] > res.heatmap.view(-1)[peak]).all()
+
+
+def test_drill_down_keeps_the_largest_drop():
+    # The trained lesion model and the default (covering) stage one: the strongest drop of
+    # the exact map is its strongest drop, with 1 % of the cells in stage two, on every image.
+    model = lesions.load_or_train("tiny")
+    images, labels, _ = lesions.make_dataset(8, size=64, seed=11)
+    ex = _compile(model, size=64, patch=8, stride=2)
+    for image in images[labels == 1]:
+        exact = ex(image).heatmap
+        res = ex(image, drill_down=DrillDown(r=0.01, stage1_stride=8))
+        k = int(exact.argmin())
+        assert int(res.heatmap.argmin()) == k and res.heatmap.view(-1)[k] == exact.view(-1)[k]
+        assert res.stats["achieved_speedup"] > 4
 
 
 def test_drill_down_rejects_non_drill_down(tiny, lesion_images):
