@@ -399,7 +399,7 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
 
     monkeypatch.setattr(approx.tuning, "heatmap_ssim", ssim_of_tau)
     monkeypatch.setattr(approx.tuning, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
-    tuned = krypton_fx.tune(torch.nn.Identity(), torch.zeros(4, 3, 32, 32), target_ssim=0.9)
+    tuned = krypton_fx.tune(torch.nn.Identity(), torch.zeros(4, 3, 32, 32), target_ssim=0.9, drill_down=False)
     assert tuned.tau == pytest.approx(0.6, abs=2e-3)
     assert tuned.ssims.shape == (4, 6)
     assert tuned.expected_speedup == pytest.approx(1 / tuned.tau)
@@ -409,7 +409,7 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
     # probability maps are compared with SSIM's L = 1; logit maps by their own span
     assert set(ranges) == {1.0}
     ranges.clear()
-    krypton_fx.tune(torch.nn.Identity(), torch.zeros(2, 3, 32, 32), output="logit")
+    krypton_fx.tune(torch.nn.Identity(), torch.zeros(2, 3, 32, 32), output="logit", drill_down=False)
     assert set(ranges) == {None}
 
 
@@ -422,16 +422,18 @@ def test_tune_drop_kept_guard_raises_tau(monkeypatch):
     monkeypatch.setattr(approx.tuning, "drop_kept", lambda exact, approximate, min_drop: approximate[0, 0].item())
     monkeypatch.setattr(approx.tuning, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
     images = torch.zeros(3, 3, 32, 32)
-    plain = krypton_fx.tune(torch.nn.Identity(), images)
+    plain = krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=None, drill_down=False)  # the paper's
     assert plain.tau == pytest.approx(0.6, abs=2e-3) and plain.ssim_tau == plain.tau
     assert plain.drop_kept.shape == (3, 6)
     np.testing.assert_allclose(plain.drop_kept[0], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    guarded = krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=0.75)
+    # by default every image must keep 95 % of its drop: no tau measured does
+    assert krypton_fx.tune(torch.nn.Identity(), images, drill_down=False).tau == 1.0
+    guarded = krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=0.75, drill_down=False)
     assert guarded.tau == pytest.approx(0.8) and guarded.ssim_tau == pytest.approx(0.6, abs=2e-3)
     assert guarded.expected_speedup == pytest.approx(1 / 0.8)
     assert "the SSIM fit alone picks 0.60" in str(guarded)
     with pytest.raises(ValueError, match="min_drop_kept"):
-        krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=1.5)
+        krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=1.5, drill_down=False)
 
 
 def test_drop_kept_closed_form():
@@ -450,16 +452,25 @@ def test_drop_kept_closed_form():
     ([[1.0, 0.9, 0.9]], 0.4, 0.4),           # nothing to guard against
     ([[1.0, 0.9, 0.9]], 0.7, 0.7),           # never lowers the SSIM choice
     ([[0.5, 0.9, 0.9]], 0.4, 1.0),           # the largest measured tau already fails
-    # NaN does not vote: 0.8 and 0.6 pass, 0.4's mean (0.2 + 0.9) / 2 fails
+    # NaN does not vote: 0.8 and 0.6 pass, 0.4 fails on the first image
     ([[np.nan, np.nan, 0.2], [0.9, np.nan, 0.9]], 0.4, 0.6),
+    # every image, not on average: 0.8's mean 0.825 would pass, its first image fails
+    ([[0.7, 0.9, 0.9], [0.95, 0.9, 0.9]], 0.4, 1.0),
 ])
 def test_guard_tau(kept, tau, expected):
     assert approx.guard_tau([0.8, 0.6, 0.4], np.array(kept), tau, 0.8) == pytest.approx(expected)
 
 
+def test_guard_tau_keeps_the_peak_cell():
+    kept = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    # 0.4 moves one image's peak; NaN (no peak) does not vote
+    peaks = np.array([[1.0, 1.0, 0.0], [1.0, np.nan, 1.0]])
+    assert approx.guard_tau([0.8, 0.6, 0.4], kept, 0.4, 0.8, peaks) == pytest.approx(0.6)
+
+
 def test_tune_real_model(tiny, lesion_images, tmp_path):
     ex = _compile(tiny, size=32, patch=8, stride=4)
-    tuned = krypton_fx.tune(ex, lesion_images[:2], target_ssim=0.9, taus=(0.8, 0.6, 0.4))
+    tuned = krypton_fx.tune(ex, lesion_images[:2], target_ssim=0.9, taus=(0.8, 0.6, 0.4), drill_down=False)
     assert 0.4 <= tuned.tau <= 1.0
     assert tuned.ssims.shape == (2, 3)
     assert np.isfinite(tuned.ssims).all() and (tuned.ssims <= 1 + 1e-9).all()

@@ -210,3 +210,44 @@ def test_invalid_peak_settings_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DrillDown(r=0.1, stage1_stride=8, **kwargs)
 
+
+def test_tune_chooses_a_drill_down_that_keeps_held_out_peaks():
+    """Tuned on two lesion images, the drill-down keeps the peak of three others, cell and value."""
+    model = lesions.load_or_train("tiny")
+    images, labels, _ = lesions.make_dataset(16, size=64, seed=21)
+    images = images[labels == 1]
+    ex = krypton_fx.compile(model, patch=8, stride=4, image_size=(64, 64))
+    tuned = krypton_fx.tune(ex, images[:2], taus=())
+    assert tuned.tau == 1.0 and tuned.drill_down is not None and tuned.drill_down.stage1 == "cover"
+    chosen = [t for t in tuned.drill_down_trials if t.ok and t.r == tuned.drill_down.r
+              and t.stage1_stride == tuned.drill_down.stage1_stride]
+    assert chosen and chosen[0].peaks_kept == chosen[0].images == 2 and chosen[0].min_drop_kept == 1.0
+    assert chosen[0].margin >= 1 - chosen[0].peak_ratio  # the assumption held on the samples
+    assert max(t.speedup for t in tuned.drill_down_trials if t.ok) == chosen[0].speedup > 1
+    assert "chosen drill-down: r=" in str(tuned)
+    for image in images[2:5]:
+        exact = ex(image)
+        res = ex(image, drill_down=tuned.drill_down)
+        k = int(exact.heatmap.argmin())
+        assert int(res.heatmap.argmin()) == k
+        torch.testing.assert_close(res.heatmap.view(-1)[k], exact.heatmap.view(-1)[k], atol=1e-6, rtol=0)
+
+
+def test_replay_is_the_drill_down_the_explainer_runs(tiny_lesion):
+    """tune replays stage two and the peak rule on exact maps: the same cells, the same map."""
+    from krypton_fx.approx.cover import cover_plan, stage1_explainer
+    from krypton_fx.approx.tune_drill import replay
+
+    model, images = tiny_lesion
+    ex = krypton_fx.compile(model, patch=8, stride=2, image_size=(32, 32))
+    dd = DrillDown(r=0.02, stage1_stride=6, margin=0.3)
+    plan = cover_plan(ex, dd.stage1_step(ex.stride))
+    stage1 = stage1_explainer(ex, plan)
+    for image in images:
+        exact = ex(image)
+        covers = stage1.run_positions(torch.arange(stage1.positions), stage1.prepare(image)[1], exact.label)
+        radius = neighbourhood_radius(ex.patch, ex.stride)
+        heat, fine = replay(exact, covers[cover_index(plan)], dd.r, dd.margin, radius)
+        res = ex(image, drill_down=dd)
+        assert fine == res.stats.stage2_positions + res.stats.peak_positions
+        torch.testing.assert_close(heat, res.heatmap, atol=1e-6, rtol=0)

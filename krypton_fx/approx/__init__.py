@@ -12,8 +12,8 @@ adds what is built on top of them:
   stage-one map, the compiled stride on the fraction ``r`` of cells with
   the largest drop, then the peak rule;
 * :mod:`.metrics`: :func:`heatmap_ssim`, :func:`drop_kept` and :func:`peak_kept`;
-* :mod:`.tuning`: :func:`tune`, the smallest tau whose maps keep a target SSIM
-  against the exact ones, from a degree-2 fit of SSIM against tau.
+* :mod:`.tuning`, :mod:`.tune_drill`: :func:`tune`, tau and a covering
+  drill-down that keep the sample images' peaks (SSIM reported).
 """
 
 from .drilldown import (
@@ -26,8 +26,10 @@ from .drilldown import (
                         upsample_matrix,
 )
 from .metrics import MIN_PROB_DROP, drop_kept, heatmap_ssim, peak_kept
+from .tune_drill import DrillDownTrial, choose_drill_down
 from .tuning import TuneResult, guard_tau, select_tau, tune
 
 __all__ = ["DrillDown", "drill_down_speedup", "stage1_stride", "max_drill_down_speedup",
            "stage1_grid", "upsample_matrix", "run_drill_down", "heatmap_ssim", "drop_kept", "peak_kept",
-           "MIN_PROB_DROP", "select_tau", "guard_tau", "TuneResult", "tune"]
+           "MIN_PROB_DROP", "select_tau", "guard_tau", "TuneResult", "tune", "DrillDownTrial",
+           "choose_drill_down"]
