@@ -10,7 +10,8 @@ far border starts earlier, flush with it; it still contains every patch of its
 group. Each fine cell then has one stage-one cell whose occluder contains its
 patch (its *cover*), and the cover's drop is what the cell may drop at most if
 a larger occluder containing a smaller one drops at least as much (the peak
-rule's bound, :mod:`krypton_fx.peak`).
+rule's bound, :mod:`krypton_fx.peak`), not counting a rise of the score that
+large occluders cause anywhere (:func:`cover_bound`).
 
 The stage-one explainer is the same model compiled with the larger patch and
 explicit starts (``compile(axis_starts=...)``); compiles are cached per
@@ -36,7 +37,8 @@ from ..explainer import Explainer
 from ..explainer import compile as compile_explainer
 from ..peak import variant
 
-__all__ = ["AxisCover", "cover_axis", "fine_starts", "cover_plan", "stage1_explainer", "cover_index"]
+__all__ = ["AxisCover", "cover_axis", "fine_starts", "cover_plan", "stage1_explainer", "cover_index",
+           "cover_bound"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,3 +109,28 @@ def cover_index(plan: Sequence[AxisCover]) -> Tensor:
     for axis in plan:
         index = (index.view(-1, 1) * len(axis.starts) + axis.owner.view(1, -1)).reshape(-1)
     return index
+
+
+def cover_bound(base: float, covers: Tensor) -> Tensor:
+    """The peak rule's bound of each fine cell: its cover's drop ``base - score``, plus the rise of
+    the score that the stage-one occluders cause typically (minus their median drop, where it
+    is negative).
+
+    A model may read a large occluder anywhere as evidence for its label: on the VGG16-shaped
+    lesion model most 28 px black squares *raise* P(lesion) by about 0.05, also over the lesion,
+    where a 16 px patch drops it by 0.23. The bound then counts each cover's drop from the
+    covers' typical score, not from the image's. Where occluders typically lower the score (a
+    monotone model) the bound is the cover's drop as it is.
+
+    Args:
+        base: the unoccluded score.
+        covers: ``(fine cells,)`` each fine cell's cover score.
+
+    Example:
+        >>> cover_bound(1.0, torch.tensor([1.1, 1.1, 1.1, 0.5])).tolist()   # covers raise it by 0.1
+        [0.0, 0.0, 0.0, 0.6]
+        >>> cover_bound(1.0, torch.tensor([0.9, 0.9, 0.5])).tolist()
+        [0.1, 0.1, 0.5]
+    """
+    drop = base - covers.double()
+    return drop - min(0.0, float(drop.median()))

@@ -42,7 +42,7 @@ from ..explainer import Explainer
 from ..explainer import compile as compile_explainer
 from ..peak import DEFAULT_MARGIN, neighbourhood_radius, refine_peak, variant
 from ..results import OcclusionResult, RunStats
-from .cover import cover_index, cover_plan, stage1_explainer
+from .cover import cover_bound, cover_index, cover_plan, stage1_explainer
 
 __all__ = ["DrillDown", "drill_down_speedup", "stage1_stride", "max_drill_down_speedup",
            "stage1_grid", "upsample_matrix", "run_drill_down", "STAGE1_KINDS"]
@@ -295,7 +295,8 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
     stage-one stride is ``k`` times the compiled one), at the explainer's tau;
     each fine cell shows its cover's score, an upper bound on its drop if a
     larger occluder drops at least ``1 - margin`` times as much as one inside
-    it. ``"sample"`` runs the explainer on every ``k``-th cell (plus the last
+    it (counted from the covers' typical score where they typically raise it:
+    :func:`krypton_fx.approx.cover.cover_bound`). ``"sample"`` runs the explainer on every ``k``-th cell (plus the last
     row and column) and interpolates piecewise-linearly (bilinear for images).
 
     Stage two re-runs, at the compiled stride, the ``ceil(r * cells)`` cells
@@ -356,9 +357,10 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
         stage1 = stage1_explainer(ex, plan)
         coarse = stage1.run_positions(torch.arange(stage1.positions), stage1.prepare(image)[1], label, batch_size,
                                       progress)
-        heat = coarse.float()[cover_index(plan)]
+        bound = cover_bound(base, coarse[cover_index(plan)])
+        heat = (base - bound).float()  # approximate cells show their bound
         exact = torch.zeros(cells, dtype=torch.bool)
-        chosen = torch.argsort(base - heat.double(), descending=True, stable=True)[:math.ceil(dd.r * cells)]
+        chosen = torch.argsort(bound, descending=True, stable=True)[:math.ceil(dd.r * cells)]
         heat[chosen] = exact_scores(chosen)
         exact[chosen] = True
         n1, n2, stage1_patch = len(coarse), len(chosen), stage1.patch
@@ -375,7 +377,8 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
     if dd.margin is not None:
         radius = None if dd.neighbourhood == 0 else neighbourhood_radius(ex.patch, ex.stride) \
             if dd.neighbourhood is None else (dd.neighbourhood,) * len(grid)
-        ran = refine_peak(exact_scores, base, heat, exact, base - heat.double(), grid, dd.margin, radius)
+        bound = base - heat.double() if not cover else bound
+        ran = refine_peak(exact_scores, base, heat, exact, bound, grid, dd.margin, radius)
     run = n1 + n2 + ran
     s1_px = tuple(k * s for k, s in zip(steps, ex.stride))
     bounded = bool(exact.all()) or (cover and ex.tau == 1.0 and dd.margin is not None)

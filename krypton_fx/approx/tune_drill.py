@@ -34,7 +34,7 @@ from ..explainer import Explainer
 from ..peak import neighbourhood_radius, refine_peak
 from ..report import theoretical_speedup
 from ..results import OcclusionResult
-from .cover import cover_index, cover_plan, stage1_explainer
+from .cover import cover_bound, cover_index, cover_plan, stage1_explainer
 from .drilldown import DrillDown
 from .metrics import drop_kept, heatmap_ssim, peak_kept
 
@@ -97,7 +97,8 @@ class DrillDownTrial:
 
 
 def peak_ratio(exact: OcclusionResult, stage1: Tensor, min_drop: float) -> float:
-    """The cover's drop over the patch's at the exact map's strongest drop (NaN without one).
+    """The cover's bound (:func:`cover_bound`) over the patch's drop at the exact map's strongest
+    drop (NaN without one).
 
     Example:
         >>> ex = OcclusionResult(torch.tensor([0.9, 0.2]), 0, 1.0, (1,), (1,))
@@ -107,7 +108,8 @@ def peak_ratio(exact: OcclusionResult, stage1: Tensor, min_drop: float) -> float
     flat = exact.heatmap.reshape(-1).double()
     k = int(flat.argmin())
     drop = exact.base_prob - float(flat[k])
-    return (exact.base_prob - float(stage1.reshape(-1)[k])) / drop if drop > min_drop else float("nan")
+    bound = cover_bound(exact.base_prob, stage1.reshape(-1))
+    return float(bound[k]) / drop if drop > min_drop else float("nan")
 
 
 def replay(exact: OcclusionResult, stage1: Tensor, r: float, margin: float,
@@ -116,13 +118,13 @@ def replay(exact: OcclusionResult, stage1: Tensor, r: float, margin: float,
     exact map's values standing in for the runs: ``(heat, fine positions run)``."""
     truth = exact.heatmap.reshape(-1)
     base, cells = exact.base_prob, truth.numel()
-    heat = stage1.reshape(-1).float().clone()
+    bound = cover_bound(base, stage1.reshape(-1))
+    heat = (base - bound).float()
     exact_cells = torch.zeros(cells, dtype=torch.bool)
-    chosen = torch.argsort(base - heat.double(), descending=True, stable=True)[:math.ceil(r * cells)]
+    chosen = torch.argsort(bound, descending=True, stable=True)[:math.ceil(r * cells)]
     heat[chosen] = truth[chosen]
     exact_cells[chosen] = True
-    ran = refine_peak(lambda p: truth[p], base, heat, exact_cells, base - heat.double(), exact.heatmap.shape,
-                      margin, radius)
+    ran = refine_peak(lambda p: truth[p], base, heat, exact_cells, bound, exact.heatmap.shape, margin, radius)
     return heat.view(exact.heatmap.shape), len(chosen) + ran
 
 
