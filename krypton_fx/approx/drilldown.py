@@ -357,8 +357,8 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
         stage1 = stage1_explainer(ex, plan)
         coarse = stage1.run_positions(torch.arange(stage1.positions), stage1.prepare(image)[1], label, batch_size,
                                       progress)
-        bound = cover_bound(base, coarse[cover_index(plan)])
-        heat = (base - bound).float()  # approximate cells show their bound
+        heat = coarse.float()[cover_index(plan)]  # approximate cells show their cover's score
+        bound = cover_bound(base, heat)
         exact = torch.zeros(cells, dtype=torch.bool)
         chosen = torch.argsort(bound, descending=True, stable=True)[:math.ceil(dd.r * cells)]
         heat[chosen] = exact_scores(chosen)

@@ -118,8 +118,8 @@ def replay(exact: OcclusionResult, stage1: Tensor, r: float, margin: float,
     exact map's values standing in for the runs: ``(heat, fine positions run)``."""
     truth = exact.heatmap.reshape(-1)
     base, cells = exact.base_prob, truth.numel()
-    bound = cover_bound(base, stage1.reshape(-1))
-    heat = (base - bound).float()
+    heat = stage1.reshape(-1).float().clone()
+    bound = cover_bound(base, heat)
     exact_cells = torch.zeros(cells, dtype=torch.bool)
     chosen = torch.argsort(bound, descending=True, stable=True)[:math.ceil(r * cells)]
     heat[chosen] = truth[chosen]
