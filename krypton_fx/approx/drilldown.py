@@ -375,9 +375,11 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
 
     ran = 0
     if dd.margin is not None:
-        radius = None if dd.neighbourhood == 0 else neighbourhood_radius(ex.patch, ex.stride) \
-            if dd.neighbourhood is None else (dd.neighbourhood,) * len(grid)
-        bound = base - heat.double() if not cover else bound
+        if dd.neighbourhood is None:
+            radius: Optional[tuple[int, ...]] = neighbourhood_radius(ex.patch, ex.stride)
+        else:
+            radius = (dd.neighbourhood,) * len(grid) if dd.neighbourhood else None
+        bound = bound if cover else base - heat.double()  # interpolated or tau values: estimates
         ran = refine_peak(exact_scores, base, heat, exact, bound, grid, dd.margin, radius)
     run = n1 + n2 + ran
     s1_px = tuple(k * s for k, s in zip(steps, ex.stride))

@@ -116,8 +116,9 @@ def sizes(values: Sequence[int]) -> str:
 
 
 #: ``--drill-down`` without a fraction, and the stage-one stride in strides when ``--stage1-stride``
-#: is not given: what ``krypton_fx.tune`` chose for the lesion models of bench/approx.py (steps 4-8,
-#: r = 0.5 %; bench/results/approx/), a covering stage one of 4 cells a side.
+#: is not given: near what ``krypton_fx.tune`` chose for the lesion models of bench/approx.py
+#: (r = 0.5 %; a covering stage one of 4 cells a side for the VGG16-shaped model, whose large
+#: occluders are the least faithful, 6 for the others: bench/results/approx/).
 DRILL_DOWN_R = 0.01
 STAGE1_STEP = 4
 
