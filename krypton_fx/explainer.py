@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, fx, nn
 
-from . import common, packing
+from . import common, packing, peak
 from . import geometry as geo
 from .build import Build, CompileCache, Settings, bytes_per_position, check_backend, check_same_output
 from .common import IntOrTuple
@@ -294,7 +294,7 @@ class Explainer:
             image: ``(C, H, W)`` or ``(1, C, H, W)``, preprocessed for the model.
             label: class to explain (an int, a numpy integer or a 0-d integer
                 tensor); defaults to the unoccluded prediction.
-            drill_down: adaptive drill-down settings (approximate), or None.
+            drill_down: adaptive drill-down settings (approximate), or None (tau < 1: peak.keep_peak).
             batch_size: positions per batch; defaults to the compiled one.
             progress: show a progress bar.
             labels: instead of ``label``, several classes (``[3, 5]``) or ``"all"``: one map
@@ -312,12 +312,15 @@ class Explainer:
         """
         batch_size = common.batch_size(batch_size)
         target = class_target(label, labels, top_k, self.output)
+        if (drill_down is not None or self.tau < 1.0) and (labels is not None or top_k is not None):
+            raise ValueError("approximate maps (drill_down, tau < 1) explain one class: give label= (or none) "
+                             "instead of labels=/top_k=")
         if drill_down is not None:  # an approximate mode that runs itself on this explainer
             if not callable(getattr(drill_down, "run", None)):
                 raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(drill_down).__name__}")
-            if labels is not None or top_k is not None:
-                raise ValueError("drill_down explains one class: give label= (or none) instead of labels=/top_k=")
             return drill_down.run(self, image, label=label, batch_size=batch_size, progress=progress)
+        if self.tau < 1.0:  # approximate: the cells that decide the reading recomputed at tau = 1
+            return peak.keep_peak(self, compile, image, label, batch_size, progress)
         start = time.perf_counter()
         with self._checked_once(), eval_mode(self.model):
             logits, stored = self.prepare(image)
@@ -360,7 +363,7 @@ class Explainer:
         if len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images: give one per image (or None)")
         with self._checked_once(), eval_mode(self.model):  # the model checked once for all images
-            batch = packing.pack_batch(self, len(images), batch_size, pack)
+            batch = packing.pack_batch(self, len(images), batch_size, pack) if self.tau == 1.0 else None
             if batch is not None:
                 return packing.run_packed(self, images, labels, batch, pack is None, batch_size)
             return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]

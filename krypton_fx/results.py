@@ -168,6 +168,18 @@ class RunStats:
         r: drill-down: fraction of cells refined.
         expected_speedup: drill-down: eq. 46 at the stage-one stride used.
         achieved_speedup: drill-down: ``positions / positions_run``.
+        exact_cells: approximate modes: bool tensor shaped like the heat map, True
+            where the cell was computed exactly (tau = 1, the compiled patch); None
+            in exact mode, where every cell is.
+        peak_positions: approximate modes: positions the peak rule recomputed
+            exactly (:func:`krypton_fx.peak.refine_peak`).
+        margin: approximate modes: the peak rule's margin (None: the rule was off).
+        peak_bounded: approximate modes: True where every approximate cell's drop
+            was bounded by a tau = 1 occluder containing its patch (drill-down's
+            covering stage one): the map's peak is the exact map's whenever a larger
+            occluder drops at least ``1 - margin`` times as much as one it contains.
+            False: the approximate values were estimates.
+        stage1_patch: drill-down: stage-one patch in pixels.
         index: :func:`krypton_fx.explain_many`: the image's place in its input.
         source: :func:`krypton_fx.explain_many`: the image's name (a file path, say).
     """
@@ -184,6 +196,11 @@ class RunStats:
     achieved_speedup: Optional[float] = None
     index: Optional[int] = None
     source: Optional[str] = None
+    exact_cells: Optional[Tensor] = None
+    peak_positions: Optional[int] = None
+    margin: Optional[float] = None
+    peak_bounded: Optional[bool] = None
+    stage1_patch: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
         if self.positions_run is None:

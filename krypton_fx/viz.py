@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 __all__ = ["upsample_heatmap", "upsample_heatmap_nd", "heatmap_figure", "volume_figure", "drop_limit",
-           "display_scale", "overlay_alpha", "bench_figure", "DROP_CMAP"]
+           "display_scale", "overlay_alpha", "bench_figure", "DROP_CMAP", "mark_approximate", "approximate_pixels"]
 
 #: The colour map of drops: red where occluding lowers the score, white where it does not matter.
 DROP_CMAP = "RdBu_r"
@@ -131,10 +131,48 @@ def _draw_box(ax, box: Sequence[int], label: Optional[str]) -> None:
                            linewidth=1.6, label=label))
 
 
+_APPROX_HATCH = "////"
+_APPROX_LABEL = "approximate (not computed exactly)"
+
+
+def mark_approximate(ax, approximate: np.ndarray, label: Optional[str] = None) -> None:
+    """Hatch the pixels where ``approximate`` (a bool array on the panel's grid) is True.
+
+    Example:
+        >>> ax = Figure().subplots()
+        >>> mark_approximate(ax, np.eye(6, dtype=bool), "approximate")
+    """
+    region = np.asarray(approximate, dtype=np.float64)
+    if not region.any():
+        return
+    limits = ax.get_xlim(), ax.get_ylim()  # an image's extent (and its upside-down y axis) stay
+    hatched = ax.contourf(region, levels=[0.5, 1.5], colors="none", hatches=[_APPROX_HATCH])
+    hatched.set_edgecolor((0.25, 0.25, 0.25, 0.55))  # the hatch's colour
+    hatched.set_linewidth(0.0)
+    ax.set_xlim(limits[0])
+    ax.set_ylim(limits[1])
+    if label:
+        ax.add_patch(Rectangle((0, 0), 0, 0, facecolor="none", edgecolor=(0.25, 0.25, 0.25), hatch=_APPROX_HATCH,
+                               label=label))
+
+
+def approximate_pixels(exact_cells, size: Sequence[int], patch: Sequence[int], stride: Sequence[int]) -> np.ndarray:
+    """The pixels (voxels) nearer approximate cells than exact ones, as the map is upsampled:
+    ``exact_cells`` (``res.stats.exact_cells``, True where exact) on the input's grid, negated.
+
+    Example:
+        >>> approximate_pixels(np.array([[True, False]]), (4, 8), (4, 4), (4, 4))[0].tolist()
+        [False, False, False, False, False, True, True, True]
+    """
+    exact = np.asarray(exact_cells, dtype=np.float64)
+    return upsample_heatmap_nd(exact, size, patch, stride) < 0.5
+
+
 def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Sequence[int],
                    label: int, base_prob: float, label_name: Optional[str] = None,
                    output: str = "prob", box: Optional[Sequence[int]] = None,
-                   box_label: str = "true region", subtitle: Optional[str] = None) -> Figure:
+                   box_label: str = "true region", subtitle: Optional[str] = None,
+                   exact_cells=None) -> Figure:
     """The image, the occlusion map over it, and the map alone with a colour bar.
 
     Args:
@@ -150,6 +188,9 @@ def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Seq
         box: ``(y, x, h, w)`` to outline on every panel (a known lesion, say).
         box_label: legend entry for ``box``.
         subtitle: second title line; defaults to the patch, stride and grid.
+        exact_cells: an approximate map's ``res.stats.exact_cells`` (``(H_M, W_M)``
+            bool, True where computed exactly): the other regions are hatched on
+            both map panels. None: nothing is marked (an exact map).
 
     Example:
         >>> fig = heatmap_figure(np.zeros((32, 32, 3)), np.ones((5, 5)), (8, 8), (6, 6), 1, 1.0)
@@ -182,6 +223,11 @@ def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Seq
     bar = fig.colorbar(shown, ax=axes[2], shrink=0.9)
     bar.set_label(f"drop in {what}(label) when occluded\n(red: evidence for the label)")
 
+    if exact_cells is not None and not np.asarray(exact_cells).all():
+        approximate = approximate_pixels(exact_cells, (h, w), patch, stride)
+        mark_approximate(axes[1], approximate)
+        mark_approximate(axes[2], approximate, _APPROX_LABEL)
+        axes[2].legend(loc="lower left", fontsize=8, framealpha=0.8)
     if box is not None and min(int(v) for v in box) >= 0:
         for i, ax in enumerate(axes):
             _draw_box(ax, box, box_label if i == 0 else None)
@@ -256,7 +302,7 @@ def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], la
                   spacing: Sequence[float] = (1.0, 1.0, 1.0), label_name: Optional[str] = None,
                   output: str = "prob", box: Optional[Sequence[int]] = None, box_label: str = "true region",
                   subtitle: Optional[str] = None, voxel_text: Optional[str] = None,
-                  plane_text: Optional[Sequence[str]] = None) -> Figure:
+                  plane_text: Optional[Sequence[str]] = None, approximate: Optional[np.ndarray] = None) -> Figure:
     """Three orthogonal slices through ``voxel``: the volume, the occlusion map over it, the map alone.
 
     The colours are :func:`heatmap_figure`'s: the drop ``base_prob - heatmap``,
@@ -283,6 +329,8 @@ def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], la
         voxel_text: how the title names ``voxel`` (the file's own indices, say).
         plane_text: per axis of ``volume``, how to name the plane through ``voxel``
             across it (``"i = 7"``: the file's axis and index); default ``"z = 12"``.
+        approximate: ``(D, H, W)`` bool, the voxels of an approximate map not computed
+            exactly (:func:`approximate_pixels`): hatched on the map panels.
 
     Example:
         >>> fig = volume_figure(np.zeros((8, 8, 8)), np.ones((8, 8, 8)), (4, 4, 4), 1, 0.9)
@@ -315,6 +363,12 @@ def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], la
         axes[r, 1].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         axes[r, 1].imshow(rgba, interpolation="nearest", aspect=aspect)
         shown = axes[r, 2].imshow(dropped, cmap=DROP_CMAP, norm=norm, interpolation="nearest", aspect=aspect)
+        if approximate is not None:
+            region = _plane(np.asarray(approximate, dtype=np.float64), *args)
+            mark_approximate(axes[r, 1], region)
+            mark_approximate(axes[r, 2], region, _APPROX_LABEL if r == 0 else None)
+            if r == 0 and region.any():
+                axes[r, 2].legend(loc="lower left", fontsize=8, framealpha=0.8)
         where = plane_text[fixed] if plane_text is not None else f"{coord} = {voxel[fixed]}"
         axes[r, 0].set_ylabel(f"{plane_name}, {where}", fontsize=11)
         for ax in axes[r]:

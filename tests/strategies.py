@@ -676,3 +676,49 @@ def ablation_cases(draw, classes: int = 3) -> AblationCase:
     target = (draw(st.integers(-classes, classes - 1)) if draw(st.booleans())
               else [draw(st.integers(0, classes - 1)) for _ in range(n)])
     return AblationCase((n, c, h, w), mask, baseline, target, draw(st.integers(1, 4)), seed)
+
+
+# ---------------------------------------------------------------------------
+# Monotone nets and planted drops: the peak rule's guarantee (tests/test_approx_peak.py)
+# ---------------------------------------------------------------------------
+# A RandomNet whose every weight is non-negative and whose point ops are
+# non-decreasing computes logits that are non-decreasing in every input element.
+# On a non-negative image occluded with colour 0, a larger occluder then lowers
+# every logit at least as much as one it contains: the assumption under which
+# drill-down's covering stage one cannot miss the peak holds exactly.
+
+
+def monotone_net(blocks, in_channels: int, dims: int = 2, seed: int = 0) -> RandomNet:
+    """:class:`RandomNet` of ``blocks`` with non-negative weights and non-decreasing point ops
+    (hardswish, which dips below zero, becomes relu), in eval mode."""
+    blocks = [dict(b, fn="relu") if b["op"] == "point" and b["fn"] == "hardswish" else b for b in blocks]
+    torch.manual_seed(seed)
+    net = RandomNet(blocks, in_channels, dims=dims).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if not name.endswith("bias"):
+                p.abs_()
+    return net
+
+
+@st.composite
+def planted_drops(draw, dims: int = 2):
+    """``(size, patch, stride, step, corner, side)``: an occlusion grid of at least 3 cells per
+    axis, a stage-one step of 2-4 cells, and a bright cube of ``side`` (at most the patch) at
+    ``corner``: a drop narrower than the stage-one stride."""
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    patch = tuple(draw(st.integers(max(2, s), 6)) for s in stride)
+    size = tuple(draw(st.integers(p + 2 * s, min(p + 2 * s + 12, 28 if dims < 3 else 14)))
+                 for p, s in zip(patch, stride))
+    step = draw(st.integers(2, 4))
+    side = tuple(draw(st.integers(1, p)) for p in patch)
+    corner = tuple(draw(st.integers(0, n - w)) for n, w in zip(size, side))
+    return size, patch, stride, step, corner, side
+
+
+def planted_image(channels: int, size, corner, side, seed: int = 0) -> Tensor:
+    """A dim random image in ``[0, 0.1)`` with a bright (1.0) box of ``side`` at ``corner``."""
+    gen = torch.Generator().manual_seed(seed)
+    image = 0.1 * torch.rand(channels, *size, generator=gen)
+    image[(slice(None), *(slice(c, c + w) for c, w in zip(corner, side)))] = 1.0
+    return image

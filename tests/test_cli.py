@@ -86,12 +86,15 @@ def test_explain_drill_down_equals_the_api(tmp_path):
     proc = run_cli("explain", image, *args, "--out", "map.png", "--npy", "map.npy", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"heat map 13x13 \((\d+) of 169 positions run", proc.stdout), proc.stdout
+    # how sure the map is: the covering stage one's promise, on one line
+    assert re.search(r"approximate: \d+ of 169 cells computed exactly; the strongest drop is exact, and the "
+                     r"exact map's whenever a larger occluder drops at least 50% as much", proc.stdout), proc.stdout
     torch.manual_seed(0)
     model = torchvision.models.get_model("resnet18", weights=None)
     black = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
     ex = krypton_fx.compile(model, patch=16, stride=4, color=black, image_size=(64, 64))
-    # --stage1-stride defaults to twice --stride
-    expected = ex(model_input(image), drill_down=krypton_fx.DrillDown(r=0.25, stage1_stride=8))
+    # --stage1-stride defaults to 4 x --stride: the covering stage one, the peak rule's default margin
+    expected = ex(model_input(image), drill_down=krypton_fx.DrillDown(r=0.25, stage1_stride=16))
     run = int(re.search(r"\((\d+) of 169", proc.stdout).group(1))
     assert run == expected.stats["positions_run"] < 169
     np.testing.assert_allclose(np.load(tmp_path / "map.npy"), expected.heatmap.numpy(), rtol=0, atol=1e-5)
@@ -166,6 +169,8 @@ BAD_INPUTS = {
     "stage-one stride without drill-down": ["explain", "in/scan.png", *EXPLAIN, "--stage1-stride", "32"],
     "stage-one stride finer than stride": ["explain", "in/scan.png", *EXPLAIN, "--drill-down", "0.2",
                                            "--stage1-stride", "8"],
+    "margin of an exact map": ["explain", "in/scan.png", *EXPLAIN, "--margin", "0.3"],
+    "negative margin": ["explain", "in/scan.png", *EXPLAIN, "--drill-down", "--margin", "-1"],
     "weights with a pickled payload": ["explain", "in/scan.png", "--model", "resnet18", "--weights",
                                        "in/evil.pt", "--size", "64"],
     "weights file that is no checkpoint": ["explain", "in/scan.png", "--model", "resnet18", "--weights",
@@ -187,6 +192,8 @@ BAD_INPUT_WORDS = {
     "output is the input": "never overwrites an input",
     "npy is the input": "never overwrites an input",
     "mean not a number": "--mean: must be finite",
+    "margin of an exact map": "--margin applies to approximate maps",
+    "negative margin": "--margin: must be a number >= 0 or none",
     "colour out of float32 range": "out of range for the model's float32",
     "speedup of a model that cannot run": "cannot run on a (1, 3, 64, 64) input",
     "label and labels": "--label and --labels both choose classes",

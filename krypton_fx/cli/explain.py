@@ -69,11 +69,19 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
     p.add_argument("--tau", type=opt.tau, default=1.0, help="projective-field threshold; 1 is exact")
     p.add_argument("--output", choices=("prob", "logit"), default="prob",
                    help="what the map records: the softmax probability of the label, or its raw logit")
-    p.add_argument("--drill-down", type=opt.fraction, metavar="R",
-                   help="adaptive drill-down: a coarse pass at --stage1-stride, then --stride only on "
-                        "the fraction R of cells with the largest drop (approximate; default off)")
+    p.add_argument("--drill-down", type=opt.fraction, metavar="R", nargs="?", const=opt.DRILL_DOWN_R,
+                   help="adaptive drill-down: a coarse pass at --stage1-stride whose patches contain every "
+                        "--patch, then --stride on the fraction R of cells with the largest drop (default "
+                        f"{opt.DRILL_DOWN_R:g}), then exactly wherever the strongest drop may lie "
+                        "(approximate; default off)")
     p.add_argument("--stage1-stride", type=opt.positive_int, metavar="N",
-                   help="coarse stride of --drill-down in pixels (default: 2 x --stride)")
+                   help=f"coarse stride of --drill-down in pixels (default: {opt.STAGE1_STEP} x --stride)")
+    p.add_argument("--stage1", choices=("cover", "sample"),
+                   help="--drill-down's coarse pass: cover (patches that contain every fine patch: a drop cannot "
+                        "fall between them; the default) or sample (the paper's: every few cells, interpolated)")
+    p.add_argument("--margin", type=opt.margin, metavar="M|none",
+                   help="--tau and --drill-down: recompute exactly every cell whose approximate drop may reach "
+                        "(1 - M) x the strongest exact drop (default 0.5; none: no such rule, the paper's maps)")
     p.add_argument("--device", metavar="cpu|cuda", help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=opt.positive_int, metavar="N",
                    help="positions per batch (default: what fits in memory)")
@@ -204,7 +212,7 @@ def _explain_one(args) -> int:
         heat = heatmap.numpy()
         label_name = cats[label] if cats and label < len(cats) else None
         fig = heatmap_figure(prep.display(x), heat, res.patch, res.stride, label, base,
-                             label_name=label_name, output=res.output,
+                             label_name=label_name, output=res.output, exact_cells=res.stats.get("exact_cells"),
                              subtitle=(f"{loaded.name}, {Path(args.image).name}: patch {patch[0]}x{patch[1]}, "
                                        f"stride {stride[0]}x{stride[1]}, {heat.shape[0]}x{heat.shape[1]} "
                                        f"positions ({exact})"))
@@ -228,6 +236,9 @@ def _explain_one(args) -> int:
     what = "P" if args.output == "prob" else "logit"
     print(f"heat map {heat.shape[-2]}x{heat.shape[-1]} ({ran}, batch {min(ex.batch_size, run_)}) "
           f"in {seconds:.2f} s on {device}; lowest {what} {heat.min():.4f}")
+    note = opt.peak_note(res)
+    if note:
+        print(f"approximate: {note}")
     for path in writers:
         print(f"wrote {path}")
     return 0

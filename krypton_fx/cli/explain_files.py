@@ -32,7 +32,7 @@ __all__ = ["run_files", "fingerprint"]
 
 def fingerprint(args, patch, stride) -> dict:
     """The settings that make a map: an output made with other ones is not reused."""
-    drill = None if args.drill_down is None else [args.drill_down, args.stage1_stride]
+    drill = None if args.drill_down is None else [args.drill_down, args.stage1_stride, args.stage1, args.margin]
     settings = {"model": args.model, "weights": args.weights, "num_classes": args.num_classes,
                 "seed": args.seed if (args.weights or "").lower() == "none" else None,
                 "size": args.size, "mean": args.mean, "std": args.std, "patch": list(patch),
@@ -40,6 +40,8 @@ def fingerprint(args, patch, stride) -> dict:
                 "output": args.output, "drill_down": drill}
     if getattr(args, "in_channels", None) is not None:  # only when given: older folders' settings stay equal
         settings["in_channels"] = args.in_channels
+    if args.tau < 1.0:  # tau maps keep their peak since issue 25: older ones are not reused
+        settings["peak_margin"] = args.margin or "default"
     return settings
 
 

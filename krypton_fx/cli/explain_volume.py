@@ -81,7 +81,7 @@ def run_volume(args) -> int:
     import numpy as np
     import torch
 
-    from ..viz import display_scale, drop_limit, upsample_heatmap_nd, volume_figure
+    from ..viz import approximate_pixels, display_scale, drop_limit, upsample_heatmap_nd, volume_figure
 
     _check_options(args)
     patch, stride, drill = opt.check_settings(args, spatial_dims=3)
@@ -123,10 +123,13 @@ def run_volume(args) -> int:
     exact = opt.exactness(args, drill, res)
     what = "P" if args.output == "prob" else "logit"
     view = to_display_orientation(volume)
+    exact_cells = res.stats.get("exact_cells")
+    approximate = None if exact_cells is None else view.reorient(
+        approximate_pixels(exact_cells, volume.spatial_shape, res.patch, res.stride))
     axis_names = "ijk" if volume.kind == "nifti" else "dhw"
     fig = volume_figure(view.reorient(display_scale(x)), view.reorient(drop), view.voxel_index(voxel), res.label,
                         res.base_prob, limit=drop_limit(res.base_prob - heat), layout=view.layout,
-                        spacing=view.zooms, output=res.output,
+                        spacing=view.zooms, output=res.output, approximate=approximate,
                         voxel_text=f"voxel ({', '.join(map(str, voxel))}) of the file",
                         plane_text=[f"{axis_names[a]} = {voxel[a]}" for a in view.file_axes],
                         subtitle=(f"{loaded.name}, {Path(args.image).name} ({opt.sizes(volume.spatial_shape)}, "
@@ -146,6 +149,9 @@ def run_volume(args) -> int:
     count = f"{ran} of {ex.positions} positions run" if ran != ex.positions else f"{ex.positions} positions"
     print(f"heat map {opt.sizes(heat.shape)} ({count}, batch {min(ex.batch_size, ran)}) in {seconds:.2f} s on "
           f"{device}; lowest {what} {heat.min():.4f}, strongest drop {float(drop.max()):.4f} at voxel {voxel}")
+    note = opt.peak_note(res)
+    if note:
+        print(f"approximate: {note}")
     kind = "NIfTI, the input's affine" if volume_suffix(out_map) != ".npy" else "numpy"
     for path in writers:
         note = f" (drop in {what} on the input's grid, {kind})" if path == out_map else ""

@@ -95,7 +95,7 @@ def _picture_writer(job: FileJob, task: Task, res, picture, image_hw) -> Callabl
     if picture is None:
         picture = np.full(tuple(image_hw), 0.5)
     fig = heatmap_figure(picture, heat, res.patch, res.stride, res.label, res.base_prob,
-                         label_name=label_name, output=res.output,
+                         label_name=label_name, output=res.output, exact_cells=res.stats.get("exact_cells"),
                          subtitle=(f"{job.model_name}, {Path(task.path).name}: patch {res.patch[0]}x{res.patch[1]}, "
                                    f"stride {res.stride[0]}x{res.stride[1]}, {heat.shape[0]}x{heat.shape[1]} "
                                    f"positions ({exact})"))
