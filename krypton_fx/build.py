@@ -17,6 +17,7 @@ from torch import Tensor, fx, nn
 from .ops import BACKENDS
 from .passes.patch_prop import PatchProp, State
 from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill
+from .targets import SegmentationTarget, select_output
 from .tiered import KernelTier
 
 __all__ = ["Settings", "Build", "CompileCache", "check_same_output", "bytes_per_position", "check_backend"]
@@ -45,6 +46,9 @@ class Settings:
         axis_starts: explicit patch starts per axis (their product is the grid),
             instead of multiples of ``stride``; None: multiples of ``stride``.
         fill: what the patch holds beyond a colour (MONAI's occlusion modes).
+        target: a dense output's target (segmentation), or None: class scores.
+        norm_stats: ``"exact"`` or ``"frozen"`` (instance/group norms use the unoccluded
+            image's statistics: approximate, incremental).
     """
 
     patch: tuple[int, ...]
@@ -62,6 +66,8 @@ class Settings:
     autowrap_functions: tuple[Callable, ...] = ()
     axis_starts: Optional[tuple[tuple[int, ...], ...]] = None
     fill: PatchFill = NO_FILL
+    target: Optional[SegmentationTarget] = None
+    norm_stats: str = "exact"
 
 
 @dataclasses.dataclass
@@ -87,9 +93,12 @@ class Build:
         return not all(self.packs_checked.values())
 
 
-def check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:
-    """Raise if the traced graph's output differs from the model's own on ``image``."""
+def check_same_output(model: nn.Module, image: Tensor, traced: Tensor, key: Optional[str] = None) -> None:
+    """Raise if the traced graph's output differs from the model's own on ``image`` (``key``: the
+    entry of a dict output that ``traced`` is)."""
     eager = model(image.clone())
+    if key is not None:
+        eager = select_output(eager, key)
     if not isinstance(eager, Tensor) or eager.shape != traced.shape:
         raise ValueError(f"the traced graph of {type(model).__name__} returns {tuple(traced.shape)} but the "
                          f"model returns {tuple(getattr(eager, 'shape', ()))}; krypton_fx cannot explain it")
