@@ -15,12 +15,14 @@ import torch
 from torch import Tensor, fx, nn
 
 from .ops import BACKENDS
+from .passes.norms import NORM_STATS
 from .passes.patch_prop import PatchProp, State
 from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill
 from .targets import SegmentationTarget, select_output
 from .tiered import KernelTier
 
-__all__ = ["Settings", "Build", "CompileCache", "check_same_output", "bytes_per_position", "check_backend"]
+__all__ = ["Settings", "Build", "CompileCache", "check_same_output", "bytes_per_position", "check_backend",
+           "check_target"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +113,17 @@ def check_same_output(model: nn.Module, image: Tensor, traced: Tensor, key: Opti
             f"(they differ by {diff:.3g}): its forward has effects that torch.fx cannot record, such "
             "as an in-place update (y += ...) of a tensor that is read again later, Python-side state or "
             "randomness. Hint: write such updates out of place (y = y + ...)")
+
+
+def check_target(target: Optional[SegmentationTarget], output: str, norm_stats: str) -> None:
+    """Check compile's ``target=`` (with ``output=``) and ``norm_stats=``."""
+    if target is not None:
+        if not isinstance(target, SegmentationTarget):
+            raise TypeError(f"target must be a krypton_fx.SegmentationTarget or None, got {type(target).__name__}")
+        if output != "prob":
+            raise ValueError("with target= give the output in the target: SegmentationTarget(..., output=...)")
+    if norm_stats not in NORM_STATS:
+        raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
 
 
 def bytes_per_position(prop: PatchProp) -> int:

@@ -15,11 +15,11 @@ from torch import Tensor, fx, nn
 
 from . import common, packing
 from . import geometry as geo
-from .build import Build, CompileCache, Settings, bytes_per_position, check_backend, check_same_output
+from .build import Build, CompileCache, Settings, bytes_per_position, check_backend, check_same_output, check_target
 from .common import IntOrTuple
 from .naive import naive_occlusion
 from .passes.functionalize import functionalize
-from .passes.norms import NORM_STATS, freeze_norms
+from .passes.norms import freeze_norms
 from .passes.patch_prop import META_KEY, PatchInfo, annotate
 from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill, rewrite
 from .report import format_report
@@ -488,13 +488,7 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
                          "or a larger image_size")
     if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and 0.0 < tau <= 1.0):
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    if target is not None:
-        if not isinstance(target, SegmentationTarget):
-            raise TypeError(f"target must be a krypton_fx.SegmentationTarget or None, got {type(target).__name__}")
-        if output != "prob":
-            raise ValueError("with target= give the output in the target: SegmentationTarget(..., output=...)")
-    if norm_stats not in NORM_STATS:
-        raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
+    check_target(target, output, norm_stats)
     output = common.output_kind(output)
     batch_size = common.batch_size(batch_size)
     dev = common.resolve_device(device, model)

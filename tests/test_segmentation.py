@@ -11,13 +11,13 @@ import itertools
 import pytest
 import torch
 import torchvision.models.segmentation as tv_seg
+from hypothesis import given, settings
+from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, UNet
+from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 from torchvision.models.segmentation.lraspp import LRASPP
-from hypothesis import given, settings
-from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, UNet
-from torch import nn
 
 import krypton_fx
 from krypton_fx import SegmentationTarget

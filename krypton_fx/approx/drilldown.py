@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import common
 from ..results import OcclusionResult, RunStats
 
 if TYPE_CHECKING:  # annotations only: the explainer calls DrillDown.run, not the other way round
@@ -248,16 +247,16 @@ def run_drill_down(ex: "Explainer", image: Tensor, dd: DrillDown, label: Optiona
     grid, cells = ex.grid, math.prod(ex.grid)
     steps = dd.stage1_step(ex.stride)
     logits, stored = ex.prepare(image)
-    label = common.label_index(label, logits.shape[-1])
-    label = int(logits.argmax(1)) if label is None else label
-    base = float(common.scores(logits, label, ex.output))
+    target = ex.resolve(logits, label)  # the class, or the compiled segmentation target
+    label, base, stored = target.labels[0], target.base[0], stored + list(target.inputs)
+    keep = lambda output, _: target(output)[:, 0]  # noqa: E731
 
     samples = [stage1_grid(n, k) for n, k in zip(grid, steps)]
     # Row-major flat index of every combination of sampled rows, columns (and slices).
     stage1 = torch.zeros(1, dtype=torch.int64)
     for axis_samples, n in zip(samples, grid):
         stage1 = (stage1.view(-1, 1) * n + axis_samples.view(1, -1)).reshape(-1)
-    coarse = ex.run_positions(stage1, stored, label, batch_size, progress).view(*(len(a) for a in samples))
+    coarse = ex.run_program(stage1, stored, keep, batch_size, progress).view(*(len(a) for a in samples))
     # Piecewise-linear upsampling, one axis at a time (bilinear for images, trilinear for volumes).
     upsampled = coarse.double()
     for axis, (axis_samples, n) in enumerate(zip(samples, grid)):
@@ -271,7 +270,7 @@ def run_drill_down(ex: "Explainer", image: Tensor, dd: DrillDown, label: Optiona
     chosen = torch.argsort(drop, descending=True, stable=True)[:math.ceil(dd.r * cells)]
     stage2 = chosen[~measured[chosen]].sort().values
     if len(stage2):
-        heat[stage2] = ex.run_positions(stage2, stored, label, batch_size, progress)
+        heat[stage2] = ex.run_program(stage2, stored, keep, batch_size, progress)
 
     run = len(stage1) + len(stage2)
     s1_px = tuple(k * s for k, s in zip(steps, ex.stride))
@@ -279,6 +278,7 @@ def run_drill_down(ex: "Explainer", image: Tensor, dd: DrillDown, label: Optiona
                      stage1_stride=s1_px, stage1_positions=len(stage1), stage2_positions=len(stage2), r=dd.r,
                      expected_speedup=drill_down_speedup(s1_px, ex.stride, dd.r),
                      achieved_speedup=cells / run)
-    return OcclusionResult(heat.view(grid), label, base, ex.stride, ex.patch, ex.output, stats)
+    return OcclusionResult(heat.view(grid), label, base, ex.stride, ex.patch, target.output, stats,
+                           mask=getattr(target, "mask", None))
 
 
