@@ -70,7 +70,8 @@ def _read_mask(path: str, spatial: tuple[int, ...]):
             with Image.open(path) as img:
                 data = (np.asarray(img.convert("L")) > 0).astype(np.float32)
         except (OSError, ValueError) as e:
-            raise CLIError(f"--mask {path}: cannot read it ({first_line(e)}); give a .npy, NIfTI or picture file") from None
+            raise CLIError(f"--mask {path}: cannot read it ({first_line(e)}); give a .npy, NIfTI or "
+                           "picture file") from None
     if tuple(data.shape) != tuple(spatial):
         raise CLIError(f"--mask {path} has shape {'x'.join(map(str, data.shape))} but the model's output is "
                        f"{'x'.join(map(str, spatial))}; give a mask of the output's shape")
