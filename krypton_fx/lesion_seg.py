@@ -31,9 +31,9 @@ __all__ = ["LesionUNet", "build_unet", "load_or_train", "dice", "checkpoint_path
 logger = logging.getLogger(__name__)
 
 #: Image size the U-Net is trained and explained at.
-SIZE = 128
+SIZE = 96
 NORMS = ("batch", "instance")
-_STEPS, _BATCH, _LR = 400, 12, 3e-3
+_STEPS, _BATCH, _LR = 300, 8, 3e-3
 _STOP_DICE = 0.8  # held-out Dice at which training stops early
 
 
