@@ -280,6 +280,7 @@ class Explainer:
         float32 on the CPU: what MONAI's occlusion sensitivity averages."""
         return self.run_program(positions, stored, lambda logits, _: logits.float(), batch_size, progress)
 
+    @torch.no_grad()
     def run_program(self, positions: Tensor, stored: list[Tensor], keep: Keep, batch_size: Optional[int] = None,
                     progress: bool = False, program: Optional[IncrementalProgram] = None) -> Tensor:
         """``keep(output, positions)`` of every batch of ``positions`` through ``program`` (the

@@ -6,7 +6,11 @@ while patch *sizes* are plain ints: a compiled explainer uses one static patch
 size per node, so every position's patch of a node has the same shape and the
 positions can be batched.
 
-Equation numbers refer to ``paper/krypton-paper.txt``.
+Equation numbers are those of the KRYPTON paper (Nakandala, Kumar and
+Papakonstantinou, "Incremental and Approximate Inference for Faster
+Occlusion-based Deep CNN Explanations", SIGMOD 2019), numbered as in its
+preprint ("KRYPTON: Accelerating Occlusion based Deep CNN Explainability
+Workloads").
 """
 
 from __future__ import annotations

@@ -23,9 +23,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 __all__ = ["upsample_heatmap", "upsample_heatmap_nd", "heatmap_figure", "volume_figure", "drop_limit",
-           "bench_figure"]
+           "display_scale", "overlay_alpha", "bench_figure", "DROP_CMAP"]
 
-_CMAP = "RdBu_r"
+#: The colour map of drops: red where occluding lowers the score, white where it does not matter.
+DROP_CMAP = "RdBu_r"
 _BOX_COLOR = "#39ff14"
 
 
@@ -169,13 +170,13 @@ def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Seq
     axes[0].imshow(image, interpolation="nearest", **gray)
     axes[0].set_title("input (as the model sees it)")
 
-    rgba = colormaps[_CMAP](norm(drop))
+    rgba = colormaps[DROP_CMAP](norm(drop))
     rgba[..., 3] = overlay_alpha(drop, lim)
     axes[1].imshow(image, interpolation="nearest", **gray)
     axes[1].imshow(rgba, interpolation="nearest")
     axes[1].set_title("occlusion map over the input")
 
-    shown = axes[2].imshow(drop, cmap=_CMAP, norm=norm, interpolation="nearest")
+    shown = axes[2].imshow(drop, cmap=DROP_CMAP, norm=norm, interpolation="nearest")
     axes[2].set_title("occlusion map")
     what = "P" if output == "prob" else "logit"
     bar = fig.colorbar(shown, ax=axes[2], shrink=0.9)
@@ -218,6 +219,24 @@ _PLANES = {
 # Anatomical ends of each RAS+ axis: (low end, high end).
 _RAS_ENDS = (("L", "R"), ("P", "A"), ("I", "S"))
 _VOXEL_COLOR = "#ffd400"
+
+
+def display_scale(volume) -> np.ndarray:
+    """A channels-first input ``(C, *spatial)`` (array or tensor) as a ``spatial`` picture in ``[0, 1]``:
+    the first channel, its 0.5th to 99.5th percentile stretched over the grey scale (one hot voxel
+    cannot darken the rest). What the volume pictures show.
+
+    Example:
+        >>> display_scale(np.array([[[[0.0, 2.0, 4.0]]]])).tolist()
+        [[[0.0, 0.5, 1.0]]]
+    """
+    first = volume[0]
+    first = (first.detach().cpu().double().numpy() if hasattr(first, "detach")
+             else np.asarray(first, dtype=np.float64))
+    low, high = np.percentile(first, [0.5, 99.5]) if first.size else (0.0, 1.0)
+    if high <= low:
+        low, high = float(first.min()), float(first.max())
+    return np.clip((first - low) / (high - low), 0, 1) if high > low else np.zeros_like(first)
 
 
 def _plane(values: np.ndarray, fixed: int, index: int, row: int, col: int, flip_rows: bool,
@@ -290,12 +309,12 @@ def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], la
         aspect = float(spacing[row]) / float(spacing[col])
         point_x = _in_plane(voxel[col], volume.shape[col], flip_c)
         point_y = _in_plane(voxel[row], volume.shape[row], flip_r)
-        rgba = colormaps[_CMAP](norm(dropped))
+        rgba = colormaps[DROP_CMAP](norm(dropped))
         rgba[..., 3] = overlay_alpha(dropped, lim)
         axes[r, 0].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         axes[r, 1].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         axes[r, 1].imshow(rgba, interpolation="nearest", aspect=aspect)
-        shown = axes[r, 2].imshow(dropped, cmap=_CMAP, norm=norm, interpolation="nearest", aspect=aspect)
+        shown = axes[r, 2].imshow(dropped, cmap=DROP_CMAP, norm=norm, interpolation="nearest", aspect=aspect)
         where = plane_text[fixed] if plane_text is not None else f"{coord} = {voxel[fixed]}"
         axes[r, 0].set_ylabel(f"{plane_name}, {where}", fontsize=11)
         for ax in axes[r]:

@@ -24,7 +24,7 @@ from .errors import CLIError
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
 from .targets import segmentation_target
 
-__all__ = ["run_volume", "volume_color", "display_scale", "VOLUME_ONLY"]
+__all__ = ["run_volume", "volume_color", "VOLUME_ONLY"]
 
 #: Options that only a volume takes.
 VOLUME_ONLY = ("--intensity", "--map")
@@ -46,18 +46,6 @@ def volume_color(spec, x) -> float:
     if spec == "mean":
         return float(x.double().mean())
     return float(spec)
-
-
-def display_scale(x):
-    """A ``(C, D, H, W)`` model input as a ``(D, H, W)`` picture in ``[0, 1]``: the first channel,
-    its 0.5th to 99.5th percentile stretched over the grey scale (one hot voxel cannot darken the rest)."""
-    import numpy as np
-
-    first = x[0].detach().cpu().double().numpy()
-    low, high = np.percentile(first, [0.5, 99.5]) if first.size else (0.0, 1.0)
-    if high <= low:
-        low, high = float(first.min()), float(first.max())
-    return np.clip((first - low) / (high - low), 0, 1) if high > low else np.zeros_like(first)
 
 
 def _check_options(args) -> None:
@@ -94,7 +82,7 @@ def run_volume(args) -> int:
     import numpy as np
     import torch
 
-    from ..viz import drop_limit, upsample_heatmap_nd, volume_figure
+    from ..viz import display_scale, drop_limit, upsample_heatmap_nd, volume_figure
 
     _check_options(args)
     patch, stride, drill = opt.check_settings(args, spatial_dims=3)

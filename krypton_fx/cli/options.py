@@ -11,9 +11,9 @@ from typing import Callable, Optional, Sequence, Union
 
 from .errors import CLIError, first_line, warn
 
-__all__ = ["int_at_least", "positive_int", "non_negative_int", "int_or_pair", "int_or_tuple", "fraction", "tau",
-           "color", "intensity", "finite_float", "positions", "pair", "sizes", "drill_down", "resolve_device",
-           "check_patch", "check_settings", "probe_model", "DEFAULT_STRIDE"]
+__all__ = ["int_at_least", "positive_int", "non_negative_int", "label_list", "int_or_pair", "int_or_tuple",
+           "fraction", "tau", "color", "intensity", "finite_float", "positions", "pair", "sizes", "drill_down",
+           "resolve_device", "check_patch", "check_settings", "probe_model", "DEFAULT_STRIDE"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -31,6 +31,14 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def label_list(text: str) -> tuple[int, ...]:
+    """``3,5``: class indices (>= 0), at least one, none twice."""
+    values = tuple(non_negative_int(p) for p in text.split(","))
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a class is given twice in {text!r}")
+    return values
 
 
 def int_or_pair(text: str) -> Union[int, tuple[int, int]]:
@@ -184,6 +192,12 @@ def check_settings(args, spatial_dims: int = 2):
     if args.size is not None:
         check_patch(patch, (args.size,) * spatial_dims)
     drill = drill_down(args.drill_down, args.stage1_stride, stride)
+    given = [o for o, v in (("--label", args.label), ("--labels", getattr(args, "labels", None)),
+                            ("--top-k", getattr(args, "top_k", None))) if v is not None]
+    if len(given) > 1:
+        raise CLIError(f"{' and '.join(given)} both choose classes; give one of them")
+    if drill is not None and given and given[0] != "--label":
+        raise CLIError(f"--drill-down explains one class; give --label (or none) instead of {given[0]}")
     if any(s > p for s, p in zip(stride, patch)):
         what = "pixels" if spatial_dims == 2 else "voxels"
         warn(f"--stride {sizes(stride)} is larger than --patch {sizes(patch)}: {what} between "
@@ -191,7 +205,7 @@ def check_settings(args, spatial_dims: int = 2):
     return patch, stride, drill
 
 
-def probe_model(loaded, x, device, label, output) -> int:
+def probe_model(loaded, x, device, label, output, labels: Sequence[int] = ()) -> int:
     """One plain inference: a wrong --label or a model that is no classifier fails here, in a second,
     before compiling and the long run. Returns the number of classes."""
     import torch
@@ -212,9 +226,10 @@ def probe_model(loaded, x, device, label, output) -> int:
     if classes == 1 and output == "prob":
         warn(f"{loaded.name} has one output: its softmax probability is 1 everywhere, so the map is flat; "
              "use --output logit (or a model with two or more classes)")
-    if label is not None and label >= classes:
-        raise CLIError(f"--label {label} is out of range: {loaded.name} has {classes} classes "
-                       f"(0..{classes - 1})")
+    for option, value in [("--label", label)] + [("--labels", v) for v in labels]:
+        if value is not None and value >= classes:
+            raise CLIError(f"{option} {value} is out of range: {loaded.name} has {classes} classes "
+                           f"(0..{classes - 1})")
     return classes
 
 
@@ -232,7 +247,9 @@ def compile_and_explain(loaded, x, args: argparse.Namespace, patch: tuple[int, .
     if loaded.warning:
         warn(loaded.warning)
     start = time.perf_counter()
-    res = ex(x, label=args.label, drill_down=drill, progress=True)
+    labels = list(args.labels) if getattr(args, "labels", None) else None
+    res = ex(x, label=args.label, drill_down=drill, progress=True, labels=labels,
+             top_k=getattr(args, "top_k", None))
     return ex, res, time.perf_counter() - start
 
 

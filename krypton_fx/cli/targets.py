@@ -90,8 +90,10 @@ def segmentation_target(args, loaded, x, device):
     refuse_segmentation_options(args)
     if args.target is None:
         return None
-    if args.label is not None:
-        raise CLIError("--label names a classifier's class; with --target class:N the class is N")
+    for option in ("label", "labels", "top_k"):
+        if getattr(args, option, None) is not None:
+            raise CLIError(f"--{option.replace('_', '-')} names a classifier's class; with --target class:N the "
+                           "class is N")
     with torch.no_grad():
         loaded.model.to(device)
         try:
