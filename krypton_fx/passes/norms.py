@@ -4,10 +4,11 @@ Instance and group norms divide by statistics of the whole map, so an occlusion 
 every output element: in exact mode they are global ops and the graph runs dense from
 the first of them. With frozen statistics (an approximate mode) each such norm uses the
 *unoccluded* image's per-channel mean and reciprocal standard deviation; it is then a
-point op (``(x - mean) * rstd * weight + bias``) and the whole net stays incremental.
+point op (``x * scale + shift``, ``scale = rstd * weight``, ``shift = bias - mean * scale``)
+and the whole net stays incremental.
 
 :func:`freeze_norms` rewrites a traced graph: each spatial norm ``y = norm(x)`` becomes
-``s = norm_statistics(x, groups, eps)`` and ``y = frozen_norm(x, s, weight, bias)``.
+``s = norm_statistics(x, weight, bias, groups, eps)`` and ``y = frozen_norm(x, s)``.
 PatchProp marks ``s`` *frozen* (its value is the unoccluded image's, captured once per
 image like a stored activation); ``frozen_norm`` is a point op in the registry.
 """
@@ -29,29 +30,27 @@ NORM_STATS = ("exact", "frozen")
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-def norm_statistics(x: Tensor, groups: int, eps: float) -> Tensor:
-    """``(N, 2C, 1, ...)``: per-channel mean, then reciprocal standard deviation, of ``x``
-    ``(N, C, *S)`` over its spatial axes and the ``C / groups`` channels of each group
-    (``groups = -1``: one per channel, an instance norm), as ``F.group_norm`` computes them."""
+def norm_statistics(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int,
+                    eps: float) -> Tensor:
+    """``(N, 2C, 1, ...)``: per channel, the scale then the shift of the norm of ``x`` ``(N, C, *S)``
+    with its statistics over the spatial axes and the ``C / groups`` channels of each group
+    (``groups = -1``: one per channel, an instance norm), as ``F.group_norm`` computes them,
+    and the affine ``weight`` and ``bias`` (``(C,)`` or None)."""
     n, c = x.shape[:2]
     groups = c if groups < 0 else groups
     grouped = x.float().reshape(n, groups, -1)
     var, mean = torch.var_mean(grouped, dim=2, unbiased=False, keepdim=True)
     rstd = torch.rsqrt(var + eps)
-    per_channel = torch.cat([mean, rstd], 1).reshape(n, 2, groups, 1).expand(n, 2, groups, c // groups)
-    return per_channel.reshape(n, 2 * c, *(1,) * (x.dim() - 2)).to(x.dtype)
+    mean, rstd = (v.reshape(n, groups, 1).expand(n, groups, c // groups).reshape(n, c) for v in (mean, rstd))
+    scale = rstd * weight.float() if weight is not None else rstd
+    shift = -mean * scale + (bias.float() if bias is not None else 0.0)
+    return torch.cat([scale, shift], 1).reshape(n, 2 * c, *(1,) * (x.dim() - 2)).to(x.dtype)
 
 
-def frozen_norm(x: Tensor, stats: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def frozen_norm(x: Tensor, stats: Tensor) -> Tensor:
     """The norm with given statistics (:func:`norm_statistics`): a point op."""
-    mean, rstd = stats.chunk(2, 1)
-    y = (x - mean) * rstd
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    if weight is not None:
-        y = y * weight.reshape(shape)
-    if bias is not None:
-        y = y + bias.reshape(shape)
-    return y
+    scale, shift = stats.chunk(2, 1)
+    return x * scale + shift
 
 
 register_function(frozen_norm, Rule(Kind.POINT))
@@ -107,8 +106,9 @@ def freeze_norms(gm: fx.GraphModule) -> int:
         x = node.args[0] if node.args else node.kwargs["input"]
         with gm.graph.inserting_before(node):
             weight, bias = _affine(gm.graph, node, modules)
-            stats = gm.graph.call_function(norm_statistics, (x, groups if groups is not None else -1, float(eps)))
-            frozen = gm.graph.call_function(frozen_norm, (x, stats, weight, bias))
+            stats = gm.graph.call_function(norm_statistics, (x, weight, bias, groups if groups is not None else -1,
+                                                             float(eps)))
+            frozen = gm.graph.call_function(frozen_norm, (x, stats))
         frozen.meta = dict(node.meta)
         node.replace_all_uses_with(frozen)
         gm.graph.erase_node(node)
