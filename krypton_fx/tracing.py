@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from . import common
-from .registry import Kind, Rule, register_function
+from .registry import Kind, LocalOp, Rule, register_function
 
 __all__ = ["trace", "eval_mode", "TraceError", "model_signature", "describe_change", "input_channels",
            "register_traceable", "pad_to_match"]
@@ -63,7 +63,7 @@ def register_traceable(qualified_name: str, forward: Callable) -> None:
 def pad_to_match(x: Tensor, like_shape) -> Tensor:
     """``x`` padded at the far end of each spatial axis (replicating the border) to the spatial
     size ``like_shape[2:]``: MONAI's UpCat after a 2x upsampling of an odd size. The identity
-    where the sizes agree (a point op then: see the registry)."""
+    where the sizes agree (a padding by 0 then, for the registry: see :func:`_pad_when_sizes_agree`)."""
     pad = []
     for axis in range(x.dim() - 1, 1, -1):  # F.pad: last axis first
         pad += [0, int(like_shape[axis]) - x.shape[axis]]
@@ -81,12 +81,18 @@ def _monai_upcat_forward(self, x: Tensor, x_e: Optional[Tensor]) -> Tensor:
     return self.convs(torch.cat([x_e, x_0], dim=1))
 
 
-def _sizes_agree(_, args, kwargs) -> bool:
-    return tuple(args[0].shape[2:]) == tuple(args[1][2:])
+def _pad_when_sizes_agree(_, args, kwargs) -> Optional[LocalOp]:
+    """:func:`pad_to_match` as a local op: a padding by 0 (the identity on the patch, whose
+    size the graph keeps) where the sizes agree; else None (a replicate pad: global)."""
+    x, like = args[0], args[1]
+    if tuple(x.shape[2:]) != tuple(like[2:]):
+        return None
+    n = x.dim() - 2
+    return LocalOp("pad", (1,) * n, (1,) * n, (0,) * n, (1,) * n, 0.0, full_pad=(0,) * n)
 
 
 register_traceable("monai.networks.nets.basic_unet.UpCat", _monai_upcat_forward)
-register_function(pad_to_match, Rule(Kind.POINT, check=_sizes_agree))
+register_function(pad_to_match, Rule(Kind.LOCAL, extract=_pad_when_sizes_agree))
 
 
 # Calls from several threads may overlap on one model: the first to enter
