@@ -276,3 +276,59 @@ def test_random_encoder_decoders_exact(case):
     assert_exact(model, image, case.patch, case.stride,
                  SegmentationTarget(case.category, output=case.output, reduce=case.reduce), color=case.color,
                  mask=mask)
+
+
+# --- everywhere the classifier path is -----------------------------------------------------------
+
+def test_drill_down_tau_explain_many_and_report_take_the_target():
+    torch.manual_seed(7)
+    model = _fcn()
+    images = torch.randn(3, 2, 16, 20)
+    target = SegmentationTarget(1, mask=torch.rand(16, 20))
+    ex = krypton_fx.compile(model, patch=4, stride=2, image_size=(16, 20), target=target, cache=False)
+    exact = ex(images[0])
+    full = ex(images[0], drill_down=krypton_fx.DrillDown(r=1.0, stage1_stride=4))
+    assert torch.equal(full.heatmap, exact.heatmap) and full.label == 1 and full.base_prob == exact.base_prob
+    coarse = ex(images[0], drill_down=krypton_fx.DrillDown(r=0.25, stage1_stride=4))
+    assert coarse.stats["positions_run"] < ex.positions
+    many = list(krypton_fx.explain_many(ex, images))
+    for res, image in zip(many, images):
+        assert torch.equal(res.heatmap, ex(image).heatmap)
+    approx = krypton_fx.compile(model, patch=4, stride=2, image_size=(16, 20), target=target, tau=0.5,
+                                cache=False)(images[0])
+    assert approx.heatmap.shape == exact.heatmap.shape and approx.base_prob == pytest.approx(exact.base_prob)
+    report = ex.report()
+    assert "reduced over the output's patch" in report and "savings stop at: nowhere" in report
+
+
+def test_executed_conv_macs_are_the_theory_and_basicunet_decoder_state():
+    """The conv multiply-adds the incremental graph executes (counted by torch's FLOP counter on
+    a centre batch) are within 5% of theoretical_speedup's; BasicUNet's decoder is patched where
+    the registry makes transposed convs local (the decoder ops), else dense with the reason."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from krypton_fx.registry import Kind, lookup
+
+    torch.manual_seed(8)
+    model = _bn_stats(BasicUNet(2, 1, 2, features=(4, 4, 4, 4, 8, 4), norm="batch"))
+    size, patch = (64, 64), 8
+    target = SegmentationTarget(1, mask=torch.ones(size))
+    ex = krypton_fx.compile(model, patch=patch, stride=8, image_size=size, target=target, cache=False)
+    image = torch.randn(1, *size)
+    output, stored = ex.prepare(image)
+    resolved = ex.resolve(output)
+    centre = torch.tensor([ex.positions // 2 + ex.grid[1] // 2])  # the patch at (28, 28): the centre
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        ex.program.module(centre, *stored, *resolved.inputs)
+    executed = sum(v for op, v in counter.get_flop_counts()["Global"].items() if "convolution" in str(op)) / 2
+    with FlopCounterMode(display=False) as full_counter, torch.no_grad():
+        model(image[None])
+    full = sum(v for op, v in full_counter.get_flop_counts()["Global"].items() if "convolution" in str(op)) / 2
+    theory = krypton_fx.theoretical_speedup(model, size, patch, target=target)
+    assert full / executed == pytest.approx(theory, rel=0.05)
+    up = next(n for n, _ in ex.infos() if n.op == "call_module" and "upcat_1.upsample" in n.target)
+    modules = dict(ex.graph_module.named_modules())
+    decoder = [info for n, info in ex.infos() if n.op == "call_module" and n.target.startswith("upcat_1")]
+    local = lookup(up, modules)[0].kind is Kind.LOCAL  # (with the decoder ops; before them: global)
+    assert all(info.state == ("patched" if local else "dense") for info in decoder)
