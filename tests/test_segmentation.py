@@ -311,13 +311,13 @@ def test_executed_conv_macs_are_the_theory_and_basicunet_decoder_state():
 
     torch.manual_seed(8)
     model = _bn_stats(BasicUNet(2, 1, 2, features=(4, 4, 4, 4, 8, 4), norm="batch"))
-    size, patch = (64, 64), 8
+    size, patch = (256, 192), 8  # (at 64^2 the bottleneck's box is the whole map: all after it dense)
     target = SegmentationTarget(1, mask=torch.ones(size))
-    ex = krypton_fx.compile(model, patch=patch, stride=8, image_size=size, target=target, cache=False)
+    ex = krypton_fx.compile(model, patch=patch, stride=4, image_size=size, target=target, cache=False)
     image = torch.randn(1, *size)
     output, stored = ex.prepare(image)
     resolved = ex.resolve(output)
-    centre = torch.tensor([ex.positions // 2 + ex.grid[1] // 2])  # the patch at (28, 28): the centre
+    centre = torch.tensor([(ex.grid[0] // 2) * ex.grid[1] + ex.grid[1] // 2])  # at (124, 92): theory's centre
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         ex.program.module(centre, *stored, *resolved.inputs)
