@@ -10,8 +10,9 @@ from torch import nn
 
 captum_attr = pytest.importorskip("captum.attr")
 
+from test_segmentation import _fcn  # noqa: E402
+
 from krypton_fx.captum import Occlusion  # noqa: E402
-from tests.test_segmentation import _fcn  # noqa: E402
 
 
 class DictNet(nn.Module):

@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from test_cli_volumes import AFFINE, make_volume, run_cli, write_nifti
 
 import krypton_fx
 from krypton_fx.models import load_model
 from krypton_fx.viz import upsample_heatmap_nd
-from tests.test_cli_volumes import AFFINE, make_volume, run_cli, write_nifti
 
 pytest.importorskip("monai.networks.nets")
 

@@ -13,6 +13,7 @@ import torch
 import torchvision.models.segmentation as tv_seg
 from hypothesis import given, settings
 from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, UNet
+from strategies import seg_encoder_decoders, seg_model
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
@@ -21,7 +22,6 @@ from torchvision.models.segmentation.lraspp import LRASPP
 
 import krypton_fx
 from krypton_fx import SegmentationTarget
-from tests.strategies import seg_encoder_decoders, seg_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -260,7 +260,7 @@ def test_errors():
 
 # --- random encoder-decoder DAGs ---------------------------------------------------------------
 
-@settings(max_examples=12)
+@settings(max_examples=10)
 @given(case=seg_encoder_decoders())
 def test_random_encoder_decoders_exact(case):
     model = seg_model(case)
