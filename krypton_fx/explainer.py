@@ -269,6 +269,8 @@ class Explainer:
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """Scores of ``label`` for the given occlusion position indices (any subset, any order):
         ``(P,)`` for one class, ``(P, K)`` for a list of ``K`` classes."""
+        if self.settings.target is not None:
+            raise ValueError("run_positions scores classes; with a SegmentationTarget use run_program and resolve()")
         label = list(label) if isinstance(label, (list, tuple)) else label
         return self.run_program(positions, stored, lambda logits, _: common.scores(logits, label, self.output),
                                 batch_size, progress)
