@@ -342,7 +342,8 @@ class Explainer:
             if not callable(getattr(drill_down, "run", None)):
                 raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(drill_down).__name__}")
             if labels is not None or top_k is not None or mask is not None:
-                raise ValueError("drill_down explains one class: give label= (or none) instead of labels=/top_k=")
+                raise ValueError("drill_down explains one class (a target with its compiled mask): give label= "
+                                 "(or none) instead of labels=/top_k=/mask=")
             return drill_down.run(self, image, label=label, batch_size=batch_size, progress=progress)
         start = time.perf_counter()
         with self._checked_once(), eval_mode(self.model):
