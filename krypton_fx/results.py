@@ -81,19 +81,12 @@ class OcclusionResult:
         label and base score; ``label`` itself gives this result."""
         if label == self.label:
             return self
-        labels = getattr(self, "labels", None)
-        maps = getattr(self, "heatmaps", None)
-        bases = getattr(self, "base_probs", None)
-        if labels is None or maps is None or label not in list(labels):
-            known = list(labels) if labels is not None else [self.label]
-            raise ValueError(f"label {label} is not in this result (labels {known}); pick one of those, or "
+        if label not in self.labels:
+            raise ValueError(f"label {label} is not in this result (labels {self.labels}); pick one of those, or "
                              f"explain it: ex(image, labels=[{label}])")
-        k = list(labels).index(label)
-        if bases is None:
-            raise ValueError(f"this result holds no unoccluded score of label {label}; explain it alone: "
-                             f"ex(image, label={label})")
-        return OcclusionResult(maps[k], int(label), float(bases[k]), self.stride, self.patch, self.output,
-                               self.stats)
+        k = self.labels.index(label)
+        return OcclusionResult(self.heatmaps[k], int(label), float(self.base_probs[k]), self.stride, self.patch,
+                               self.output, self.stats)
 
     def upsample(self, size: Optional[Sequence[int]] = None, label: Optional[int] = None) -> "np.ndarray":
         """The drop on the input's grid, as ``krypton-fx explain`` writes it (``--map``): each cell at
