@@ -332,3 +332,11 @@ def test_executed_conv_macs_are_the_theory_and_basicunet_decoder_state():
     decoder = [info for n, info in ex.infos() if n.op == "call_module" and n.target.startswith("upcat_1")]
     local = lookup(up, modules)[0].kind is Kind.LOCAL  # (with the decoder ops; before them: global)
     assert all(info.state == ("patched" if local else "dense") for info in decoder)
+
+
+def test_triton_gathers_with_a_target():
+    """The reduction's gather of the target's maps on the Triton kernels (the interpreter here)."""
+    torch.manual_seed(9)
+    model = _fcn()
+    assert_exact(model, torch.randn(2, 12, 14), 4, 4, SegmentationTarget(2, mask=torch.rand(12, 14)),
+                 backend="triton")
