@@ -138,9 +138,9 @@ def _frozen_runner(model, ex, image):
     with torch.no_grad():
         interp.run(image[None])
     for n in stats_nodes:  # every later batch uses the unoccluded image's statistics
+        gm.register_buffer(f"_frozen_{n.name}", captured[n])
         with gm.graph.inserting_before(n):
             const = gm.graph.get_attr(f"_frozen_{n.name}")
-        setattr(gm, f"_frozen_{n.name}", captured[n])
         n.replace_all_uses_with(const)
         gm.graph.erase_node(n)
     gm.recompile()
