@@ -54,15 +54,25 @@ _BAD = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(_BAD))
-def test_bad_segmentation_options_exit_2_with_one_line(case, tmp_path_factory):
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    """Every bad case run once, two at a time (each subprocess pays torch's and MONAI's import)."""
     root = tmp_path_factory.mktemp("seg")
     np.save(root / "scan.npy", make_volume((32, 32, 32)))
     np.save(root / "small.npy", np.ones((8, 32, 32), np.float32))
-    extra, words = _BAD[case]
-    with ThreadPoolExecutor(1) as pool:
-        proc = pool.submit(run_cli, "explain", "scan.npy", *UNET_3D, *extra, "--out", "x.png", cwd=root).result()
+
+    def run(case):
+        out = f"{case.replace(' ', '-')}.png"
+        return run_cli("explain", "scan.npy", *UNET_3D, *_BAD[case][0], "--out", out, cwd=root), root / out
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(sorted(_BAD), pool.map(run, sorted(_BAD))))
+
+
+@pytest.mark.parametrize("case", sorted(_BAD))
+def test_bad_segmentation_options_exit_2_with_one_line(case, bad_runs):
+    proc, out = bad_runs[case]
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line]
-    assert len(lines) == 1 and words in lines[0], proc.stderr
-    assert not (root / "x.png").exists()
+    assert len(lines) == 1 and _BAD[case][1] in lines[0], proc.stderr
+    assert not out.exists()
