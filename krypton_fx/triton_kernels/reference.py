@@ -138,10 +138,12 @@ def _gather(stored: Tensor, table: Tensor, window: tuple[int, ...],
     n, batch, c = len(window), table.shape[0], stored.shape[1]
     rows = _window_rows(table[:, :n], window, stored.shape[2:])
     stored_rows = _channel_rows(stored)
-    if patch_rows is not None and c >= _ONE_SOURCE_CHANNELS:
+    if patch_rows is not None and c >= _ONE_SOURCE_CHANNELS and stored_rows.shape[0] <= batch * math.prod(window):
         # One read from the stored rows followed by the patch rows: each element's row is
         # its patch row where it lies in its patch, else its window row. (Writing the patch
         # over a gathered window with index_copy_ costs about 3x a read per row on the CPU.)
+        # Joining the two copies the whole stored map, so only where it is no larger than
+        # the batch's windows: a decoder reads small windows out of full-resolution maps.
         strides = tuple(_row_major_strides(patch_size))
         first = torch.arange(batch, device=table.device) * math.prod(patch_size) + stored_rows.shape[0]
         patch_index = (first - _dot(table[:, n:], strides))[:, None] + _box_offsets(
