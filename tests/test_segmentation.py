@@ -260,7 +260,7 @@ def test_errors():
 
 # --- random encoder-decoder DAGs ---------------------------------------------------------------
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(case=seg_encoder_decoders())
 def test_random_encoder_decoders_exact(case):
     model = seg_model(case)
