@@ -120,7 +120,7 @@ fi
 if "$PYTHON" -c "import monai" >/dev/null 2>&1; then
     run_step segmentation "$SEGMENTATION_TIMEOUT" \
         env -u TRITON_INTERPRET "$PYTHON" bench/segmentation.py --device cuda --cases unet3d@96 \
-        --batch-size 16 --positions 64 --rounds 2 || echo "bench/segmentation.py failed (see above); continuing"
+        --batch-size-3d 16 --positions-3d 64 --rounds 2 || echo "bench/segmentation.py failed (see above); continuing"
 fi
 
 run_step cold-start "$COLD_TIMEOUT" \

@@ -14,7 +14,7 @@ frozen case, so that it measures the engine, not the approximation).
 
     python bench/segmentation.py                          # CPU, one thread
     python bench/segmentation.py --cases unet2d@256 --profile
-    python bench/segmentation.py --device cuda --cases unet3d@96 --batch-size 16 --positions 64
+    python bench/segmentation.py --device cuda --cases unet3d@96 --batch-size-3d 16 --positions-3d 64
 """
 
 from __future__ import annotations
@@ -157,8 +157,10 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=CASES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: the machine is shared)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--positions", type=int, default=16, help="centre positions timed (2-D; 3-D: half)")
+    p.add_argument("--batch-size", type=int, default=32, help="positions per batch (2-D)")
+    p.add_argument("--positions", type=int, default=64, help="centre positions timed (2-D)")
+    p.add_argument("--batch-size-3d", type=int, default=4, help="positions per batch (3-D)")
+    p.add_argument("--positions-3d", type=int, default=8, help="centre positions timed (3-D)")
     p.add_argument("--patch", type=int, default=16)
     p.add_argument("--stride", type=int, default=8)
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the minimum of each side is kept")
@@ -171,7 +173,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} thread(s))"
-    print(f"device: {name}; torch {torch.__version__}; batch {args.batch_size}; {args.rounds} interleaved rounds "
+    print(f"device: {name}; torch {torch.__version__}; batch {args.batch_size} (3-D {args.batch_size_3d}); "
+          f"{args.rounds} interleaved rounds "
           f"(min of each); patch {args.patch}, stride {args.stride}; target: mean P(class 1) over a fixed mask")
     print(f"{'case':22s} {'naive s':>8s} {'krypton s':>9s} {'speedup':>8s} {'theory':>7s} {'% theory':>8s} "
           f"{'exec MAC':>8s} {'naive MiB':>9s} {'kfx MiB':>8s} {'maxdiff':>8s}  output")
@@ -185,12 +188,13 @@ def main(argv=None) -> int:
         mask[tuple(slice(n // 4, 3 * n // 4) for n in size)] = True  # the centre half of each axis
         target = krypton_fx.SegmentationTarget(1, mask=mask.to(device), key=key)
         norm_stats = extra.get("norm_stats", "exact")
+        batch = args.batch_size if len(size) < 3 else args.batch_size_3d
+        positions = args.positions if len(size) < 3 else args.positions_3d
         ex = krypton_fx.compile(model, patch=args.patch, stride=args.stride, image_size=size, channels=channels,
-                                batch_size=args.batch_size, device=device, target=target, norm_stats=norm_stats)
-        positions = args.positions if len(size) == 2 else max(args.batch_size, args.positions // 2)
+                                batch_size=batch, device=device, target=target, norm_stats=norm_stats)
         best = None
         for _ in range(args.rounds + 1):  # the first round warms up, untimed
-            m = measure(model, image, ex, positions, args.batch_size, device)
+            m = measure(model, image, ex, positions, batch, device)
             if best is None:
                 best = dict(m, naive_s=float("inf"), incremental_s=float("inf"))
                 continue
@@ -203,7 +207,7 @@ def main(argv=None) -> int:
         out = next(n for n in ex.graph_module.graph.nodes if n.op == "output").meta["krypton_patch"].state.value
         speedup = best["naive_s"] / best["incremental_s"]
         mib = (lambda v: "n/a" if v is None else f"{v / 2**20:.0f}")
-        row = {"case": case, "size": size, "patch": args.patch, "stride": args.stride, "batch_size": args.batch_size,
+        row = {"case": case, "size": size, "patch": args.patch, "stride": args.stride, "batch_size": batch,
                **best, "speedup": speedup, "theoretical": theory, "executed_ratio": full / max(executed, 1),
                "output": out, "norm_stats": norm_stats, "device": name}
         print(f"{case:22s} {best['naive_s']:8.2f} {best['incremental_s']:9.2f} {speedup:7.2f}x {theory:7.2f} "
@@ -212,7 +216,7 @@ def main(argv=None) -> int:
         if args.profile:
             output, stored = ex.prepare(image)
             resolved = ex.resolve(output)
-            cats = time_breakdown(ex, image, best["positions"], args.batch_size,
+            cats = time_breakdown(ex, image, best["positions"], batch,
                                   inputs=stored + list(resolved.inputs), keep=resolved)
             total = cats.pop("total") or 1.0
             row["breakdown_s"] = cats
