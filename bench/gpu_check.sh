@@ -16,6 +16,9 @@
 #   4. bench/captum.py at the issue's setting (4 images of 224, window 16,
 #      stride 8, perturbations_per_eval=128), cold and warm, against Captum
 #      (skipped without captum),
+#   4b. bench/segmentation.py: MONAI's 3-D UNet (batch norm) at 96^3 with a
+#      SegmentationTarget, batch 16, 64 centre positions (speedup vs theory,
+#      peak memory vs naive, exactness; skipped without monai),
 #   5. with GPU_CHECK_SCALE=1 (about 3 more minutes), bench/highres.py: VGG16 at 896 and
 #      ResNet50 at 1024 (patch 32, stride 8) explained in full, and bench/scale.py:
 #      explain_many against the per-image loop;
@@ -24,7 +27,7 @@
 # exactness on CUDA, the kernels' sm_XX code (codegen), their bandwidth and
 # bench/speed.py in float32 and float16. It prints a summary; exit status 0
 # when every step that ran passed. Step limits in seconds can be overridden:
-# VOLUMES_TIMEOUT, MONAI_TIMEOUT, COLD_TIMEOUT, CAPTUM_TIMEOUT, HIGHRES_TIMEOUT,
+# VOLUMES_TIMEOUT, MONAI_TIMEOUT, SEGMENTATION_TIMEOUT, COLD_TIMEOUT, CAPTUM_TIMEOUT, HIGHRES_TIMEOUT,
 # TESTS_TIMEOUT, GPU_PATH_TIMEOUT, ZOO_TIMEOUT, BANDWIDTH_TIMEOUT, SPEED_TIMEOUT,
 # and CPU_TESTS_TIMEOUT for the interpreter run without CUDA.
 # Each step's log is kept in GPU_CHECK_LOG_DIR.
@@ -47,6 +50,8 @@ SPEED_TIMEOUT=${SPEED_TIMEOUT:-80}
 CAPTUM_TIMEOUT=${CAPTUM_TIMEOUT:-90}
 VOLUMES_TIMEOUT=${VOLUMES_TIMEOUT:-70}
 MONAI_TIMEOUT=${MONAI_TIMEOUT:-80}
+# 3 rounds (one warm-up) of 64 positions of a 96^3 UNet, naive and incremental.
+SEGMENTATION_TIMEOUT=${SEGMENTATION_TIMEOUT:-120}
 # 3 models x 3 fresh processes (krypton_fx with tiers, naive, krypton_fx without tiers); it
 # timed out at 100 s on an H200 with 3 processes a model.
 COLD_TIMEOUT=${COLD_TIMEOUT:-150}
@@ -112,6 +117,12 @@ else
     SUMMARY+=("monai            SKIPPED (monai not installed)")
 fi
 # One image, cold, in fresh processes: compile + map against the naive map.
+if "$PYTHON" -c "import monai" >/dev/null 2>&1; then
+    run_step segmentation "$SEGMENTATION_TIMEOUT" \
+        env -u TRITON_INTERPRET "$PYTHON" bench/segmentation.py --device cuda --cases unet3d@96 \
+        --batch-size-3d 16 --positions-3d 64 --rounds 2 || echo "bench/segmentation.py failed (see above); continuing"
+fi
+
 run_step cold-start "$COLD_TIMEOUT" \
     env -u TRITON_INTERPRET "$PYTHON" bench/cold_start.py --device cuda --no-second \
     || echo "bench/cold_start.py failed (see above); continuing"

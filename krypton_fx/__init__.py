@@ -19,10 +19,11 @@ from .approx import DrillDown, TuneResult, tune
 from .explainer import Explainer, OcclusionResult, clear_cache, compile, naive_occlusion
 from .report import theoretical_speedup
 from .scale import explain_many
+from .targets import SegmentationTarget
 from .tracing import TraceError, trace
 
 __version__ = "0.1.0"
 
 __all__ = ["compile", "clear_cache", "naive_occlusion", "theoretical_speedup", "Explainer", "OcclusionResult",
            "trace", "TraceError", "geometry", "registry", "tracing",
-           "DrillDown", "tune", "TuneResult", "explain_many"]
+           "DrillDown", "tune", "TuneResult", "explain_many", "SegmentationTarget"]

@@ -161,21 +161,27 @@ _CONV_KERNELS = ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_
                  "aten::convolution_overrideable", "aten::_nnpack_spatial_convolution")
 
 
-def time_breakdown(ex: Explainer, image: torch.Tensor, positions: int, batch_size: int) -> dict[str, float]:
+def time_breakdown(ex: Explainer, image: torch.Tensor, positions: int, batch_size: int,
+                   inputs: Optional[list] = None, keep=None) -> dict[str, float]:
     """Seconds per category (conv, gather, projection, occlusion, resample, other, total) of one
     incremental run over ``positions`` centre positions, from torch's profiler.
 
     ``conv`` counts the convolution kernels and the 1x1x1 convolutions the
     incremental graph runs as matrix products (``krypton::pointwise_conv``).
+    ``inputs`` and ``keep``: the graph's inputs and what to keep of a batch (a
+    segmentation target's, :meth:`Explainer.resolve`), instead of class 0's score.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    _, stored = ex.prepare(image)
+    stored = inputs if inputs is not None else ex.prepare(image)[1]
     pos = torch.arange(positions) + max(0, ex.positions // 2 - positions // 2)
     cuda = image.is_cuda
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
-        ex.run_positions(pos, stored, 0, batch_size)
+        if keep is not None:
+            ex.run_program(pos, stored, keep, batch_size)
+        else:
+            ex.run_positions(pos, stored, 0, batch_size)
     cats = {"conv": 0.0, "gather": 0.0, "projection": 0.0, "occlusion": 0.0, "resample": 0.0}
     total = 0.0
     for evt in prof.key_averages():

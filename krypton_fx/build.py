@@ -14,12 +14,16 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, fx, nn
 
+from . import common
 from .ops import BACKENDS
+from .passes.norms import NORM_STATS
 from .passes.patch_prop import PatchProp, State
 from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill
+from .targets import SegmentationTarget, select_output
 from .tiered import KernelTier
 
-__all__ = ["Settings", "Build", "CompileCache", "check_same_output", "bytes_per_position", "check_backend"]
+__all__ = ["Settings", "Build", "CompileCache", "make_settings", "check_same_output", "bytes_per_position",
+           "check_backend", "check_target"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +49,9 @@ class Settings:
         axis_starts: explicit patch starts per axis (their product is the grid),
             instead of multiples of ``stride``; None: multiples of ``stride``.
         fill: what the patch holds beyond a colour (MONAI's occlusion modes).
+        target: a dense output's target (segmentation), or None: class scores.
+        norm_stats: ``"exact"`` or ``"frozen"`` (instance/group norms use the unoccluded
+            image's statistics: approximate, incremental).
     """
 
     patch: tuple[int, ...]
@@ -62,6 +69,8 @@ class Settings:
     autowrap_functions: tuple[Callable, ...] = ()
     axis_starts: Optional[tuple[tuple[int, ...], ...]] = None
     fill: PatchFill = NO_FILL
+    target: Optional[SegmentationTarget] = None
+    norm_stats: str = "exact"
 
 
 @dataclasses.dataclass
@@ -87,9 +96,12 @@ class Build:
         return not all(self.packs_checked.values())
 
 
-def check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:
-    """Raise if the traced graph's output differs from the model's own on ``image``."""
+def check_same_output(model: nn.Module, image: Tensor, traced: Tensor, key: Optional[str] = None) -> None:
+    """Raise if the traced graph's output differs from the model's own on ``image`` (``key``: the
+    entry of a dict output that ``traced`` is)."""
     eager = model(image.clone())
+    if key is not None:
+        eager = select_output(eager, key)
     if not isinstance(eager, Tensor) or eager.shape != traced.shape:
         raise ValueError(f"the traced graph of {type(model).__name__} returns {tuple(traced.shape)} but the "
                          f"model returns {tuple(getattr(eager, 'shape', ()))}; krypton_fx cannot explain it")
@@ -102,6 +114,17 @@ def check_same_output(model: nn.Module, image: Tensor, traced: Tensor) -> None:
             f"(they differ by {diff:.3g}): its forward has effects that torch.fx cannot record, such "
             "as an in-place update (y += ...) of a tensor that is read again later, Python-side state or "
             "randomness. Hint: write such updates out of place (y = y + ...)")
+
+
+def check_target(target: Optional[SegmentationTarget], output: str, norm_stats: str) -> None:
+    """Check compile's ``target=`` (with ``output=``) and ``norm_stats=``."""
+    if target is not None:
+        if not isinstance(target, SegmentationTarget):
+            raise TypeError(f"target must be a krypton_fx.SegmentationTarget or None, got {type(target).__name__}")
+        if output != "prob":
+            raise ValueError("with target= give the output in the target: SegmentationTarget(..., output=...)")
+    if norm_stats not in NORM_STATS:
+        raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
 
 
 def bytes_per_position(prop: PatchProp) -> int:
@@ -156,3 +179,44 @@ class CompileCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+def make_settings(model: nn.Module, patch, stride, color, image_size, tau, batch_size, device, backend: str,
+                  output: str, channels, leaf_modules, autowrap_functions, cuda_graphs, axis_starts, fill,
+                  target, norm_stats) -> Settings:
+    """:func:`krypton_fx.compile`'s arguments checked and normalised (one clear error for each bad one);
+    moves ``model`` to the device."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    size = common.spatial_size(image_size)
+    nd = len(size)
+    patch_t, stride_t = common.int_tuple(patch, nd, "patch"), common.int_tuple(stride, nd, "stride")
+    if any(p > n for p, n in zip(patch_t, size)):
+        raise ValueError(f"patch {patch_t} is larger than the image {size}; use a smaller patch "
+                         "or a larger image_size")
+    if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and 0.0 < tau <= 1.0):
+        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
+    check_target(target, output, norm_stats)
+    output = common.output_kind(output)
+    batch_size = common.batch_size(batch_size)
+    dev = common.resolve_device(device, model)
+    check_backend(backend, dev)
+    if cuda_graphs and dev.type != "cuda":
+        raise ValueError("cuda_graphs=True needs a CUDA device; leave it None on the CPU")
+    if channels is not None:
+        channels = common.batch_size(channels, "channels")
+    # One value, or one per channel (checked against the channels when they are known).
+    given = channels or max(1, torch.as_tensor(color, dtype=torch.float64).numel())
+    color_values = tuple(float(v) for v in common.color_values(color, given, torch.float64))
+    common.color_values(color, given, common.model_dtype(model))  # fails now, not at the first call
+    model.to(dev)
+    starts = None
+    if axis_starts is not None:
+        starts = tuple(tuple(int(v) for v in axis) for axis in axis_starts)
+        if len(starts) != nd or any(not axis or min(axis) < 0 or max(axis) + p > n
+                                    for axis, p, n in zip(starts, patch_t, size)):
+            raise ValueError(f"axis_starts must give {nd} non-empty lists of starts at which the patch "
+                             f"{patch_t} fits inside {size}")
+    return Settings(patch_t, stride_t, color_values, size, channels, float(tau), batch_size,
+                    dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
+                    tuple(leaf_modules), tuple(autowrap_functions), starts, fill or NO_FILL, target, norm_stats)

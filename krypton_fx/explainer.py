@@ -15,16 +15,17 @@ from torch import Tensor, fx, nn
 
 from . import common, packing, peak
 from . import geometry as geo
-from .build import Build, CompileCache, Settings, bytes_per_position, check_backend, check_same_output
+from .build import Build, CompileCache, Settings, bytes_per_position, check_same_output, make_settings
 from .common import IntOrTuple
 from .naive import naive_occlusion
 from .passes.functionalize import functionalize
+from .passes.norms import freeze_norms
 from .passes.patch_prop import META_KEY, PatchInfo, annotate
-from .passes.rewrite import NO_FILL, IncrementalProgram, PatchFill, rewrite
+from .passes.rewrite import IncrementalProgram, PatchFill, rewrite
 from .report import format_report
 from .results import OcclusionResult, RunStats
 from .runner import BatchRunner, Keep
-from .targets import Labels, class_target
+from .targets import Labels, Resolved, SegmentationTarget, class_target
 from .tiered import KernelTier
 from .tracing import describe_change, eval_mode, input_channels, model_signature, trace
 
@@ -136,10 +137,14 @@ class Explainer:
         color = common.color_values(s.color, channels, dtype).to(s.device)
         example = image if image is not None else torch.zeros(1, channels, *s.image_size, dtype=dtype,
                                                               device=s.device)
+        key = s.target.key if s.target is not None else None
         with eval_mode(model):
             gm = functionalize(gm, example)
-            prop = annotate(gm, example, s.patch, self._starts, tau=s.tau, what=type(model).__name__)
-        program = rewrite(gm, backend=s.backend, color=color, fill=s.fill)
+            if s.norm_stats == "frozen":
+                freeze_norms(gm)
+            prop = annotate(gm, example, s.patch, self._starts, tau=s.tau, what=type(model).__name__,
+                            dense_output=s.target is not None, output_key=key)
+        program = rewrite(gm, backend=s.backend, color=color, fill=s.fill, target=s.target)
         program.module.to(s.device)
         self.runner.clear()
         spatial = {n.name: tuple(prop.shapes[n][2:]) for n in prop.stored}
@@ -248,7 +253,8 @@ class Explainer:
                 else:
                     prepared += [self._capture(build, image) for image in rest]
                 if not build.verified:
-                    check_same_output(self.model, batches[0], prepared[0][0])
+                    check_same_output(self.model, batches[0], prepared[0][0],
+                                      self.settings.target.key if self.settings.target is not None else None)
                     build.verified = True
             return prepared
 
@@ -263,8 +269,18 @@ class Explainer:
                       batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
         """Scores of ``label`` for the given occlusion position indices (any subset, any order):
         ``(P,)`` for one class, ``(P, K)`` for a list of ``K`` classes."""
+        if self.settings.target is not None:
+            raise ValueError("run_positions scores classes; with a SegmentationTarget use run_program and resolve()")
         label = list(label) if isinstance(label, (list, tuple)) else label
         return self.run_program(positions, stored, lambda logits, _: common.scores(logits, label, self.output),
+                                batch_size, progress)
+
+    def target_scores(self, positions: Tensor, stored: list[Tensor], target: Resolved,
+                      batch_size: Optional[int] = None, progress: bool = False) -> Tensor:
+        """``(P,)`` values of ``target``'s first column (a class, or a segmentation target) for the
+        given positions; ``stored`` as :meth:`prepare` gives it (the target's per-image inputs
+        are appended here)."""
+        return self.run_program(positions, list(stored) + list(target.inputs), lambda out, _: target(out)[:, 0],
                                 batch_size, progress)
 
     @torch.no_grad()
@@ -285,9 +301,25 @@ class Explainer:
             return self.runner.run(module, positions, stored, self.batch_for(batch_size), progress, keep,
                                    build.tier)
 
+    def resolve(self, output: Tensor, label=None, labels: Labels = None, top_k: Optional[int] = None,
+                mask: Optional[Tensor] = None) -> Resolved:
+        """The target of one image whose unoccluded output is ``output``: the classes asked for
+        (``label=``, ``labels=``, ``top_k=``), or the compiled ``SegmentationTarget`` (whose
+        per-image ``inputs`` the incremental graph takes after the stored activations)."""
+        seg = self.settings.target
+        if seg is None:
+            if mask is not None:
+                raise ValueError("mask= is for an explainer compiled with target=krypton_fx.SegmentationTarget(...)")
+            return class_target(label, labels, top_k, self.output).resolve(output)
+        if labels is not None or top_k is not None or (label is not None and common.label_index(
+                label, 1 << 62) != seg.category):
+            raise ValueError(f"this explainer explains category {seg.category} (its SegmentationTarget): give no "
+                             "label=/labels=/top_k=, or compile another target")
+        return seg.resolve(output, mask)
+
     def __call__(self, image: Tensor, label: Optional[int] = None, drill_down=None,
                  batch_size: Optional[int] = None, progress: bool = False, labels: Labels = None,
-                 top_k: Optional[int] = None) -> OcclusionResult:
+                 top_k: Optional[int] = None, mask: Optional[Tensor] = None) -> OcclusionResult:
         """Occlusion heat map of ``image``, for one class or several at once.
 
         Args:
@@ -301,6 +333,7 @@ class Explainer:
                 per class from the same occluded forwards (``res.heatmaps``, ``res.labels``;
                 each equal to a call with that ``label`` bit for bit).
             top_k: instead, the ``k`` classes the unoccluded image scores highest.
+            mask: with a ``SegmentationTarget``, this image's mask (replaces the compiled one).
 
         Example:
             >>> import torchvision
@@ -311,10 +344,12 @@ class Explainer:
             ((3, 2, 2), 3, True)
         """
         batch_size = common.batch_size(batch_size)
-        target = class_target(label, labels, top_k, self.output)
-        if (drill_down is not None or self.tau < 1.0) and (labels is not None or top_k is not None):
-            raise ValueError("approximate maps (drill_down, tau < 1) explain one class: give label= (or none) "
-                             "instead of labels=/top_k=")
+        if self.settings.target is None:
+            class_target(label, labels, top_k, self.output)  # (bad arguments fail before any work)
+        if (drill_down is not None or self.tau < 1.0) and (labels is not None or top_k is not None
+                                                           or mask is not None):
+            raise ValueError("approximate maps (drill_down, tau < 1) explain one class (a target with its "
+                             "compiled mask): give label= (or none) instead of labels=/top_k=/mask=")
         if drill_down is not None:  # an approximate mode that runs itself on this explainer
             if not callable(getattr(drill_down, "run", None)):
                 raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(drill_down).__name__}")
@@ -324,13 +359,15 @@ class Explainer:
         start = time.perf_counter()
         with self._checked_once(), eval_mode(self.model):
             logits, stored = self.prepare(image)
-            resolved = target.resolve(logits)
-            scores = self.run_program(torch.arange(self.positions), stored, resolved, batch_size, progress)
+            resolved = self.resolve(logits, label, labels, top_k, mask)
+            scores = self.run_program(torch.arange(self.positions), stored + list(resolved.inputs), resolved,
+                                      batch_size, progress)
             batch = min(self.batch_for(batch_size), self.positions)
         maps = scores.T.reshape(len(resolved.labels), *self.grid)
-        return OcclusionResult(maps[0], resolved.labels[0], resolved.base[0], self.stride, self.patch, self.output,
-                               RunStats(self.positions, batch, seconds=time.perf_counter() - start),
-                               heatmaps=maps, labels=list(resolved.labels), base_probs=list(resolved.base))
+        return OcclusionResult(maps[0], resolved.labels[0], resolved.base[0], self.stride, self.patch,
+                               resolved.output, RunStats(self.positions, batch, seconds=time.perf_counter() - start),
+                               heatmaps=maps, labels=list(resolved.labels), base_probs=list(resolved.base),
+                               mask=getattr(resolved, "mask", None))
 
     @torch.no_grad()
     def run_many(self, images: Tensor, labels: Optional[Sequence[Optional[int]]] = None,
@@ -370,7 +407,7 @@ class Explainer:
 
     def report(self) -> str:
         """A per-node table: kind, state, patch size, and where savings stop."""
-        return format_report(self.graph_module)
+        return format_report(self.graph_module, self.settings.target, self.settings.norm_stats)
 
     def __repr__(self) -> str:
         return (f"Explainer({type(self.model).__name__}, image={self.image_chw}, patch={self.patch}, "
@@ -398,12 +435,14 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
             output: str = "prob", channels: Optional[int] = None, leaf_modules: Iterable[type] = (),
             autowrap_functions: Iterable[Callable] = (), cuda_graphs: Optional[bool] = None,
             cache: bool = True, axis_starts: Optional[Sequence[Sequence[int]]] = None,
-            fill: Optional[PatchFill] = None) -> Explainer:
+            fill: Optional[PatchFill] = None, target: Optional[SegmentationTarget] = None,
+            norm_stats: str = "exact") -> Explainer:
     """Compile ``model`` into an incremental occlusion explainer.
 
     Args:
         model: a CNN classifier taking ``(N, C, *spatial)`` inputs (images,
-            volumes or signals), returning ``(N, classes)``.
+            volumes or signals), returning ``(N, classes)``; or, with ``target=``, a
+            dense-output (segmentation) model returning ``(N, classes, *spatial)``.
         patch: occlusion patch size: an int (the same on every axis) or one
             int per spatial axis.
         stride: patch stride: an int or one per spatial axis.
@@ -431,6 +470,13 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
         cache: return the explainer of an earlier compile of the same model with the same
             settings (the last 16 are kept; :func:`clear_cache` forgets
             them). Safe: an explainer uses the model as it is at each call.
+        target: :class:`krypton_fx.SegmentationTarget` for a dense-output model: each cell is the
+            reduction over a mask of a category's value in the occluded output, reduced
+            incrementally (its ``output`` replaces ``output=``). A mask tensor in it is compared
+            by identity for the cache; a call's ``mask=`` gives one per image instead.
+        norm_stats: ``"exact"`` (instance/group norms see the occluded image: the graph runs
+            dense from the first of them) or ``"frozen"`` (they use the unoccluded image's
+            statistics: point ops, the whole net incremental; approximate).
 
     The model is traced here (a model that does not trace fails here); the
     rest of the compile runs on the first image, so that the first call
@@ -447,37 +493,7 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
         >>> bool(torch.allclose(res.heatmap, ref.heatmap, atol=1e-5))
         True
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    size = common.spatial_size(image_size)
-    nd = len(size)
-    patch_t, stride_t = common.int_tuple(patch, nd, "patch"), common.int_tuple(stride, nd, "stride")
-    if any(p > n for p, n in zip(patch_t, size)):
-        raise ValueError(f"patch {patch_t} is larger than the image {size}; use a smaller patch "
-                         "or a larger image_size")
-    if isinstance(tau, bool) or not (isinstance(tau, (int, float)) and 0.0 < tau <= 1.0):
-        raise ValueError(f"tau must be in (0, 1], got {tau!r}")
-    output = common.output_kind(output)
-    batch_size = common.batch_size(batch_size)
-    dev = common.resolve_device(device, model)
-    check_backend(backend, dev)
-    if cuda_graphs and dev.type != "cuda":
-        raise ValueError("cuda_graphs=True needs a CUDA device; leave it None on the CPU")
-    if channels is not None:
-        channels = common.batch_size(channels, "channels")
-    # One value, or one per channel (checked against the channels when they are known).
-    given = channels or max(1, torch.as_tensor(color, dtype=torch.float64).numel())
-    color_values = tuple(float(v) for v in common.color_values(color, given, torch.float64))
-    common.color_values(color, given, common.model_dtype(model))  # fails now, not at the first call
-    model.to(dev)
-    starts = None
-    if axis_starts is not None:
-        starts = tuple(tuple(int(v) for v in axis) for axis in axis_starts)
-        if len(starts) != nd or any(not axis or min(axis) < 0 or max(axis) + p > n
-                                    for axis, p, n in zip(starts, patch_t, size)):
-            raise ValueError(f"axis_starts must give {nd} non-empty lists of starts at which the patch "
-                             f"{patch_t} fits inside {size}")
-    settings = Settings(patch_t, stride_t, color_values, size, channels, float(tau), batch_size,
-                        dev, backend, output, dev.type == "cuda" if cuda_graphs is None else bool(cuda_graphs),
-                        tuple(leaf_modules), tuple(autowrap_functions), starts, fill or NO_FILL)
+    settings = make_settings(model, patch, stride, color, image_size, tau, batch_size, device, backend, output,
+                             channels, leaf_modules, autowrap_functions, cuda_graphs, axis_starts, fill, target,
+                             norm_stats)
     return _CACHE.get(model, settings, Explainer) if cache else Explainer(model, settings)

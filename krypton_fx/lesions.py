@@ -65,7 +65,7 @@ def _lesion_radius_range(size: int) -> tuple[float, float]:
     return max(lo, 3.0), max(hi, 4.5)
 
 
-def make_dataset(n: int, size: int = 224, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+def make_dataset(n: int, size: int = 224, seed: int = 0, masks: bool = False) -> tuple[Tensor, ...]:
     """Generate ``n`` synthetic scans, half of them with a lesion.
 
     Args:
@@ -77,7 +77,8 @@ def make_dataset(n: int, size: int = 224, seed: int = 0) -> tuple[Tensor, Tensor
         ``(images, labels, lesion_boxes)``: float32 ``(n, 3, size, size)`` in
         ``[0, 1]``; int64 ``(n,)``, 1 where a lesion is present; int64
         ``(n, 4)`` lesion bounding boxes ``(y, x, h, w)`` in pixels, all -1 for
-        images without a lesion.
+        images without a lesion. With ``masks=True`` a fourth: bool ``(n, size, size)``,
+        the lesion's pixels (its soft edge at one half), for segmentation.
 
     Example:
         >>> images, labels, boxes = make_dataset(8, size=64, seed=1)
@@ -145,6 +146,8 @@ def make_dataset(n: int, size: int = 224, seed: int = 0) -> tuple[Tensor, Tensor
     extent = (2 * radius).ceil()
     boxes = torch.stack([top, left, extent.clamp(max=size - top), extent.clamp(max=size - left)], 1).long()
     boxes[labels == 0] = -1
+    if masks:
+        return images, labels, boxes, blob > 0.5
     return images, labels, boxes
 
 

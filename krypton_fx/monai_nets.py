@@ -65,6 +65,13 @@ CLASSIFIERS: dict[str, NetSpec] = {
                                     (("model_name", f"efficientnet-{v}"),)) for v in _EFFICIENTNETS},
 }
 
+# Segmentation networks whose constructors have no default for their levels: MONAI's
+# tutorials' (channels 16-256, four strides of 2, two residual units a level).
+_SEGMENTER_DEFAULTS: dict[str, dict] = {
+    "UNet": {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2), "num_res_units": 2},
+    "AttentionUnet": {"channels": (16, 32, 64, 128, 256), "strides": (2, 2, 2, 2)},
+}
+
 # Keyword names other networks use for the input's channels and for the classes.
 _CHANNEL_KWS = ("in_channels", "n_input_channels", "in_chns", "num_channels")
 _CLASS_KWS = ("num_classes", "out_channels", "classes", "n_classes", "out_chns")
@@ -141,6 +148,7 @@ def build(name: str, spatial_dims: int, in_channels: int, num_classes: Optional[
         params = {}
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     kwargs: dict = dict(spec.fixed)
+    kwargs.update(_SEGMENTER_DEFAULTS.get(spec.builder, {}))
     kwargs.update({"spatial_dims": spatial_dims, spec.channels_kw: in_channels})
     if num_classes is not None:
         kwargs[spec.classes_kw] = num_classes

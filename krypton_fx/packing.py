@@ -78,7 +78,8 @@ def pack_batch(ex: Explainer, images: int, batch_size: Optional[int], pack: Opti
     ``prepare_all``, ``run_program``, ``run_positions`` and its settings.)
     """
     fill = ex.settings.fill
-    if pack is False or images < 2 or fill.scaled or fill.image_color:
+    if pack is False or images < 2 or fill.scaled or fill.image_color or ex.settings.target is not None \
+            or ex.settings.norm_stats != "exact":  # (per-image target inputs and statistics)
         return None
     if pack is None and ((ex.device.type != "cpu" and not ex.cuda_graphs) or ex.current_build().pack_failed):
         return None

@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import common
 from .results import OcclusionResult, RunStats
 
 if TYPE_CHECKING:  # annotations only: the explainer calls keep_peak, not the other way round
@@ -180,21 +179,22 @@ def keep_peak(ex: "Explainer", compile_fn: Callable[..., "Explainer"], image: Te
     """
     start = time.perf_counter()
     logits, stored = ex.prepare(image)
-    label = common.label_index(label, logits.shape[-1])
-    label = int(logits.argmax(1)) if label is None else label
-    base = float(common.scores(logits, label, ex.output))
+    target = ex.resolve(logits, label)  # the class, or the compiled segmentation target
+    label, base = target.labels[0], target.base[0]
     cells = ex.positions
-    heat = ex.run_positions(torch.arange(cells), stored, label, batch_size, progress).float()
+    heat = ex.target_scores(torch.arange(cells), stored, target, batch_size, progress).float()
     exact = torch.full((cells,), ex.tau == 1.0)
     ran = 0
     if not exact.all():
         exact_ex = variant(ex, compile_fn, tau=1.0)
-        _, exact_stored = exact_ex.prepare(image)
-        ran = refine_peak(lambda p: exact_ex.run_positions(p, exact_stored, label, batch_size), base, heat, exact,
-                          base - heat.double(), ex.grid, margin,
+        exact_logits, exact_stored = exact_ex.prepare(image)
+        exact_target = exact_ex.resolve(exact_logits, label)
+        ran = refine_peak(lambda p: exact_ex.target_scores(p, exact_stored, exact_target, batch_size), base, heat,
+                          exact, base - heat.double(), ex.grid, margin,
                           neighbourhood_radius(ex.patch, ex.stride) if radius is None else radius)
         logger.debug("keep_peak: %d of %d cells recomputed exactly", ran, cells)
     batch = min(batch_size or ex.batch_size, cells)
     stats = RunStats(cells, batch, cells + ran, time.perf_counter() - start, exact_cells=exact.view(ex.grid),
                      peak_positions=ran, margin=margin, peak_bounded=False)
-    return OcclusionResult(heat.view(ex.grid), label, base, ex.stride, ex.patch, ex.output, stats)
+    return OcclusionResult(heat.view(ex.grid), label, base, ex.stride, ex.patch, target.output, stats,
+                           mask=getattr(target, "mask", None))

@@ -10,14 +10,17 @@ from torch import fx, nn
 from .common import int_tuple, spatial_size
 from .models import input_channels
 from .passes.functionalize import functionalize
+from .passes.norms import NORM_STATS, freeze_norms
 from .passes.patch_prop import CLEAN, META_KEY, PATCHED, PatchInfo, annotate
+from .targets import SegmentationTarget
 from .tracing import eval_mode, trace
 
 __all__ = ["theoretical_speedup", "conv_macs", "format_report"]
 
 
 def _annotate_centre(model: nn.Module, image_size: tuple[int, ...], patch: tuple[int, ...],
-                     tau: float, channels: int) -> fx.GraphModule:
+                     tau: float, channels: int, target: Optional[SegmentationTarget] = None,
+                     norm_stats: str = "exact") -> fx.GraphModule:
     gm = trace(model)
     starts = tuple(torch.tensor([(n - p) // 2]) for n, p in zip(image_size, patch))
     p = next(model.parameters(), None)
@@ -25,7 +28,10 @@ def _annotate_centre(model: nn.Module, image_size: tuple[int, ...], patch: tuple
                           device=p.device if p is not None else "cpu")
     with eval_mode(model):
         gm = functionalize(gm, example)
-        annotate(gm, example, patch, starts, tau=tau, what=type(model).__name__)
+        if norm_stats == "frozen":
+            freeze_norms(gm)
+        annotate(gm, example, patch, starts, tau=tau, what=type(model).__name__, dense_output=target is not None,
+                 output_key=target.key if target is not None else None)
     return gm
 
 
@@ -40,7 +46,8 @@ def conv_macs(gm: fx.GraphModule) -> tuple[int, int]:
 
 
 def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: float = 1.0,
-                        channels: Optional[int] = None) -> float:
+                        channels: Optional[int] = None, target: Optional[SegmentationTarget] = None,
+                        norm_stats: str = "exact") -> float:
     """Theoretical speedup ``R = Q / Q_inc`` of incremental inference (eqs. 16-20).
 
     Counts convolution multiply-adds only (transposed convolutions per input element, on
@@ -48,6 +55,9 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
     ``image_size`` gives the spatial axes: ``(H, W)`` (an int: a square),
     ``(D, H, W)`` for volumes, ``(L,)`` for signals; ``patch`` an int or one
     per axis; ``channels`` defaults to those of the first layer the image meets.
+    A dense-output model needs ``target=`` (a :class:`krypton_fx.SegmentationTarget`: its
+    output stays patched; the category and mask do not change the count);
+    ``norm_stats="frozen"`` counts instance/group norms as point ops, as compiled so.
 
     Example:
         >>> import torchvision
@@ -62,7 +72,11 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
         raise ValueError(f"tau must be in (0, 1], got {tau!r}")
     if any(p > n for p, n in zip(patch_t, size)):
         raise ValueError(f"patch {patch_t} is larger than the image {size}")
-    full, inc = conv_macs(_annotate_centre(model, size, patch_t, float(tau), channels))
+    if norm_stats not in NORM_STATS:
+        raise ValueError(f"norm_stats must be one of {NORM_STATS}, got {norm_stats!r}")
+    if target is not None and not isinstance(target, SegmentationTarget):
+        raise TypeError(f"target must be a krypton_fx.SegmentationTarget or None, got {type(target).__name__}")
+    full, inc = conv_macs(_annotate_centre(model, size, patch_t, float(tau), channels, target, norm_stats))
     if full == 0:
         raise ValueError(f"{type(model).__name__} has no convolution layers: the theoretical speedup is "
                          "undefined")
@@ -79,8 +93,10 @@ def _describe(n: fx.Node) -> str:
     return n.op
 
 
-def format_report(gm: fx.GraphModule) -> str:
-    """Per-node table of an annotated graph: kind, state, patch box, and where savings stop."""
+def format_report(gm: fx.GraphModule, target: Optional[SegmentationTarget] = None,
+                  norm_stats: str = "exact") -> str:
+    """Per-node table of an annotated graph: kind, state, patch box, and where savings stop;
+    with a segmentation ``target``, how its reduction runs, and how spatial norms are treated."""
     rows = [("node", "op", "kind", "state", "patch / map", "area", "note")]
     stops = []
     for n in gm.graph.nodes:
@@ -105,4 +121,13 @@ def format_report(gm: fx.GraphModule) -> str:
     lines.append(f"conv multiply-adds per position: full {full / 1e6:.1f} M, incremental {inc / 1e6:.1f} M "
                  f"(ratio {full / max(inc, 1):.2f}x)")
     lines.append("incremental savings stop at: " + ("; ".join(stops) if stops else "nowhere"))
+    if target is not None:
+        out = next(n for n in gm.graph.nodes if n.op == "output").meta[META_KEY]
+        how = ("over the output's patch (the unoccluded total, minus the box's old values, plus its new ones)"
+               if out.state is PATCHED else "over the whole output map (the output is dense)")
+        lines.append(f"target: {target!r}, reduced {how}")
+    frozen = sum(1 for n in gm.graph.nodes if n.meta[META_KEY].frozen)
+    if norm_stats == "frozen":
+        lines.append(f"norm statistics: frozen from the unoccluded image ({frozen} instance/group norms run as "
+                     "point ops; approximate)")
     return "\n".join(lines)

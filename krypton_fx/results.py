@@ -30,12 +30,14 @@ class OcclusionResult:
         base_prob: probability (or logit) of ``label`` without occlusion.
         stride: ``(Sy, Sx)`` between heat-map cells, in image pixels.
         patch: ``(h, w)`` occlusion patch.
-        output: ``"prob"`` or ``"logit"``.
+        output: ``"prob"`` or ``"logit"`` (a segmentation target's: also ``"sigmoid"``).
         stats: counts and time of the run (:class:`RunStats`).
         heatmaps: ``(K, *grid)``: one map per explained class, ``heatmaps[k]`` that of
             ``labels[k]`` (a call with ``labels=`` or ``top_k=``; else ``K = 1``, the map above).
         labels: the ``K`` explained classes; ``labels[0] == label``.
         base_probs: their ``K`` values without occlusion.
+        mask: a segmentation target's ``(*S)`` float32 weights the map was reduced over
+            (given, or predicted from the unoccluded output); None for classifiers.
 
     To look at it: :attr:`drop` (``base_prob - heatmap``), :meth:`upsample` (the drop at the
     input's size), :meth:`plot` (a matplotlib figure over the input), :meth:`save` (a PNG);
@@ -52,6 +54,7 @@ class OcclusionResult:
     heatmaps: Optional[Tensor] = None
     labels: Optional[list[int]] = None
     base_probs: Optional[list[float]] = None
+    mask: Optional[Tensor] = None
 
     def __post_init__(self):
         if self.heatmaps is None:

@@ -10,14 +10,19 @@ clear error saying why and what to do.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Callable, Iterable, Iterator, Optional
 
-from torch import fx, nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
 
 from . import common
+from .registry import Kind, LocalOp, Rule, register_function
 
-__all__ = ["trace", "eval_mode", "TraceError", "model_signature", "describe_change", "input_channels"]
+__all__ = ["trace", "eval_mode", "TraceError", "model_signature", "describe_change", "input_channels",
+           "register_traceable", "pad_to_match"]
 
 
 class TraceError(ValueError):
@@ -33,6 +38,61 @@ class _KryptonTracer(fx.Tracer):
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable, args, kwargs):
+        cls = type(m)
+        traceable = _TRACEABLE.get(f"{cls.__module__}.{cls.__qualname__}")
+        if traceable is not None and not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = functools.partial(traceable, m)
+        return super().call_module(m, forward, args, kwargs)
+
+
+# Forwards to trace instead of a module type's own, where that one does not trace (keyed by
+# the type's qualified name, so that the library it comes from need not be imported).
+_TRACEABLE: dict[str, Callable] = {}
+
+
+def register_traceable(qualified_name: str, forward: Callable) -> None:
+    """Trace ``forward(module, *args)`` instead of the ``forward`` of the module type named
+    ``qualified_name`` (``"package.module.Class"``): the same computation, written so that
+    torch.fx can record it (no tests of tensor types or shapes in Python)."""
+    _TRACEABLE[qualified_name] = forward
+
+
+@torch.fx.wrap
+def pad_to_match(x: Tensor, like_shape) -> Tensor:
+    """``x`` padded at the far end of each spatial axis (replicating the border) to the spatial
+    size ``like_shape[2:]``: MONAI's UpCat after a 2x upsampling of an odd size. The identity
+    where the sizes agree (a padding by 0 then, for the registry: see :func:`_pad_when_sizes_agree`)."""
+    pad = []
+    for axis in range(x.dim() - 1, 1, -1):  # F.pad: last axis first
+        pad += [0, int(like_shape[axis]) - x.shape[axis]]
+    return F.pad(x, pad, "replicate") if any(pad) else x
+
+
+def _monai_upcat_forward(self, x: Tensor, x_e: Optional[Tensor]) -> Tensor:
+    """``monai.networks.nets.basic_unet.UpCat.forward`` without its ``torch.jit.isinstance`` test
+    and shape comparisons (which a symbolic trace gets wrong: it drops the skip concat)."""
+    x_0 = self.upsample(x)
+    if x_e is None:
+        return self.convs(x_0)
+    if self.is_pad:
+        x_0 = pad_to_match(x_0, x_e.shape)
+    return self.convs(torch.cat([x_e, x_0], dim=1))
+
+
+def _pad_when_sizes_agree(_, args, kwargs) -> Optional[LocalOp]:
+    """:func:`pad_to_match` as a local op: a padding by 0 (the identity on the patch, whose
+    size the graph keeps) where the sizes agree; else None (a replicate pad: global)."""
+    x, like = args[0], args[1]
+    if tuple(x.shape[2:]) != tuple(like[2:]):
+        return None
+    n = x.dim() - 2
+    return LocalOp("pad", (1,) * n, (1,) * n, (0,) * n, (1,) * n, 0.0, full_pad=(0,) * n)
+
+
+register_traceable("monai.networks.nets.basic_unet.UpCat", _monai_upcat_forward)
+register_function(pad_to_match, Rule(Kind.LOCAL, extract=_pad_when_sizes_agree))
 
 
 # Calls from several threads may overlap on one model: the first to enter

@@ -722,3 +722,114 @@ def planted_image(channels: int, size, corner, side, seed: int = 0) -> Tensor:
     image = 0.1 * torch.rand(channels, *size, generator=gen)
     image[(slice(None), *(slice(c, c + w) for c, w in zip(corner, side)))] = 1.0
     return image
+
+
+# ---------------------------------------------------------------------------
+# Segmentation targets: random encoder-decoder nets with a dense output
+# (tests/test_segmentation.py)
+# ---------------------------------------------------------------------------
+# U-Net-shaped nets of 1-2 levels: a stem conv, per level a skip, a downsampling
+# (max or avg pool, or a strided conv), a conv; back up by a transposed conv or an
+# interpolation of any mode (by scale 2, or to the skip's size), a concat or add
+# with the skip, a conv; a 1x1 head to the classes: no global op, so that the
+# output is a map the target reduces. Sizes are multiples of 2**levels unless every
+# upsampling goes to the skip's size (odd sizes then). With random occlusion
+# settings, output, reduce and mask.
+
+_SEG_CONV = {2: _nn.Conv2d, 3: _nn.Conv3d}
+_SEG_CONV_T = {2: _nn.ConvTranspose2d, 3: _nn.ConvTranspose3d}
+_SEG_POOL = {("max", 2): _nn.MaxPool2d, ("max", 3): _nn.MaxPool3d, ("avg", 2): _nn.AvgPool2d,
+             ("avg", 3): _nn.AvgPool3d}
+SEG_UPSAMPLINGS = ("transpose", "nearest", "nearest-exact", "linear", "linear-corners", "size-nearest",
+                   "size-linear")
+
+
+@dataclass(frozen=True)
+class SegCase:
+    levels: tuple  # per level (down, up, merge): down in max/avg/conv, up in SEG_UPSAMPLINGS, merge cat/add
+    dims: int
+    in_channels: int
+    classes: int
+    size: tuple
+    patch: tuple
+    stride: tuple
+    color: tuple
+    category: int
+    output: str
+    reduce: str
+    mask: str  # "given" or "predicted"
+    seed: int
+
+
+@st.composite
+def seg_encoder_decoders(draw):
+    dims = draw(st.sampled_from([2, 2, 3]))
+    levels = tuple((draw(st.sampled_from(["max", "avg", "conv"])), draw(st.sampled_from(SEG_UPSAMPLINGS)),
+                    draw(st.sampled_from(["cat", "add"]))) for _ in range(draw(st.integers(1, 2))))
+    odd = all(up.startswith("size") for _, up, _ in levels)
+    unit = 2 ** len(levels)
+    top = 16 if dims == 2 else 8
+    size = tuple(draw(st.integers(3, top)) if odd else unit * draw(st.integers(max(1, 3 // unit + 1), top // unit))
+                 for _ in range(dims))
+    patch = tuple(draw(st.integers(1, max(1, n // 2))) for n in size)
+    stride = tuple(draw(st.integers(max(1, p // 2), max(1, p))) for p in patch)
+    output = draw(st.sampled_from(["prob", "sigmoid", "logit"]))
+    classes = draw(st.integers(1, 2)) if output == "sigmoid" else draw(st.integers(2, 3))
+    in_channels = draw(st.sampled_from([1, 2]))
+    color = tuple(draw(st.floats(-1, 1, width=32)) for _ in range(draw(st.sampled_from([1, in_channels]))))
+    return SegCase(levels, dims, in_channels, classes, size, patch, stride, color, draw(st.integers(0, classes - 1)),
+                   output, draw(st.sampled_from(["mean", "sum"])), draw(st.sampled_from(["given", "predicted"])),
+                   draw(st.integers(0, 2 ** 16)))
+
+
+class SegNet(_nn.Module):
+    """The net of a :class:`SegCase` (see the section's comment)."""
+
+    WIDTH = 3
+
+    def __init__(self, case: SegCase):
+        super().__init__()
+        d, w = case.dims, self.WIDTH
+        self.case = case
+        self.stem = _SEG_CONV[d](case.in_channels, w, 3, padding=1)
+        self.down = _nn.ModuleList(_SEG_CONV[d](w, w, 3, 2, 1) if down == "conv" else _SEG_POOL[(down, d)](2)
+                                   for down, _, _ in case.levels)
+        self.inner = _nn.ModuleList(_SEG_CONV[d](w, w, 3, padding=1) for _ in case.levels)
+        self.up = _nn.ModuleList(_SEG_CONV_T[d](w, w, 2, 2) if up == "transpose" else _nn.Identity()
+                                 for _, up, _ in case.levels)
+        self.fuse = _nn.ModuleList(_SEG_CONV[d](2 * w if merge == "cat" else w, w, 3, padding=1)
+                                   for _, _, merge in case.levels)
+        self.head = _SEG_CONV[d](w, case.classes, 1)
+
+    def _level(self, i: int, x: Tensor) -> Tensor:
+        down, up, merge = self.case.levels[i]
+        skip = x
+        x = _F.relu(self.inner[i](self.down[i](x)))
+        if i + 1 < len(self.case.levels):
+            x = self._level(i + 1, x)
+        linear = "trilinear" if self.case.dims == 3 else "bilinear"
+        if up == "transpose":
+            x = self.up[i](x)
+        elif up.startswith("size"):
+            mode = "nearest" if up == "size-nearest" else linear
+            x = _F.interpolate(x, size=skip.shape[2:], mode=mode, **({} if mode == "nearest" else
+                                                                    {"align_corners": False}))
+        else:
+            mode = linear if up.startswith("linear") else up
+            kw = {"align_corners": up == "linear-corners"} if mode == linear else {}
+            x = _F.interpolate(x, scale_factor=2, mode=mode, **kw)
+        x = torch.cat([skip, x], 1) if merge == "cat" else skip + x
+        return _F.relu(self.fuse[i](x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self._level(0, _F.relu(self.stem(x))))
+
+
+def seg_model(case: SegCase) -> SegNet:
+    """The case's net, seeded, in eval mode; the category's head bias raised so that a
+    predicted mask is rarely empty."""
+    torch.manual_seed(case.seed)
+    model = SegNet(case).eval()
+    with torch.no_grad():
+        model.head.bias[case.category] += 1.0
+    return model

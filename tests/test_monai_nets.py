@@ -67,8 +67,8 @@ def test_unknown_names_give_close_matches(spec, words):
 def test_a_network_without_default_classes_and_one_that_is_no_classifier():
     with pytest.raises(ModelLoadError, match="give --num-classes N"):
         load_model("monai:DenseNet121", "none", spatial_dims=3, in_channels=1)
-    with pytest.raises(ModelLoadError, match="building monai:UNet"):
-        load_model("monai:UNet", "none", num_classes=2, spatial_dims=3, in_channels=1)
+    with pytest.raises(ModelLoadError, match="building monai:UNETR"):  # (monai:UNet builds: segmentation)
+        load_model("monai:UNETR", "none", num_classes=2, spatial_dims=3, in_channels=1)
 
 
 def test_dims_and_channels_are_for_monai_networks_only():

@@ -37,11 +37,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import common
 from ..explainer import Explainer
 from ..explainer import compile as compile_explainer
 from ..peak import DEFAULT_MARGIN, neighbourhood_radius, refine_peak, variant
 from ..results import OcclusionResult, RunStats
+from ..targets import Resolved
 from .cover import cover_bound, cover_index, cover_plan, stage1_explainer
 
 __all__ = ["DrillDown", "drill_down_speedup", "stage1_stride", "max_drill_down_speedup",
@@ -251,18 +251,20 @@ class _ExactScores:
     """Exact scores of cells of one image: on ``ex`` itself at tau = 1, else on its tau = 1
     variant (compiled once, its unoccluded pass run at the first use)."""
 
-    def __init__(self, ex: Explainer, image: Tensor, stored: list[Tensor], label: int, batch_size: Optional[int]):
-        self.ex, self.image, self.label, self.batch_size = ex, image, label, batch_size
+    def __init__(self, ex: Explainer, image: Tensor, stored: list[Tensor], target: Resolved,
+                 batch_size: Optional[int]):
+        self.ex, self.image, self.target, self.batch_size = ex, image, target, batch_size
         self.stored: Optional[list[Tensor]] = stored if ex.tau == 1.0 else None
 
     def __call__(self, positions: Tensor) -> Tensor:
         if self.stored is None:
             self.ex = variant(self.ex, compile_explainer, tau=1.0)
-            self.stored = self.ex.prepare(self.image)[1]
-        return self.ex.run_positions(positions, self.stored, self.label, self.batch_size).float()
+            logits, self.stored = self.ex.prepare(self.image)
+            self.target = self.ex.resolve(logits, self.target.labels[0])
+        return self.ex.target_scores(positions, self.stored, self.target, self.batch_size).float()
 
 
-def _sampled_stage1(ex: Explainer, stored: list[Tensor], label: int, steps: Sequence[int],
+def _sampled_stage1(ex: Explainer, stored: list[Tensor], target: Resolved, steps: Sequence[int],
                     batch_size: Optional[int], progress: bool) -> tuple[Tensor, Tensor]:
     """The paper's stage one: ``(heat, measured)``, the map interpolated from every ``steps``-th
     cell (plus the last) per axis, and which cells were run."""
@@ -272,7 +274,7 @@ def _sampled_stage1(ex: Explainer, stored: list[Tensor], label: int, steps: Sequ
     stage1 = torch.zeros(1, dtype=torch.int64)
     for axis_samples, n in zip(samples, grid):
         stage1 = (stage1.view(-1, 1) * n + axis_samples.view(1, -1)).reshape(-1)
-    coarse = ex.run_positions(stage1, stored, label, batch_size, progress).view(*(len(a) for a in samples))
+    coarse = ex.target_scores(stage1, stored, target, batch_size, progress).view(*(len(a) for a in samples))
     # Piecewise-linear upsampling, one axis at a time (bilinear for images, trilinear for volumes).
     upsampled = coarse.double()
     for axis, (axis_samples, n) in enumerate(zip(samples, grid)):
@@ -342,21 +344,21 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
                          "this explainer's patch weights the image (MONAI's gaussian or mean_patch mode): "
                          "use DrillDown(stage1='sample')")
     logits, stored = ex.prepare(image)
-    label = common.label_index(label, logits.shape[-1])
-    label = int(logits.argmax(1)) if label is None else label
-    base = float(common.scores(logits, label, ex.output))
-    exact_scores = _ExactScores(ex, image, stored, label, batch_size)
+    target = ex.resolve(logits, label)  # the class, or the compiled segmentation target
+    label, base = target.labels[0], target.base[0]
+    exact_scores = _ExactScores(ex, image, stored, target, batch_size)
 
     stage1_patch = None
     if math.ceil(dd.r * cells) >= cells:  # every cell at the compiled stride: no stage one
-        heat = ex.run_positions(torch.arange(cells), stored, label, batch_size, progress).float()
+        heat = ex.target_scores(torch.arange(cells), stored, target, batch_size, progress).float()
         exact = torch.full((cells,), ex.tau == 1.0)
         n1, n2 = 0, cells
     elif cover:
         plan = cover_plan(ex, steps)
         stage1 = stage1_explainer(ex, plan)
-        coarse = stage1.run_positions(torch.arange(stage1.positions), stage1.prepare(image)[1], label, batch_size,
-                                      progress)
+        stage1_logits, stage1_stored = stage1.prepare(image)
+        coarse = stage1.target_scores(torch.arange(stage1.positions), stage1_stored,
+                                      stage1.resolve(stage1_logits, label), batch_size, progress)
         heat = coarse.float()[cover_index(plan)]  # approximate cells show their cover's score
         bound = cover_bound(base, heat)
         exact = torch.zeros(cells, dtype=torch.bool)
@@ -365,11 +367,11 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
         exact[chosen] = True
         n1, n2, stage1_patch = len(coarse), len(chosen), stage1.patch
     else:
-        heat, measured = _sampled_stage1(ex, stored, label, steps, batch_size, progress)
+        heat, measured = _sampled_stage1(ex, stored, target, steps, batch_size, progress)
         chosen = torch.argsort(base - heat.double(), descending=True, stable=True)[:math.ceil(dd.r * cells)]
         stage2 = chosen[~measured[chosen]].sort().values
         if len(stage2):
-            heat[stage2] = ex.run_positions(stage2, stored, label, batch_size, progress)
+            heat[stage2] = ex.target_scores(stage2, stored, target, batch_size, progress)
         exact = (measured.index_fill(0, stage2, True) if len(stage2) else measured) & (ex.tau == 1.0)
         n1, n2 = int(measured.sum()), len(stage2)
 
@@ -389,4 +391,5 @@ def run_drill_down(ex: Explainer, image: Tensor, dd: DrillDown, label: Optional[
                      expected_speedup=drill_down_speedup(s1_px, ex.stride, dd.r), achieved_speedup=cells / run,
                      exact_cells=exact.view(grid), peak_positions=ran, margin=dd.margin, peak_bounded=bounded,
                      stage1_patch=stage1_patch)
-    return OcclusionResult(heat.view(grid), label, base, ex.stride, ex.patch, ex.output, stats)
+    return OcclusionResult(heat.view(grid), label, base, ex.stride, ex.patch, target.output, stats,
+                           mask=getattr(target, "mask", None))

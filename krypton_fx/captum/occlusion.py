@@ -8,7 +8,9 @@ dimension of size ``D`` with window ``w`` and stride ``s`` there are
 ``ceil((D - w) / s) + 1`` windows starting at ``0, s, 2s, ...``, so the last
 one may be cut off at the border.
 
-When the explained function is an ``nn.Module`` that traces, the input is one
+When the explained function is an ``nn.Module`` that traces (or a plain function that
+traces once the modules it calls are registered: Captum's segmentation tutorial's
+aggregation ``lambda x: (net(x)["out"] * mask).sum((2, 3))``, say), the input is one
 ``(N, C, H, W)`` image batch, the window spans all channels and the baseline
 is constant over the window, the occluded outputs come from a compiled
 incremental explainer (:func:`krypton_fx.compile`, ``output="logit"``); the
@@ -47,6 +49,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import math
@@ -97,6 +100,52 @@ def _balanced_chunks(positions: int, cap: int) -> int:
     """
     chunks = -(-positions // max(1, cap))
     return -(-positions // max(1, chunks))
+
+
+class _ForwardModule(nn.Module):
+    """A plain forward function as a module, with the modules it calls (found among its closure's
+    and its globals' names) as submodules, so that torch.fx can trace through them."""
+
+    def __init__(self, forward_func: Callable, modules: dict[str, nn.Module]):
+        super().__init__()
+        self.forward_func = forward_func
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self.training = False  # (its own flag only: the modules' modes stay the caller's)
+
+    def forward(self, x: Tensor):
+        return self.forward_func(x)
+
+
+def _as_module(forward_func: Callable, x: Tensor) -> Union[nn.Module, str]:
+    """``forward_func`` as an ``nn.Module`` to compile, or why it cannot be one: a module as it is;
+    a plain function that aggregates the dense output of a module it calls by name (a
+    segmentation net's map, seen on ``x``) as a :class:`_ForwardModule`; any other function
+    runs plain, as Captum's."""
+    if isinstance(forward_func, nn.Module):
+        return forward_func
+    try:
+        refs = inspect.getclosurevars(forward_func)
+    except TypeError:
+        return "forward_func is not an nn.Module (nor a Python function)"
+    modules = {name: v for name, v in {**refs.globals, **refs.nonlocals}.items() if isinstance(v, nn.Module)}
+    dense = []
+
+    def seen(module, args, out):
+        out = out.get("out", next(iter(out.values()), None)) if isinstance(out, dict) else out
+        dense.append(isinstance(out, Tensor) and out.dim() == x.dim() and out.shape[0] == x.shape[0])
+
+    hooks = [m.register_forward_hook(seen) for m in modules.values()]
+    try:
+        forward_func(x)
+    except Exception as e:  # noqa: BLE001 - the plain path raises it as Captum would
+        return f"forward_func is not an nn.Module and fails on the input ({type(e).__name__})"
+    finally:
+        for h in hooks:
+            h.remove()
+    if not any(dense):
+        return "forward_func is not an nn.Module (nor an aggregation of a segmentation net's dense output)"
+    return _ForwardModule(forward_func, modules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +209,7 @@ class Occlusion:
         self.last_stats: dict = {}
         self._explainers: OrderedDict[tuple, Union[Explainer, str]] = OrderedDict()
         self._explainers_of: Optional[Callable] = forward_func  # the forward_func they were compiled from
+        self._module: Union[nn.Module, str, None] = None  # forward_func as a module (_as_module), once
 
     @classmethod
     def get_name(cls) -> str:
@@ -243,7 +293,7 @@ class Occlusion:
             additional_forward_args = (additional_forward_args,)
         if self.forward_func is not self._explainers_of:  # replaced since they were compiled
             self._explainers.clear()
-            self._explainers_of = self.forward_func
+            self._explainers_of, self._module = self.forward_func, None
 
         windows_total = sum(math.prod(_shift_counts(x.shape[1:], w, s))
                             for x, w, s in zip(formatted, windows, stride_dims))
@@ -274,9 +324,6 @@ class Occlusion:
                           extra_args) -> Union[_IncrementalPlan, str]:
         """What the incremental path needs (explainers, classes, unoccluded outputs), or why it
         does not apply."""
-        model = self.forward_func
-        if not isinstance(model, nn.Module):
-            return "forward_func is not an nn.Module"
         if len(inputs) != 1:
             return "there is more than one input tensor"
         if extra_args is not None:
@@ -285,6 +332,11 @@ class Occlusion:
         if x.dim() not in (3, 4, 5) or x.numel() == 0:
             return ("the input is not a non-empty (N, C, *spatial) batch with 1 to 3 spatial axes "
                     f"(shape {tuple(x.shape)})")
+        if self._module is None:
+            self._module = _as_module(self.forward_func, x)
+        model = self._module
+        if isinstance(model, str):
+            return model
         n, c = x.shape[:2]
         if windows[0][0] != c:
             return "the window does not span all channels"
@@ -340,7 +392,7 @@ class Occlusion:
             return self._explainers[key]
         try:
             ex: Union[Explainer, str] = compile_explainer(
-                self.forward_func, patch=tuple(window), stride=tuple(stride), color=list(color),
+                self._module, patch=tuple(window), stride=tuple(stride), color=list(color),
                 image_size=tuple(x.shape[2:]), device=x.device, output="logit", channels=x.shape[1])
             self.last_stats["compiles"] += 1
         except Exception as e:  # noqa: BLE001 - TraceError and any other compile failure: go plain

@@ -1,13 +1,14 @@
 """``krypton-fx demo``: a small lesion classifier (trained once, cached) explained on synthetic
 scans, naive and incremental occlusion timed side by side; pictures into ``--out``. With
-``--volume``, the same on synthetic volumes and a small 3-D CNN (:mod:`.demo_volume`)."""
+``--volume``, the same on synthetic volumes and a small 3-D CNN (:mod:`.demo_volume`); with
+``--segmentation``, a small U-Net explained for its lesion mask (:mod:`.demo_segmentation`)."""
 
 from __future__ import annotations
 
 import functools
 import time
 
-from . import demo_volume
+from . import demo_segmentation, demo_volume
 from . import options as opt
 from .errors import PROG, CLIError
 from .files import output_dir, save_figure, write_files
@@ -25,6 +26,9 @@ def add_parser(sub, formatter_class):
                    help="lesion images (or volumes) to explain")
     p.add_argument("--volume", action="store_true",
                    help="the 3-D demo: synthetic volumes with a small bright lesion, a small 3-D CNN")
+    p.add_argument("--segmentation", action="store_true",
+                   help="a small U-Net that segments the lesion, explained for the lesion class over its "
+                        "predicted mask")
     p.add_argument("--size", type=opt.int_at_least(demo_volume.MIN_SIZE), metavar="N",
                    help=f"--volume: edge of the volumes explained (default {demo_volume.DEFAULT_SIZE}; the "
                         f"model, trained at {demo_volume.TRAIN_SIZE}, runs on any size; larger volumes "
@@ -43,8 +47,14 @@ _DEMO_CLASSES = ("healthy", "lesion")
 
 
 def run(args) -> int:
+    if args.volume and args.segmentation:
+        raise CLIError("give --volume or --segmentation, not both")
     if args.volume:
         return demo_volume.run(args)
+    if args.segmentation:
+        if args.size is not None:
+            raise CLIError("--size applies to the 3-D demo (--volume)")
+        return demo_segmentation.run(args)
     if args.size is not None:
         raise CLIError("--size applies to the 3-D demo: add --volume")
     import numpy as np

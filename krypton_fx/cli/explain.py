@@ -17,6 +17,8 @@ from .explain_files import run_files
 from .explain_volume import VOLUME_ONLY, run_volume
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
 from .images import patch_color, preprocessing_for, read_image, to_model_mode
+from .targets import add_arguments as add_segmentation_arguments
+from .targets import refuse_segmentation_options, segmentation_target
 
 __all__ = ["add_parser", "run"]
 
@@ -67,8 +69,9 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=opt.positive_int, metavar="K",
                    help="the K classes the image scores highest, as --labels")
     p.add_argument("--tau", type=opt.tau, default=1.0, help="projective-field threshold; 1 is exact")
-    p.add_argument("--output", choices=("prob", "logit"), default="prob",
-                   help="what the map records: the softmax probability of the label, or its raw logit")
+    p.add_argument("--output", choices=("prob", "logit", "sigmoid"), default="prob",
+                   help="what the map records: the softmax probability of the label, or its raw logit "
+                        "(with --target also sigmoid: the class's own sigmoid)")
     p.add_argument("--drill-down", type=opt.fraction, metavar="R", nargs="?", const=opt.DRILL_DOWN_R,
                    help="adaptive drill-down: a coarse pass at --stage1-stride whose patches contain every "
                         "--patch, then --stride on the fraction R of cells with the largest drop (default "
@@ -104,6 +107,7 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                           "each voxel is occluded (trilinear between patch centres); .nii/.nii.gz with the "
                           "input's affine and header, or .npy (default: --out's name with -map.nii.gz for a "
                           "NIfTI input, -map.npy for a .npy one: heat-map.nii.gz)")
+    add_segmentation_arguments(p)
     p.add_argument("--seed", type=int, default=0, help="seed of random initialisation (--weights none)")
     many = p.add_argument_group("many images (--out-dir)")
     many.add_argument("--out-dir", metavar="DIR",
@@ -136,6 +140,9 @@ def run(args) -> int:
             raise CLIError(f"--out-dir explains images; {volumes[0]} is a volume: explain volumes one at a "
                            "time with --out and --map")
         _refuse_volume_options(argparse.Namespace(**{**vars(args), "image": "each input"}))
+        if args.target is not None:
+            raise CLIError("--target explains one image or volume at a time (--out); drop --out-dir")
+        refuse_segmentation_options(args)
         if args.labels is not None or args.top_k is not None:
             raise CLIError("--labels and --top-k explain one image (--out); with --out-dir give --label or none")
         args.color = "gray" if args.color is None else args.color
@@ -196,11 +203,13 @@ def _explain_one(args) -> int:
     x = prep.transform(to_model_mode(picture, channels))
     size_hw = tuple(x.shape[-2:])
     opt.check_patch(patch, size_hw)
-    opt.probe_model(loaded, x, device, args.label, args.output, args.labels or ())
+    target = segmentation_target(args, loaded, x, device)
+    if target is None:
+        opt.probe_model(loaded, x, device, args.label, args.output, args.labels or ())
 
     color = patch_color(args.color, x, prep.mean, prep.std)
     ex, res, seconds = opt.compile_and_explain(loaded, x, args, patch, stride, color, size_hw, channels, device,
-                                               drill)
+                                               drill, target)
 
     from ..viz import heatmap_figure
 
@@ -211,6 +220,8 @@ def _explain_one(args) -> int:
     for label, base, heatmap in zip(res.labels, res.base_probs, res.heatmaps):
         heat = heatmap.numpy()
         label_name = cats[label] if cats and label < len(cats) else None
+        if target is not None:
+            label_name = f"{target.reduce} over {int((res.mask > 0).sum())} mask pixels"
         fig = heatmap_figure(prep.display(x), heat, res.patch, res.stride, label, base,
                              label_name=label_name, output=res.output, exact_cells=res.stats.get("exact_cells"),
                              subtitle=(f"{loaded.name}, {Path(args.image).name}: patch {patch[0]}x{patch[1]}, "

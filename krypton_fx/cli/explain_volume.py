@@ -22,6 +22,7 @@ from ..volumes import Volume, VolumeFileError, map_writer, read_volume, to_displ
 from . import options as opt
 from .errors import CLIError
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
+from .targets import segmentation_target
 
 __all__ = ["run_volume", "volume_color", "VOLUME_ONLY"]
 
@@ -111,17 +112,21 @@ def run_volume(args) -> int:
                        "give a volume with as many channels" + (" or --in-channels" if monai else ""))
     intensity = args.intensity or opt.intensity("none")
     x = torch.from_numpy(intensity.apply(volume.data))
-    opt.probe_model(loaded, x, device, args.label, args.output)
+    target = segmentation_target(args, loaded, x, device)
+    if target is None:
+        opt.probe_model(loaded, x, device, args.label, args.output)
 
     color = volume_color(args.color or "black", x)
     ex, res, seconds = opt.compile_and_explain(loaded, x, args, patch, stride, color, volume.spatial_shape,
-                                               channels, device, drill)
+                                               channels, device, drill, target)
 
     heat = res.heatmap.numpy()
     drop = res.base_prob - upsample_heatmap_nd(heat, volume.spatial_shape, res.patch, res.stride)
     voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(drop)), drop.shape))
     exact = opt.exactness(args, drill, res)
-    what = "P" if args.output == "prob" else "logit"
+    what = {"prob": "P", "logit": "logit", "sigmoid": "sigmoid"}[args.output]
+    if target is not None:
+        what = f"{target.reduce} {what} over the mask,"
     view = to_display_orientation(volume)
     exact_cells = res.stats.get("exact_cells")
     approximate = None if exact_cells is None else view.reorient(

@@ -267,15 +267,16 @@ def probe_model(loaded, x, device, label, output, labels: Sequence[int] = ()) ->
 
 
 def compile_and_explain(loaded, x, args: argparse.Namespace, patch: tuple[int, ...], stride: tuple[int, ...],
-                        color, image_size: tuple[int, ...], channels: int, device, drill):
-    """Compile ``loaded.model`` with the command's settings and explain ``x``: ``(explainer,
-    result, seconds of the explanation)``; the loader's warning, if any, comes after the
-    compile's checks have passed."""
+                        color, image_size: tuple[int, ...], channels: int, device, drill, target=None):
+    """Compile ``loaded.model`` with the command's settings (and a segmentation ``target``) and explain
+    ``x``: ``(explainer, result, seconds of the explanation)``; the loader's warning, if any, comes
+    after the compile's checks have passed."""
     from ..explainer import compile as compile_explainer
 
     ex = compile_explainer(loaded.model, patch=patch, stride=stride, color=color, image_size=image_size,
                            tau=args.tau, batch_size=args.batch_size, device=device, channels=channels,
-                           output=args.output)
+                           output=args.output if target is None else "prob", target=target,
+                           norm_stats=getattr(args, "norm_stats", "exact"))
     if loaded.warning:
         warn(loaded.warning)
     start = time.perf_counter()
@@ -288,6 +289,8 @@ def compile_and_explain(loaded, x, args: argparse.Namespace, patch: tuple[int, .
 def exactness(args: argparse.Namespace, drill, res) -> str:
     """``"exact"``, or what made the map approximate (tau, drill-down), for picture titles."""
     approx = [f"tau={args.tau:g}"] if args.tau < 1.0 else []
+    if getattr(args, "norm_stats", "exact") == "frozen":
+        approx.append("frozen norm statistics")
     if drill is not None and drill.r < 1.0:
         approx.append(f"drill-down r={drill.r:g} from stride {sizes(res.stats['stage1_stride'])}")
     exact_cells = res.stats.get("exact_cells")

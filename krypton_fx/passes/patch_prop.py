@@ -31,6 +31,8 @@ from .. import geometry as geo
 from ..geometry import AxisSpec, AxisTaps, Box, TransposedSpec
 from ..registry import TRANSPOSED_OPS, Kind, LocalOp, lookup
 from ..resampling import resample_taps
+from ..targets import select_output
+from .norms import norm_statistics, spatial_norm
 
 __all__ = ["PatchInfo", "PatchProp", "Read", "State", "META_KEY", "annotate"]
 
@@ -93,6 +95,9 @@ class PatchInfo:
             result on the read window (the same for every position).
         taps: resampling only: each axis's source taps (the box's outputs read
             ``first[o] + t`` of the map, the window's ``first[o] + t - start``).
+        frozen: a value taken from the unoccluded image and passed to the incremental
+            graph like a stored activation (the statistics of a frozen norm); its state
+            is ``clean``: the same for every position.
     """
 
     kind: Kind
@@ -106,6 +111,7 @@ class PatchInfo:
     inv_divisor: Any = None
     crop: tuple[int, ...] = ()
     taps: tuple[AxisTaps, ...] = ()
+    frozen: bool = False
 
 
 def _is_map(v: Any, ndim: int) -> bool:
@@ -172,6 +178,9 @@ class PatchProp(fx.Interpreter):
         starts: one int64 ``(P,)`` tensor per spatial axis: the patch's start
             at every occlusion position (:func:`krypton_fx.geometry.occlusion_grid`).
         tau: projective-field threshold (eqs. 39-45); 1.0 is exact.
+        dense_output: the output is a dense map reduced by a target (segmentation): it
+            stays patched where its input is, instead of being projected to full size.
+        output_key: with ``dense_output``, the entry of a dict output that is explained.
 
     Example:
         >>> import torchvision, krypton_fx
@@ -183,7 +192,7 @@ class PatchProp(fx.Interpreter):
     """
 
     def __init__(self, gm: fx.GraphModule, patch: tuple[int, ...], starts: tuple[Tensor, ...],
-                 tau: float = 1.0):
+                 tau: float = 1.0, dense_output: bool = False, output_key: Optional[str] = None):
         super().__init__(gm)
         if len(patch) != len(starts):
             raise ValueError(f"patch {tuple(patch)} and starts give different numbers of axes")
@@ -191,6 +200,8 @@ class PatchProp(fx.Interpreter):
         self.starts = tuple(starts)
         self.ndim = len(self.patch)
         self.tau = tau
+        self.dense_output = dense_output
+        self.output_key = output_key
         self.modules = dict(gm.named_modules())
         self.infos: dict[fx.Node, PatchInfo] = {}
         self.stored: dict[fx.Node, Tensor] = {}
@@ -221,6 +232,11 @@ class PatchProp(fx.Interpreter):
             return self._source(n, result)
         if n.op == "get_attr":
             return PatchInfo(Kind.GLOBAL, CLEAN)
+        if n.op == "call_function" and n.target is norm_statistics:
+            self.stored[n] = result  # the unoccluded image's statistics, for every position
+            return PatchInfo(Kind.GLOBAL, CLEAN, frozen=True)
+        if n.op == "output" and self.dense_output:
+            return self._dense_output(n, result)
         deps = [m for m in n.all_input_nodes if self.infos[m].state is not CLEAN]
         if not deps or _is_shape_query(n):
             return PatchInfo(Kind.GLOBAL, CLEAN)
@@ -238,7 +254,21 @@ class PatchProp(fx.Interpreter):
             return self._dense(n, Kind.GLOBAL, deps, f"{_target_name(n)}: unsupported configuration", result)
         if rule.kind is Kind.POINT and (rule.check is None or rule.check(module, args, kwargs)):
             return self._pointwise(n, deps, result)
+        norm = spatial_norm(n, self.modules)
+        if norm is not None:
+            return self._dense(n, Kind.GLOBAL, deps, f"{norm[2]}: statistics over the whole map (exact; "
+                               "norm_stats='frozen' makes it a point op, approximate)", result)
         return self._dense(n, Kind.GLOBAL, deps, f"global op {_target_name(n)}", result)
+
+    def _dense_output(self, n: fx.Node, result: Any) -> PatchInfo:
+        """A dense output reduced by a target: patched where the map it returns is."""
+        src = select_output(n.args[0], self.output_key)
+        if not isinstance(src, fx.Node) or self.infos[src].state is CLEAN:
+            return PatchInfo(Kind.GLOBAL, CLEAN)
+        info = self.infos[src]
+        if info.state is PATCHED:
+            return PatchInfo(Kind.GLOBAL, PATCHED, info.box)
+        return self._dense(n, Kind.GLOBAL, [src], "", result)
 
     def _source(self, n: fx.Node, result: Any) -> PatchInfo:
         if self._seen_source:
@@ -386,13 +416,16 @@ def _resample_axis(start: Tensor, size: int, taps: AxisTaps, tau: float):
 
 
 def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, ...], starts: tuple[Tensor, ...],
-             tau: float = 1.0, what: str = "the model") -> PatchProp:
+             tau: float = 1.0, what: str = "the model", dense_output: bool = False,
+             output_key: Optional[str] = None) -> PatchProp:
     """Run :class:`PatchProp` on ``gm`` with ``example``; a model that cannot run on it is a ValueError.
 
     Shared by :func:`krypton_fx.compile` and :func:`krypton_fx.theoretical_speedup`
-    so that both fail the same way.
+    so that both fail the same way. ``dense_output``: the model returns a dense map
+    (``(N, classes, *spatial)``, or a dict holding one at ``output_key``) that a
+    target reduces (segmentation); else class scores ``(N, classes)``.
     """
-    prop = PatchProp(gm, patch, starts, tau=tau)
+    prop = PatchProp(gm, patch, starts, tau=tau, dense_output=dense_output, output_key=output_key)
     with torch.no_grad():
         try:
             out = prop.run(example)
@@ -401,8 +434,16 @@ def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, ...], starts
             detail = " ".join(str(cause).split()) or type(cause).__name__
             raise ValueError(f"{what} cannot run on a {tuple(example.shape)} input: {type(cause).__name__}: "
                              f"{detail}. Hint: check image_size and channels.") from e
-    if not isinstance(out, Tensor) or out.dim() != 2:
+    if dense_output:
+        out = select_output(out, output_key)
+        if not _is_map(out, prop.ndim):
+            raise ValueError(f"a SegmentationTarget needs a dense output (N, classes, *spatial) with the image's "
+                             f"{prop.ndim} spatial axes; {what} returns {type(out).__name__} "
+                             f"{tuple(getattr(out, 'shape', ()))}")
+    elif not isinstance(out, Tensor) or out.dim() != 2:
+        hint = (" Hint: for a segmentation model pass target=krypton_fx.SegmentationTarget(category)"
+                if isinstance(out, dict) or _is_map(out, prop.ndim) else "")
         raise ValueError("the model must return class scores of shape (N, classes); got "
-                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+                         f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}.{hint}")
     prop.result = out
     return prop

@@ -11,7 +11,10 @@ model output for each occluded image of the batch::
   (Algorithm 1) and runs with zero padding on the gathered window;
 - a merge gathers each input onto the union box (eqs. 35-38);
 - the first dense node's patched inputs are projected to full size
-  (Algorithm 2); from there on the graph is the model itself, batched.
+  (Algorithm 2); from there on the graph is the model itself, batched;
+- with a dense-output target (``target=``, segmentation) the graph ends in one
+  reduction node instead: ``forward(positions, *stored, target_maps, target_totals)
+  -> (B, 1)`` (docs/design.md, "Target"); frozen norm statistics are stored inputs.
 
 Per-position geometry lives in int64 tables (one row per occlusion position)
 that the graph indexes with ``positions``: no Python loop over positions and
@@ -32,12 +35,13 @@ from torch import Tensor, fx, nn
 
 from ..ops import gather_window, occlude_window, project_to_full
 from ..registry import Kind
+from ..targets import SegmentationTarget, reduce_dense, reduce_patched, select_output
+from .capture import build_capture_module
 from .graph_fns import (
     channels_last,
     color_patch,
     full_size_stand_in,
     is_pointwise_3d,
-    max_pool_channels_last,
     offset_first_axis,
     pointwise_conv,
     whole_map_table,
@@ -134,26 +138,6 @@ class IncrementalProgram:
             getattr(tables, name).copy_(param)
 
 
-def build_capture_module(gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.GraphModule:
-    """A copy of ``gm`` that also returns the values of ``nodes``; its 2-D and 3-D max pools
-    run through :func:`max_pool_channels_last` (the same values, faster on the CPU)."""
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    for n in gm.graph.nodes:
-        info = n.meta.get(META_KEY)
-        local = info.local if info is not None and info.kind is Kind.LOCAL else None
-        if n.op == "output":
-            out = fx.map_arg(n.args[0], lambda m: env[m])
-            graph.output((out, tuple(env[m] for m in nodes)))
-        elif local is not None and local.op == "max" and local.ndim in (2, 3):
-            env[n] = graph.call_function(max_pool_channels_last, (env[n.args[0]], local.kernel, local.stride,
-                                                                  local.full_pad, local.dilation, local.ceil_mode))
-        else:
-            env[n] = graph.node_copy(n, lambda m: env[m])
-    graph.lint()
-    return fx.GraphModule(gm, graph, class_name="KryptonCapture")
-
-
 @dataclasses.dataclass(frozen=True)
 class Packing:
     """A program over the positions of several images at once (see ``rewrite``'s ``packing``).
@@ -192,8 +176,9 @@ class _Emitter(WindowedOps):
     """Builds the incremental graph node by node (env-dict style, as in fx's own transforms)."""
 
     def __init__(self, gm: fx.GraphModule, backend: str, color: Tensor, fill: PatchFill,
-                 packing: Optional[Packing] = None):
+                 packing: Optional[Packing] = None, target: Optional[SegmentationTarget] = None):
         self.gm = gm
+        self.target = target
         self.backend = backend
         self.fill = fill
         self.packing = packing
@@ -231,6 +216,10 @@ class _Emitter(WindowedOps):
             source = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
             box = source.meta[META_KEY].box
             pads.setdefault((source, 0.0), ((0, 0),) * box.ndim)
+        ndim = next(n for n in self.gm.graph.nodes if n.op == "placeholder").meta[META_KEY].box.ndim
+        for n in self.gm.graph.nodes:
+            if n.meta[META_KEY].frozen:  # frozen statistics: passed as they are
+                pads.setdefault((n, 0.0), ((0, 0),) * ndim)
         for key, pad in pads.items():
             self._stored_index[key] = len(self.stored)
             self.stored.append(StoredSpec(key[0].name, pad, key[1]))
@@ -248,6 +237,8 @@ class _Emitter(WindowedOps):
             self._fill_inputs["scale"] = self.graph.call_function(operator.getitem, (scale, self._index))
         if self.fill.image_color:
             self._fill_inputs["color"] = self.graph.placeholder("occlusion_color")
+        if self.target is not None:  # the target's per-image inputs (targets.SegmentationTarget.resolve)
+            self._target_inputs = (self.graph.placeholder("target_maps"), self.graph.placeholder("target_totals"))
 
     def _color(self) -> fx.Node:
         """The patch colour: the compiled one, or this image's (``fill.image_color``)."""
@@ -349,11 +340,17 @@ class _Emitter(WindowedOps):
                 self.env[n] = self.graph.call_function(color_patch, (self._color(), self.positions,
                                                                      info.box.sizes))
             return
+        if info.frozen:
+            self.env[n] = self._stored_ph[self._stored_index[(n, 0.0)]]
+            return
         mapped = {r.node: self.read(r) for r in info.reads}
         if info.state is CLEAN:  # a shape query (x.shape) of a patched map: the whole map's shape
             mapped = {m: self.graph.call_function(full_size_stand_in, (self.env[m], m.meta[META_KEY].box.full))
                       for m in n.all_input_nodes if m.meta[META_KEY].state is PATCHED}
         lookup = lambda m: mapped[m] if m in mapped else self.env[m]  # noqa: E731
+        if n.op == "output" and self.target is not None:
+            self.graph.output(self._reduction(n, info, lookup))
+            return
         if n.op == "output":
             self.graph.output(fx.map_arg(n.args[0], lookup))
             return
@@ -382,6 +379,20 @@ class _Emitter(WindowedOps):
             # after a conv); the graph is functional, so reshape gives the same values.
             new.target = _VIEW_TO_RESHAPE[new.target]
 
+    def _reduction(self, n: fx.Node, info: PatchInfo, lookup) -> fx.Node:
+        """The target's reduction of the output: over the output's patch (the unoccluded
+        total, the box's old contribution gathered from the target's maps, its new one),
+        or over the whole map where the output is dense."""
+        t = self.target
+        maps, totals = self._target_inputs
+        src = select_output(n.args[0], t.key)
+        if info.state is PATCHED:
+            box = info.box
+            table = self._table(torch.stack(list(box.starts) + [torch.zeros_like(s) for s in box.starts], 1))
+            old = self.graph.call_function(gather_window, (maps, None, table, box.sizes), {"backend": self.backend})
+            return self.graph.call_function(reduce_patched, (self.env[src], old, totals, t.category, t.output))
+        return self.graph.call_function(reduce_dense, (lookup(src), maps, totals, t.category, t.output))
+
     def _conv_params(self, n: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
         """Weight and bias nodes of a Conv2d module, the weight as a channels-last copy.
 
@@ -402,7 +413,8 @@ class _Emitter(WindowedOps):
 
 
 def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] = None,
-            fill: Optional[PatchFill] = None, packing: Optional[Packing] = None) -> IncrementalProgram:
+            fill: Optional[PatchFill] = None, packing: Optional[Packing] = None,
+            target: Optional[SegmentationTarget] = None) -> IncrementalProgram:
     """Emit the incremental program of a PatchProp-annotated graph.
 
     Args:
@@ -415,6 +427,8 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
             stacked along the first spatial axis (``torch.cat(maps, 2)``). Each row
             reads its own image's windows; the values are those of one image's program.
             Not with per-image fill inputs (``fill.scaled``, ``fill.image_color``).
+        target: a dense output's target (annotated with ``dense_output``): the graph
+            returns its ``(B, 1)`` values, taking its per-image inputs after the rest.
 
     Returns:
         An :class:`IncrementalProgram`.
@@ -424,7 +438,9 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
     fill = fill or NO_FILL
     if packing is not None and (fill.scaled or fill.image_color):
         raise ValueError("a packed program takes no per-image fill inputs (fill.scaled, fill.image_color)")
-    emitter = _Emitter(gm, backend, color, fill, packing)
+    if packing is not None and target is not None:
+        raise ValueError("a packed program takes no per-image target inputs")
+    emitter = _Emitter(gm, backend, color, fill, packing, target)
     emitter.plan_stored()
     for n in gm.graph.nodes:
         emitter.emit(n)
@@ -443,5 +459,5 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
     module.graph.eliminate_dead_code()
     module.graph.lint()
     module.recompile()
-    capture = build_capture_module(gm, emitter.stored_nodes)
+    capture = build_capture_module(gm, emitter.stored_nodes, target.key if target is not None else None)
     return IncrementalProgram(module, emitter.stored, capture, emitter.weights, fill)

@@ -138,7 +138,7 @@ class ExplainerCache:
             self.kwargs = dict(patch=s.patch, stride=s.stride, tau=s.tau, batch_size=s.batch_size,
                                device=s.device, backend=s.backend, output=s.output, channels=base.channels,
                                leaf_modules=s.leaf_modules, autowrap_functions=s.autowrap_functions,
-                               cuda_graphs=s.cuda_graphs)
+                               cuda_graphs=s.cuda_graphs, target=s.target, norm_stats=s.norm_stats)
             self.default_color = s.color
         elif isinstance(base, nn.Module):
             if "image_size" in compile_kwargs:
