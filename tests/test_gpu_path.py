@@ -129,18 +129,21 @@ def test_incremental_graph_stays_on_a_cuda_device(model_name, monkeypatch):
     ex = krypton_fx.compile(model, patch=patch, stride=stride, image_size=size, backend="auto")
     image = torch.randn(3, *size, generator=torch.Generator().manual_seed(1))
 
-    small, large = _run_on_fake_cuda(ex, image, 3), _run_on_fake_cuda(ex, image, 11)
+    logs = [_run_on_fake_cuda(ex, image, batch) for batch in (3, 11, 12)]
 
-    for log in (small, large):
+    for log in logs:
         assert not log.off_device, f"host tensors inside the graph: {dict(log.off_device)}"
         assert not HOST_SYNC_OPS & set(log.ops), sorted(HOST_SYNC_OPS & set(log.ops))
-    # No Python loop over positions: a batch of 11 runs exactly the ops of a batch of 3.
-    assert small.ops == large.ops
+    # No Python loop over positions: a batch of 12 runs exactly the ops of a batch of 11.
+    # (The torch gather picks one of two fixed op sequences by the batch's size: one read
+    # from the stored rows and the patch rows once the batch's windows outnumber the stored
+    # rows. So batches far apart may differ by that choice, never by a count per position.)
+    assert logs[1].ops == logs[2].ops
     graph = ex.program.module.graph
     calls = Counter(n.target.__name__ for n in graph.nodes if n.op == "call_function")
-    assert spies["occlude_window_triton"].calls == 2 * calls["occlude_window"] == 2
-    assert spies["gather_window_triton"].calls == 2 * calls["gather_window"] > 0
-    assert spies["project_to_full_triton"].calls == 2 * calls["project_to_full"] > 0
+    assert spies["occlude_window_triton"].calls == 3 * calls["occlude_window"] == 3
+    assert spies["gather_window_triton"].calls == 3 * calls["gather_window"] > 0
+    assert spies["project_to_full_triton"].calls == 3 * calls["project_to_full"] > 0
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
