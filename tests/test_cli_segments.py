@@ -99,3 +99,25 @@ def test_bad_segments_exit_2_with_one_line_and_write_nothing(case, bad_runs):
     assert BAD[case][1] in lines[-1] and lines[-1].startswith("krypton-fx: error:"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not changed
+
+
+def test_label_volume_scores_equal_the_api(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("monai")
+    from krypton_fx.models import load_model
+
+    rng = np.random.default_rng(0)
+    volume = rng.random((12, 12, 12)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "scan.nii.gz")
+    labels = np.kron(np.arange(8).reshape(2, 2, 2), np.ones((6, 6, 6))).astype(np.int16) * 3
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), tmp_path / "atlas.nii.gz")
+    proc = run_cli("explain", tmp_path / "scan.nii.gz", "--model", "monai:resnet10", "--weights", "none",
+                   "--num-classes", "2", "--device", "cpu", "--segments", f"file:{tmp_path / 'atlas.nii.gz'}",
+                   "--out", "seg.png", "--npy", "seg.npy", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "seg-map.nii.gz").exists()
+    model = load_model("monai:resnet10", "none", 2, 0, spatial_dims=3, in_channels=1).model.eval()
+    x = torch.from_numpy(volume)[None]
+    ex = krypton_fx.compile(model, patch=1, stride=12, image_size=(12, 12, 12))
+    expected = ex.ablate(x, torch.from_numpy(labels.astype(np.int64)), baseline=float(volume.min())).scores
+    np.testing.assert_allclose(np.load(tmp_path / "seg.npy"), expected.numpy(), rtol=0, atol=1e-5)
