@@ -242,10 +242,11 @@ def ablate(ex: Explainer, image: Tensor, segments, baseline: Baseline = 0.0, lab
     color = common.color_values(0.0 if tensor_baseline else base_value, chw[0], dtype).to(ex.device)
     scores = torch.empty(len(ids), dtype=torch.float32)
     keep = lambda out, rows: common.scores(out, picked, ex.output)  # noqa: E731
+    padded: dict = {}  # (node, pad, fill) -> the prepared map: buckets mostly pad a node alike
     with common.progress_bar(len(programs), progress, "krypton_fx segments", unit="bucket") as bar:
         for key, members in buckets.items():
             program = programs[key]
-            inputs = _program_inputs(program, raw_by_node, per_element, color, base_value)
+            inputs = _program_inputs(program, raw_by_node, per_element, color, base_value, padded)
             program.refresh_weights()
             members_t = torch.tensor(members, dtype=torch.int64)
             rows = members_t * _grid_size(ex, key) + _grid_index(ex, key, begins[members_t])
@@ -275,14 +276,21 @@ def _grid_index(ex: Explainer, sizes: tuple[int, ...], begins: Tensor) -> Tensor
 
 
 def _program_inputs(program: IncrementalProgram, raw: dict[str, Tensor], per_element: Tensor, color: Tensor,
-                    baseline: Union[Tensor, float]) -> list[Tensor]:
-    """A bucket program's stored activations, padded as it reads them, and its per-image inputs."""
-    stored = [spec.prepare(raw[spec.node]) for spec in program.stored]
+                    baseline: Union[Tensor, float], padded: dict) -> list[Tensor]:
+    """A bucket program's stored activations, padded as it reads them, and its per-image inputs
+    (``padded``: what earlier buckets of the image prepared, by node, padding and fill)."""
+    def prepare(spec: StoredSpec, value: Tensor, what: str) -> Tensor:
+        key = (what, spec.node, spec.pad, spec.fill)
+        if key not in padded:
+            padded[key] = spec.prepare(value)
+        return padded[key]
+
+    stored = [prepare(spec, raw[spec.node], "stored") for spec in program.stored]
     extra = []
     for name, index in program.inputs:
         if name == "occlusion_color":
             extra.append(color)
             continue
         like = StoredSpec(program.stored[index].node, program.stored[index].pad, 0.0)  # padded as the image
-        extra.append(like.prepare(per_element if name == "segment_ids" else baseline))
+        extra.append(prepare(like, per_element if name == "segment_ids" else baseline, name))
     return stored + extra
