@@ -102,7 +102,7 @@ def theory(counter: MacCounter, labels: torch.Tensor, image_size: tuple[int, ...
 
     ids, inverse = torch.unique(labels, return_inverse=True)
     lo, hi = ablation.segment_boxes(inverse.unsqueeze(0), len(ids))
-    placed = [ablation.place_segments(lo[:, d], hi[:, d], n) for d, n in enumerate(image_size)]
+    placed = [ablation.place_segments(lo[:, d], hi[:, d], n, len(image_size)) for d, n in enumerate(image_size)]
     buckets = torch.stack([p[0] for p in placed], 1)
     own = sum(counter.incremental(tuple(r)) for r in (hi - lo).tolist())
     bucketed = sum(counter.incremental(tuple(r)) for r in buckets.tolist())

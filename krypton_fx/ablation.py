@@ -14,7 +14,8 @@ image serves all buckets: its capture graph returns every activation that the im
 buckets read; each program pads what it reads.
 
 Waste: per axis the box is at most ``LADDER_RATIO * (extent + alignment - 1)``, the
-alignment being ``size // ALIGN_DIVISOR``; :attr:`SegmentResult.waste` and
+alignment being ``size // ALIGN_DIVISOR`` (coarser where a grid would pass
+:data:`MAX_GRID` starts: small boxes in large volumes); :attr:`SegmentResult.waste` and
 ``bench/ablation.py`` report the measured area ratio.
 """
 
@@ -44,10 +45,12 @@ __all__ = ["ablate", "ladder", "alignment", "grid_starts", "place_segments", "se
 logger = logging.getLogger(__name__)
 
 # Box sizes per axis: MIN_BOX, then each about LADDER_RATIO times the last, and the whole
-# axis. A bucket of size b starts at multiples of max(1, b // ALIGN_DIVISOR).
+# axis. A bucket of size b starts at multiples of max(1, b // ALIGN_DIVISOR), or coarser so
+# that a program's grid has at most about MAX_GRID starts (its tables hold a row per start).
 LADDER_RATIO = 1.25
 ALIGN_DIVISOR = 8
 MIN_BOX = 4
+MAX_GRID = 1 << 16
 
 Baseline = Union[float, int, Tensor]
 
@@ -67,39 +70,48 @@ def ladder(extent: int) -> list[int]:
     return [s for s in sizes if s < extent] + [extent]
 
 
-def alignment(size: int) -> int:
-    """The step between the starts of a box of ``size`` (``size // ALIGN_DIVISOR``, at least 1)."""
-    return max(1, size // ALIGN_DIVISOR)
+def alignment(size: int, extent: int, axes: int) -> int:
+    """The step between the starts of a box of ``size`` along an axis of ``extent`` of an input
+    with ``axes`` spatial axes: ``size // ALIGN_DIVISOR``, at least 1, and at least what keeps the
+    grid within :data:`MAX_GRID` starts (``MAX_GRID ** (1 / axes)`` per axis).
+
+    Example:
+        >>> alignment(16, 224, 2), alignment(4, 224, 2), alignment(4, 128, 3)
+        (2, 1, 4)
+    """
+    per_axis = int(round(MAX_GRID ** (1.0 / axes)))
+    return max(1, size // ALIGN_DIVISOR, -(-(extent - size + 1) // per_axis))
 
 
-def grid_starts(extent: int, size: int) -> Tensor:
+def grid_starts(extent: int, size: int, axes: int) -> Tensor:
     """The starts of a box of ``size`` along an axis of ``extent``: every multiple of
     :func:`alignment` at which it fits, and the start flush with the far border.
 
     Example:
-        >>> grid_starts(20, 16).tolist()
+        >>> grid_starts(20, 16, 2).tolist()
         [0, 2, 4]
     """
-    step = alignment(size)
+    step = alignment(size, extent, axes)
     starts = list(range(0, extent - size + 1, step))
     if starts[-1] != extent - size:
         starts.append(extent - size)
     return torch.tensor(starts, dtype=torch.int64)
 
 
-def place_segments(lo: Tensor, hi: Tensor, extent: int) -> tuple[Tensor, Tensor]:
-    """Each segment's box size and start along one axis: the smallest size of
+def place_segments(lo: Tensor, hi: Tensor, extent: int, axes: int) -> tuple[Tensor, Tensor]:
+    """Each segment's box size and start along one axis (of ``axes``): the smallest size of
     :func:`ladder` that holds ``[lo, hi)`` from the aligned start at or before ``lo``
     (or from the start flush with the far border).
 
     Example:
-        >>> place_segments(torch.tensor([0, 5, 30]), torch.tensor([3, 12, 40]), 40)
-        (tensor([4, 8, 10]), tensor([0, 5, 30]))
+        >>> sizes, starts = place_segments(torch.tensor([0, 5, 30]), torch.tensor([3, 12, 40]), 40, 2)
+        >>> sizes.tolist(), starts.tolist()
+        ([4, 8, 10], [0, 5, 30])
     """
     size = torch.full_like(lo, -1)
     start = torch.zeros_like(lo)
     for b in ladder(extent):
-        step = alignment(b)
+        step = alignment(b, extent, axes)
         s = torch.clamp(lo // step * step, max=extent - b)
         fits = (size < 0) & (s + b >= hi)
         size = torch.where(fits, b, size)
@@ -138,7 +150,7 @@ def _bucket_program(ex: Explainer, build: Build, sizes: tuple[int, ...], baselin
     if program is not None:
         return program
     s = ex.settings
-    axes = [grid_starts(n, b) for n, b in zip(s.image_size, sizes)]
+    axes = [grid_starts(n, b, len(sizes)) for n, b in zip(s.image_size, sizes)]
     starts = tuple(t.reshape(-1) for t in torch.meshgrid(*axes, indexing="ij"))
     gm = _graph_copy(build.graph_module)
     example = torch.zeros(1, ex.channels, *s.image_size, dtype=build.dtype, device=s.device)
@@ -219,7 +231,7 @@ def ablate(ex: Explainer, image: Tensor, segments, baseline: Baseline = 0.0, lab
     base_value = _baseline(baseline, chw, dtype, ex.device)
     ids, inverse = torch.unique(labels, return_inverse=True)
     lo, hi = segment_boxes(inverse, len(ids))
-    placed = [place_segments(lo[:, d], hi[:, d], n) for d, n in enumerate(ex.settings.image_size)]
+    placed = [place_segments(lo[:, d], hi[:, d], n, nd) for d, n in enumerate(ex.settings.image_size)]
     sizes = torch.stack([p[0] for p in placed], 1)
     begins = torch.stack([p[1] for p in placed], 1)
     tensor_baseline = isinstance(base_value, Tensor)
@@ -263,14 +275,14 @@ def ablate(ex: Explainer, image: Tensor, segments, baseline: Baseline = 0.0, lab
 
 
 def _grid_size(ex: Explainer, sizes: tuple[int, ...]) -> int:
-    return math.prod(len(grid_starts(n, b)) for n, b in zip(ex.settings.image_size, sizes))
+    return math.prod(len(grid_starts(n, b, len(sizes))) for n, b in zip(ex.settings.image_size, sizes))
 
 
 def _grid_index(ex: Explainer, sizes: tuple[int, ...], begins: Tensor) -> Tensor:
     """Row-major grid position of each ``(N,)`` start of ``begins`` in the grid of ``sizes``."""
     index = torch.zeros(len(begins), dtype=torch.int64)
     for d, (n, b) in enumerate(zip(ex.settings.image_size, sizes)):
-        axis = grid_starts(n, b)
+        axis = grid_starts(n, b, len(sizes))
         index = index * len(axis) + torch.searchsorted(axis, begins[:, d].contiguous())
     return index
 

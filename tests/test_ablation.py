@@ -157,29 +157,31 @@ def test_random_dags_by_random_label_images(net, size, cells, ids, seed, tensor_
 # --- buckets --------------------------------------------------------------------------------
 
 
-@given(extent=st.integers(1, 300), data=st.data())
-def test_a_bucket_box_holds_its_segment_from_a_grid_start(extent, data):
+@given(extent=st.integers(1, 300), axes=st.integers(1, 3), data=st.data())
+def test_a_bucket_box_holds_its_segment_from_a_grid_start(extent, axes, data):
     lo = data.draw(st.integers(0, extent - 1))
     hi = data.draw(st.integers(lo + 1, extent))
-    (size,), (start,) = ablation.place_segments(torch.tensor([lo]), torch.tensor([hi]), extent)
+    (size,), (start,) = ablation.place_segments(torch.tensor([lo]), torch.tensor([hi]), extent, axes)
     size, start = int(size), int(start)
     assert size in ablation.ladder(extent)
     assert start <= lo and hi <= start + size <= extent
-    assert start in ablation.grid_starts(extent, size).tolist()
+    starts = ablation.grid_starts(extent, size, axes)
+    assert start in starts.tolist() and len(starts) ** axes <= 2 * ablation.MAX_GRID
     # No smaller size on the ladder holds it from its own aligned start.
     for smaller in (b for b in ablation.ladder(extent) if b < size):
-        step = ablation.alignment(smaller)
+        step = ablation.alignment(smaller, extent, axes)
         assert min(lo // step * step, extent - smaller) + smaller < hi
     # The waste bound of the module's docstring.
-    bound = ablation.LADDER_RATIO * (hi - lo + ablation.alignment(size) - 1)
+    bound = ablation.LADDER_RATIO * (hi - lo + ablation.alignment(size, extent, axes) - 1)
     assert size <= max(math.ceil(bound), ablation.MIN_BOX) or size == extent
 
 
 def test_grid_and_ladder_closed_forms():
     assert ablation.ladder(3) == [3]
     assert ablation.ladder(224)[:6] == [4, 5, 6, 8, 10, 12] and ablation.ladder(224)[-1] == 224
-    assert ablation.grid_starts(10, 10).tolist() == [0]
-    assert ablation.grid_starts(224, 24).tolist() == list(range(0, 201, 3)) + [200]
+    assert ablation.grid_starts(10, 10, 2).tolist() == [0]
+    assert ablation.grid_starts(224, 24, 2).tolist() == list(range(0, 201, 3)) + [200]
+    assert len(ablation.grid_starts(128, 4, 3)) == 32  # within MAX_GRID starts in a volume
 
 
 # --- segments -------------------------------------------------------------------------------
@@ -229,3 +231,10 @@ def small_explainer():
 def test_bad_input_is_one_clear_error(small_explainer, segs, baseline, error, match):
     with pytest.raises(error, match=match):
         small_explainer.ablate(torch.rand(3, 8, 8), segs, baseline=baseline)
+
+
+@pytest.mark.parametrize("module", [ablation, segments], ids=["ablation", "segments"])
+def test_docstring_examples(module):
+    import doctest
+
+    assert doctest.testmod(module).failed == 0
