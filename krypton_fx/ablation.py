@@ -31,7 +31,7 @@ from torch import Tensor, fx
 
 from . import common
 from .build import Build, check_same_output
-from .passes.patch_prop import annotate
+from .passes.patch_prop import CLEAN, DENSE, META_KEY, annotate
 from .passes.program_inputs import PatchFill, StoredSpec
 from .passes.rewrite import IncrementalProgram, build_capture_module, rewrite
 from .results import RunStats, SegmentResult
@@ -155,12 +155,57 @@ def _bucket_program(ex: Explainer, build: Build, sizes: tuple[int, ...], baselin
     gm = _graph_copy(build.graph_module)
     example = torch.zeros(1, ex.channels, *s.image_size, dtype=build.dtype, device=s.device)
     annotate(gm, example, sizes, starts, tau=s.tau, what=type(ex.model).__name__)
+    cut = _head(build)[0]
+    if cut is not None and next(n for n in gm.graph.nodes if n.name == cut).meta[META_KEY].state is not DENSE:
+        cut = None  # (never seen: a node dense for the build's patch is dense for any larger box)
     fill = PatchFill(image_color=not baseline_image, segments=True, baseline_image=baseline_image)
-    program = rewrite(gm, backend=s.backend, color=build.color, fill=fill, shared_weights=build.program)
+    program = rewrite(gm, backend=s.backend, color=build.color, fill=fill, shared_weights=build.program, cut=cut)
     program.module.to(s.device)
+    program.cut = cut  # what the program returns: the value of this node, or the model's output (None)
     build.programs[key] = program
     logger.debug("segment bucket %s: %d grid positions", sizes, starts[0].numel())
     return program
+
+
+def _head(build: Build) -> tuple[Optional[str], Optional[fx.GraphModule]]:
+    """The *head* of the build's model: the first dense node after which nothing reads an
+    earlier node that depends on the image (global pooling, say), and the graph from its
+    value to the output. The buckets' programs stop there, and the head runs once over all
+    their rows in full batches (a classifier's large linear layers read their weights once
+    a batch, not once a bucket). ``(None, None)`` where there is no such node."""
+    key = ("head",)
+    if key not in build.programs:
+        nodes = list(build.graph_module.graph.nodes)
+        index = {n: i for i, n in enumerate(nodes)}
+        live = lambda m: m.meta.get(META_KEY) is not None and m.meta[META_KEY].state is not CLEAN  # noqa: E731
+        earliest_read = len(nodes)  # the earliest image-dependent node read after position i
+        cut = None
+        for i in range(len(nodes) - 1, -1, -1):
+            n = nodes[i]
+            info = n.meta.get(META_KEY)
+            if (earliest_read >= i and n.op not in ("placeholder", "output", "get_attr") and info is not None
+                    and info.state is DENSE):
+                cut = n
+            earliest_read = min([earliest_read] + [index[p] for p in n.all_input_nodes if live(p)])
+        build.programs[key] = (cut.name, _head_module(build.graph_module, cut)) if cut is not None else (None, None)
+    return build.programs[key]
+
+
+def _head_module(gm: fx.GraphModule, cut: fx.Node) -> fx.GraphModule:
+    """``forward(cut value) -> output``: the nodes of ``gm`` after ``cut`` (and the constants they read)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in gm.graph.nodes:
+        if n is cut:
+            env[n] = graph.placeholder("cut")
+        elif n.op == "output":
+            graph.output(fx.map_arg(n.args[0], lambda m: env[m]))
+        elif n.op != "placeholder" and all(m in env for m in n.all_input_nodes):
+            env[n] = graph.node_copy(n, lambda m: env[m])
+    head = fx.GraphModule(gm, graph, class_name="KryptonHead")
+    head.graph.eliminate_dead_code()
+    head.recompile()
+    return head
 
 
 def _capture(build: Build, nodes: tuple[str, ...]) -> fx.GraphModule:
@@ -253,8 +298,9 @@ def ablate(ex: Explainer, image: Tensor, segments, baseline: Baseline = 0.0, lab
     per_element = inverse.expand(chw).unsqueeze(0).to(ex.device)
     color = common.color_values(0.0 if tensor_baseline else base_value, chw[0], dtype).to(ex.device)
     scores = torch.empty(len(ids), dtype=torch.float32)
-    keep = lambda out, rows: common.scores(out, picked, ex.output)  # noqa: E731
+    score = lambda out, rows: common.scores(out, picked, ex.output)  # noqa: E731
     padded: dict = {}  # (node, pad, fill) -> the prepared map: buckets mostly pad a node alike
+    cut_rows, cut_values = [], []
     with common.progress_bar(len(programs), progress, "krypton_fx segments", unit="bucket") as bar:
         for key, members in buckets.items():
             program = programs[key]
@@ -262,8 +308,18 @@ def ablate(ex: Explainer, image: Tensor, segments, baseline: Baseline = 0.0, lab
             program.refresh_weights()
             members_t = torch.tensor(members, dtype=torch.int64)
             rows = members_t * _grid_size(ex, key) + _grid_index(ex, key, begins[members_t])
-            scores[members_t] = ex.run_program(rows, inputs, keep, batch_size, program=program)
+            if program.cut is None:
+                scores[members_t] = ex.run_program(rows, inputs, score, batch_size, program=program)
+            else:  # the value at the cut, for the head
+                cut_values.append(ex.run_program(rows, inputs, lambda out, rows: out, batch_size, program=program))
+                cut_rows.append(members_t)
             bar.update(1)
+    if cut_rows:
+        head = _head(build)[1]
+        values, members_t = torch.cat(cut_values), torch.cat(cut_rows)
+        batch = ex.batch_for(batch_size)
+        scores[members_t] = torch.cat([score(head(values[lo:lo + batch].to(ex.device)), None).cpu()
+                                       for lo in range(0, len(values), batch)])
     bucket_area = sizes.prod(1).double()
     waste = float(bucket_area.sum() / (hi - lo).prod(1).double().sum())
     heatmap = scores[inverse]

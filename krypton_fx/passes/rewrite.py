@@ -150,6 +150,7 @@ class _Emitter:
                  packing: Optional[Packing] = None, shared_weights: Optional[nn.Module] = None):
         self.gm = gm
         self.shared_weights = shared_weights
+        self.cut: Optional[fx.Node] = None
         self.backend = backend
         self.fill = fill
         self.packing = packing
@@ -328,7 +329,7 @@ class _Emitter:
         mapped = {r.node: self.read(r) for r in info.reads}
         lookup = lambda m: mapped[m] if m in mapped else self.env[m]  # noqa: E731
         if n.op == "output":
-            self.graph.output(fx.map_arg(n.args[0], lookup))
+            self.graph.output(self.env[self.cut] if self.cut is not None else fx.map_arg(n.args[0], lookup))
             return
         if info.state is PATCHED and info.kind is Kind.LOCAL:
             self.env[n] = self._windowed_local(n, info, mapped[n.args[0]])
@@ -429,7 +430,7 @@ class _Emitter:
 
 def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] = None,
             fill: Optional[PatchFill] = None, packing: Optional[Packing] = None,
-            shared_weights: Optional[IncrementalProgram] = None) -> IncrementalProgram:
+            shared_weights: Optional[IncrementalProgram] = None, cut: Optional[str] = None) -> IncrementalProgram:
     """Emit the incremental program of a PatchProp-annotated graph.
 
     Args:
@@ -445,6 +446,9 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
         shared_weights: another program of the same model whose channels-last conv weight
             copies this one uses too (no copy of its own; they are refreshed with that
             program's :meth:`IncrementalProgram.refresh_weights`).
+        cut: the name of a dense node whose value the program returns instead of the
+            model's output (the rest of the model then runs as a batch of its own: the
+            segment buckets share their classifier head).
 
     Returns:
         An :class:`IncrementalProgram`.
@@ -461,6 +465,8 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
         raise ValueError("a segment's fill takes no weight or scale")
     shared = shared_weights.module.krypton_tables if shared_weights is not None else None
     emitter = _Emitter(gm, backend, color, fill, packing, shared)
+    if cut is not None:
+        emitter.cut = next(n for n in gm.graph.nodes if n.name == cut)
     emitter.plan_stored()
     for n in gm.graph.nodes:
         emitter.emit(n)
