@@ -414,3 +414,32 @@ def test_nonsense_captum_takes_is_refused_with_one_clear_error(case):
 def test_forward_func_must_be_callable():
     with pytest.raises(TypeError, match="callable"):
         FeatureAblation("resnet")
+
+
+# --- Felzenszwalb segments, and a MONAI network on supervoxels --------------------------------
+
+
+def test_felzenszwalb_segments_per_image_match_captum(squeezenet):
+    from krypton_fx.segments import felzenszwalb
+
+    x = images(2, seed=8)
+    masks = torch.stack([felzenszwalb(img, scale=20, min_size=10) for img in x]).unsqueeze(1)
+    kwargs = dict(feature_mask=masks, target=[2, 5], baselines=-0.3, perturbations_per_eval=6)
+    fa = FeatureAblation(squeezenet)
+    assert_matches(fa.attribute(x, **kwargs), reference(squeezenet, x, **kwargs))
+    assert fa.last_path == "incremental", fa.last_fallback_reason
+
+
+def test_monai_resnet_on_supervoxels_matches_captum():
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    from krypton_fx.segments import slic as slic_segments
+
+    torch.manual_seed(3)
+    net = randomize_batchnorm(monai_nets.resnet10(spatial_dims=3, n_input_channels=1, num_classes=3)).eval()
+    gen = torch.Generator().manual_seed(9)
+    x = F.interpolate(torch.rand(1, 1, 3, 3, 3, generator=gen), size=(12, 12, 12), mode="trilinear")
+    mask = slic_segments(x[0], n_segments=6, compactness=0.1).view(1, 1, 12, 12, 12)
+    kwargs = dict(feature_mask=mask, target=1, baselines=0.0, perturbations_per_eval=4)
+    fa = FeatureAblation(net)
+    assert_matches(fa.attribute(x, **kwargs), reference(net, x, **kwargs))
+    assert fa.last_path == "incremental", fa.last_fallback_reason
