@@ -45,9 +45,11 @@ __all__ = ["ablate", "ladder", "alignment", "grid_starts", "place_segments", "se
 logger = logging.getLogger(__name__)
 
 # Box sizes per axis: MIN_BOX, then each about LADDER_RATIO times the last, and the whole
-# axis. A bucket of size b starts at multiples of max(1, b // ALIGN_DIVISOR), or coarser so
+# axis. (1.5 rather than a finer 1.25: 2.5x fewer buckets for the same conv work on
+# ResNet18, 7-9 % more on VGG16, and measured 1.2x and 2.1x faster at 56 SLIC segments; a
+# bucket costs a batch, which a few rows do not fill.) A bucket of size b starts at multiples of max(1, b // ALIGN_DIVISOR), or coarser so
 # that a program's grid has at most about MAX_GRID starts (its tables hold a row per start).
-LADDER_RATIO = 1.25
+LADDER_RATIO = 1.5
 ALIGN_DIVISOR = 8
 MIN_BOX = 4
 MAX_GRID = 1 << 16
@@ -60,7 +62,7 @@ def ladder(extent: int) -> list[int]:
 
     Example:
         >>> ladder(40)
-        [4, 5, 6, 8, 10, 12, 15, 19, 24, 30, 37, 40]
+        [4, 6, 9, 14, 20, 30, 40]
     """
     sizes, size = [], float(MIN_BOX)
     while round(size) < extent:
@@ -106,7 +108,7 @@ def place_segments(lo: Tensor, hi: Tensor, extent: int, axes: int) -> tuple[Tens
     Example:
         >>> sizes, starts = place_segments(torch.tensor([0, 5, 30]), torch.tensor([3, 12, 40]), 40, 2)
         >>> sizes.tolist(), starts.tolist()
-        ([4, 8, 10], [0, 5, 30])
+        ([4, 9, 14], [0, 5, 26])
     """
     size = torch.full_like(lo, -1)
     start = torch.zeros_like(lo)

@@ -178,7 +178,7 @@ def test_a_bucket_box_holds_its_segment_from_a_grid_start(extent, axes, data):
 
 def test_grid_and_ladder_closed_forms():
     assert ablation.ladder(3) == [3]
-    assert ablation.ladder(224)[:6] == [4, 5, 6, 8, 10, 12] and ablation.ladder(224)[-1] == 224
+    assert ablation.ladder(224) == [4, 6, 9, 14, 20, 30, 46, 68, 103, 154, 224]
     assert ablation.grid_starts(10, 10, 2).tolist() == [0]
     assert ablation.grid_starts(224, 24, 2).tolist() == list(range(0, 201, 3)) + [200]
     assert len(ablation.grid_starts(128, 4, 3)) == 32  # within MAX_GRID starts in a volume
