@@ -2,7 +2,8 @@
 
 A torch.fx graph compiler that turns any traceable CNN into an incremental
 graph recomputing only the region each occlusion patch changes (exact), or a
-bounded part of it (approximate). See ``docs/design.md`` and the KRYPTON paper.
+bounded part of it (approximate). See ``docs/design.md`` and the KRYPTON paper
+(Nakandala, Kumar and Papakonstantinou, SIGMOD 2019).
 
 Example:
     >>> import torch, torchvision, krypton_fx

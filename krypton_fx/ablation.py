@@ -47,8 +47,9 @@ logger = logging.getLogger(__name__)
 # Box sizes per axis: MIN_BOX, then each about LADDER_RATIO times the last, and the whole
 # axis. (1.5 rather than a finer 1.25: 2.5x fewer buckets for the same conv work on
 # ResNet18, 7-9 % more on VGG16, and measured 1.2x and 2.1x faster at 56 SLIC segments; a
-# bucket costs a batch, which a few rows do not fill.) A bucket of size b starts at multiples of max(1, b // ALIGN_DIVISOR), or coarser so
-# that a program's grid has at most about MAX_GRID starts (its tables hold a row per start).
+# bucket costs a batch, which a few rows do not fill.) A bucket of size b starts at
+# multiples of max(1, b // ALIGN_DIVISOR), or coarser so that a program's grid has at most
+# about MAX_GRID starts (its tables hold a row per start).
 LADDER_RATIO = 1.5
 ALIGN_DIVISOR = 8
 MIN_BOX = 4

@@ -162,7 +162,7 @@ _CONV_KERNELS = ("aten::mkldnn_convolution", "aten::cudnn_convolution", "aten::_
 
 
 def time_breakdown(ex: Explainer, image: torch.Tensor, positions: int, batch_size: int) -> dict[str, float]:
-    """Seconds per category (conv, gather, projection, occlusion, other, total) of one
+    """Seconds per category (conv, gather, projection, occlusion, resample, other, total) of one
     incremental run over ``positions`` centre positions, from torch's profiler.
 
     ``conv`` counts the convolution kernels and the 1x1x1 convolutions the
@@ -176,7 +176,7 @@ def time_breakdown(ex: Explainer, image: torch.Tensor, positions: int, batch_siz
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         ex.run_positions(pos, stored, 0, batch_size)
-    cats = {"conv": 0.0, "gather": 0.0, "projection": 0.0, "occlusion": 0.0}
+    cats = {"conv": 0.0, "gather": 0.0, "projection": 0.0, "occlusion": 0.0, "resample": 0.0}
     total = 0.0
     for evt in prof.key_averages():
         dev_time = getattr(evt, "device_time_total", 0.0) if cuda else 0.0

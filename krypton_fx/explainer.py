@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, fx, nn
 
-from . import ablation, common, packing
+from . import ablation, common, packing, peak
 from . import geometry as geo
 from .build import Build, CompileCache, Settings, bytes_per_position, check_backend, check_same_output
 from .common import IntOrTuple
@@ -274,6 +274,7 @@ class Explainer:
         float32 on the CPU: what MONAI's occlusion sensitivity averages."""
         return self.run_program(positions, stored, lambda logits, _: logits.float(), batch_size, progress)
 
+    @torch.no_grad()
     def run_program(self, positions: Tensor, stored: list[Tensor], keep: Keep, batch_size: Optional[int] = None,
                     progress: bool = False, program: Optional[IncrementalProgram] = None) -> Tensor:
         """``keep(output, positions)`` of every batch of ``positions`` through ``program`` (the
@@ -293,7 +294,7 @@ class Explainer:
             image: ``(C, H, W)`` or ``(1, C, H, W)``, preprocessed for the model.
             label: class to explain (an int, a numpy integer or a 0-d integer
                 tensor); defaults to the unoccluded prediction.
-            drill_down: adaptive drill-down settings (approximate), or None.
+            drill_down: adaptive drill-down settings (approximate), or None (tau < 1: peak.keep_peak).
             batch_size: positions per batch; defaults to the compiled one.
             progress: show a progress bar.
             labels: instead of ``label``, several classes (``[3, 5]``) or ``"all"``: one map
@@ -311,12 +312,15 @@ class Explainer:
         """
         batch_size = common.batch_size(batch_size)
         target = class_target(label, labels, top_k, self.output)
+        if (drill_down is not None or self.tau < 1.0) and (labels is not None or top_k is not None):
+            raise ValueError("approximate maps (drill_down, tau < 1) explain one class: give label= (or none) "
+                             "instead of labels=/top_k=")
         if drill_down is not None:  # an approximate mode that runs itself on this explainer
             if not callable(getattr(drill_down, "run", None)):
                 raise TypeError(f"drill_down must be a krypton_fx.DrillDown, got {type(drill_down).__name__}")
-            if labels is not None or top_k is not None:
-                raise ValueError("drill_down explains one class: give label= (or none) instead of labels=/top_k=")
             return drill_down.run(self, image, label=label, batch_size=batch_size, progress=progress)
+        if self.tau < 1.0:  # approximate: the cells that decide the reading recomputed at tau = 1
+            return peak.keep_peak(self, compile, image, label, batch_size, progress)
         start = time.perf_counter()
         with self._checked_once(), eval_mode(self.model):
             logits, stored = self.prepare(image)
@@ -331,13 +335,8 @@ class Explainer:
     @torch.no_grad()
     def ablate(self, image: Tensor, segments, baseline: Union[float, Tensor] = 0.0, label: Optional[int] = None,
                batch_size: Optional[int] = None, progress: bool = False) -> SegmentResult:
-        """Feature ablation: the output with each segment of ``segments`` replaced by ``baseline``.
-
-        Exact (each score equals the model run on the image with that segment ablated, to
-        float rounding, with ``tau=1``), computed incrementally: a segment is a box (its
-        bounding box, rounded up to a few compiled sizes) whose fill changes only the
-        segment's elements (:mod:`krypton_fx.ablation`). The explainer's patch and stride
-        play no part.
+        """Feature ablation: the output with each segment of ``segments`` replaced by ``baseline``,
+        exact (``tau=1``) and incremental (:mod:`krypton_fx.ablation`); patch and stride play no part.
 
         Args:
             image: ``(C, *spatial)`` or ``(1, C, *spatial)``, preprocessed for the model.
@@ -399,7 +398,7 @@ class Explainer:
         if len(labels) != len(images):
             raise ValueError(f"{len(labels)} labels for {len(images)} images: give one per image (or None)")
         with self._checked_once(), eval_mode(self.model):  # the model checked once for all images
-            batch = packing.pack_batch(self, len(images), batch_size, pack)
+            batch = packing.pack_batch(self, len(images), batch_size, pack) if self.tau == 1.0 else None
             if batch is not None:
                 return packing.run_packed(self, images, labels, batch, pack is None, batch_size)
             return [self(x, label=label, batch_size=batch_size) for x, label in zip(images, labels)]

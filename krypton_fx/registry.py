@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["Kind", "Rule", "LocalOp", "lookup", "register_module", "register_function",
+__all__ = ["Kind", "Rule", "LocalOp", "Resample", "lookup", "register_module", "register_function",
            "register_method"]
 
 
@@ -39,12 +39,40 @@ class Kind(enum.Enum):
 
 
 @dataclasses.dataclass(frozen=True)
+class Resample:
+    """``F.interpolate``'s arguments, as its kernel sees them.
+
+    Attributes:
+        mode: ``"nearest"``, ``"nearest-exact"``, ``"linear"``, ``"bilinear"``,
+            ``"bicubic"``, ``"trilinear"`` or ``"area"``.
+        align_corners: as given (None for the modes that take none).
+        scale_factor: one per spatial axis where the kernel is given the scale
+            (``scale_factor=`` without ``recompute_scale_factor``); None where it
+            works from the output size alone.
+        antialias: ``antialias=``.
+    """
+
+    mode: str
+    align_corners: Optional[bool]
+    scale_factor: Optional[tuple[float, ...]]
+    antialias: bool = False
+
+
+# Ops that scatter each input over a window of outputs (docs/design.md, "Geometry").
+TRANSPOSED_OPS = ("conv_transpose", "shuffle")
+
+
+@dataclasses.dataclass(frozen=True)
 class LocalOp:
     """Window parameters of a local op, one entry per spatial axis (1, 2 or 3).
 
     Attributes:
-        op: ``"conv"``, ``"max"``, ``"avg"`` or ``"pad"`` (constant padding:
-            the identity on a window, shifted by the padding before it).
+        op: ``"conv"``, ``"max"``, ``"avg"``, ``"pad"`` (constant padding:
+            the identity on a window, shifted by the padding before it),
+            ``"unshuffle"`` (pixel unshuffle: a window op of kernel = stride = r),
+            the transposed ops ``"conv_transpose"`` and ``"shuffle"`` (pixel
+            shuffle: kernel = stride = r), or ``"resample"`` (``F.interpolate``;
+            its windows come from ``resample``).
         kernel: kernel size per axis, before dilation.
         stride: stride per axis.
         pad: padding before the first element, per axis.
@@ -55,6 +83,7 @@ class LocalOp:
         divisor_override: avg-pool divisor override.
         ceil_mode: pooling output-size convention.
         full_pad: the op's own padding argument, to build the divisor map.
+        resample: ``F.interpolate``'s arguments (``op == "resample"``).
     """
 
     op: str
@@ -68,6 +97,7 @@ class LocalOp:
     divisor_override: Optional[int] = None
     ceil_mode: bool = False
     full_pad: tuple[int, ...] = ()
+    resample: Optional[Resample] = None
 
     def __post_init__(self):
         n = len(self.kernel)
@@ -153,6 +183,69 @@ def _extract_conv_fn(_, args, kwargs) -> Optional[LocalOp]:
     return _conv_local(n, tuple(weight.shape[2:]), _arg(args, kwargs, 3, "stride", 1),
                        _arg(args, kwargs, 4, "padding", 0), _arg(args, kwargs, 5, "dilation", 1),
                        _arg(args, kwargs, 6, "groups", 1))
+
+
+def _conv_transpose_local(n: int, kernel, stride, padding, dilation, groups) -> Optional[LocalOp]:
+    kernel, stride, pad, dilation = (_ntuple(v, n) for v in (kernel, stride, padding, dilation))
+    if not len(kernel) == len(stride) == len(pad) == len(dilation) == n:
+        return None
+    return LocalOp("conv_transpose", kernel, stride, pad, dilation, 0.0, int(groups))
+
+
+def _extract_conv_transpose_module(m: nn.Module, args, kwargs) -> Optional[LocalOp]:
+    # forward(x, output_size=None): output_size only sets output_padding, which only
+    # shows in the output's size (PatchProp reads it from the result)
+    return _conv_transpose_local(len(m.kernel_size), m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+
+
+def _extract_conv_transpose_fn(_, args, kwargs) -> Optional[LocalOp]:
+    weight = _arg(args, kwargs, 1, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (3, 4, 5):
+        return None
+    # F.conv_transposeNd(input, weight, bias, stride, padding, output_padding, groups, dilation)
+    return _conv_transpose_local(weight.dim() - 2, tuple(weight.shape[2:]), _arg(args, kwargs, 3, "stride", 1),
+                                 _arg(args, kwargs, 4, "padding", 0), _arg(args, kwargs, 7, "dilation", 1),
+                                 _arg(args, kwargs, 6, "groups", 1))
+
+
+def _shuffle_local(op: str, factor: Any, x: Any) -> Optional[LocalOp]:
+    """Pixel (un)shuffle of a 2-D map: channels <-> ``factor x factor`` blocks (a 5-D
+    tensor's depth would be mixed with its channels: not a local op there)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None
+    r = (int(factor),) * 2
+    return LocalOp(op, r, r, (0, 0))
+
+
+def _resample_local(x: Any, size: Any, scale_factor: Any, mode: str, align_corners: Any,
+                    recompute_scale_factor: Any, antialias: Any = False) -> Optional[LocalOp]:
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or mode not in _RESAMPLE_MODES:
+        return None
+    n = x.dim() - 2
+    scales = None
+    if size is None and scale_factor is not None and not recompute_scale_factor:
+        scales = tuple(float(v) for v in (scale_factor if isinstance(scale_factor, (tuple, list))
+                                          else (scale_factor,) * n))
+        if len(scales) != n:
+            return None
+    ones = (1,) * n
+    return LocalOp("resample", ones, ones, (0,) * n,
+                   resample=Resample(mode, align_corners, scales, bool(antialias)))
+
+
+_RESAMPLE_MODES = ("nearest", "nearest-exact", "linear", "bilinear", "bicubic", "trilinear", "area")
+
+
+def _extract_upsample_module(m: nn.Module, args, kwargs) -> Optional[LocalOp]:
+    return _resample_local(args[0] if args else None, m.size, m.scale_factor, m.mode, m.align_corners,
+                           m.recompute_scale_factor)
+
+
+def _extract_interpolate_fn(_, args, kwargs) -> Optional[LocalOp]:
+    # F.interpolate(input, size, scale_factor, mode, align_corners, recompute_scale_factor, antialias)
+    return _resample_local(*(_arg(args, kwargs, i, name, default) for i, (name, default) in enumerate(
+        (("input", None), ("size", None), ("scale_factor", None), ("mode", "nearest"),
+         ("align_corners", None), ("recompute_scale_factor", None), ("antialias", False)))))
 
 
 def _window_stride(kernel: tuple[int, ...], stride: Any) -> tuple[int, ...]:
@@ -248,6 +341,20 @@ def _extract_pad_fn(_, args, kwargs) -> Optional[LocalOp]:
     return _pad_local(before, n) if before is not None else None
 
 
+def _shuffle_module(op: str):
+    def extract(m: nn.Module, args, kwargs):
+        return _shuffle_local(op, m.upscale_factor if op == "shuffle" else m.downscale_factor,
+                              args[0] if args else None)
+    return extract
+
+
+def _shuffle_fn(op: str):
+    def extract(_, args, kwargs):
+        return _shuffle_local(op, _arg(args, kwargs, 1, "upscale_factor" if op == "shuffle" else "downscale_factor",
+                                       1), _arg(args, kwargs, 0, "input", None))
+    return extract
+
+
 def _bn_eval(m: nn.modules.batchnorm._BatchNorm, args, kwargs) -> bool:
     # Without running statistics BatchNorm normalises over the batch and the
     # whole map even in eval mode: not a point op.
@@ -293,7 +400,13 @@ _MODULE_RULES: dict[type, Rule] = {
     nn.Dropout2d: Rule(Kind.POINT, check=_not_training),
     nn.Dropout3d: Rule(Kind.POINT, check=_not_training),
     nn.AlphaDropout: Rule(Kind.POINT, check=_not_training),
+    nn.PixelShuffle: Rule(Kind.LOCAL, extract=_shuffle_module("shuffle")),
+    nn.PixelUnshuffle: Rule(Kind.LOCAL, extract=_shuffle_module("unshuffle")),
 }
+for _t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    _MODULE_RULES[_t] = Rule(Kind.LOCAL, extract=_extract_conv_transpose_module)
+for _t in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d):
+    _MODULE_RULES[_t] = Rule(Kind.LOCAL, extract=_extract_upsample_module)
 for _t, _n in _POOL_DIMS.items():
     _MODULE_RULES[_t] = Rule(Kind.LOCAL, extract=_extract_maxpool_module if "Max" in _t.__name__
                              else _extract_avgpool_module)
@@ -323,6 +436,9 @@ _FUNCTION_RULES: dict[Callable, Rule] = {
     torch._C._nn.avg_pool2d: Rule(Kind.LOCAL, extract=_avgpool_fn(2)),
     torch._C._nn.avg_pool3d: Rule(Kind.LOCAL, extract=_avgpool_fn(3)),
     F.pad: Rule(Kind.LOCAL, extract=_extract_pad_fn),
+    F.interpolate: Rule(Kind.LOCAL, extract=_extract_interpolate_fn),
+    F.pixel_shuffle: Rule(Kind.LOCAL, extract=_shuffle_fn("shuffle")),
+    F.pixel_unshuffle: Rule(Kind.LOCAL, extract=_shuffle_fn("unshuffle")),
     torch.cat: Rule(Kind.POINT, check=_cat_on_channels),
     torch.concat: Rule(Kind.POINT, check=_cat_on_channels),
     F.dropout: Rule(Kind.POINT, check=_dropout_fn_eval),
@@ -331,6 +447,9 @@ _FUNCTION_RULES: dict[Callable, Rule] = {
     F.dropout3d: Rule(Kind.POINT, check=_dropout_fn_eval),
     F.batch_norm: Rule(Kind.POINT, check=_batch_norm_fn_eval),
 }
+for _f in (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv_transpose1d,
+           torch.conv_transpose2d, torch.conv_transpose3d):
+    _FUNCTION_RULES[_f] = Rule(Kind.LOCAL, extract=_extract_conv_transpose_fn)
 for _f in (F.relu, F.relu6, F.silu, F.gelu, F.sigmoid, F.hardswish, F.hardsigmoid, F.leaky_relu,
            F.elu, F.selu, F.celu, F.tanh, F.mish, F.softplus, F.hardtanh, torch.relu, torch.relu_,
            torch.sigmoid, torch.tanh, torch.add, torch.sub, torch.mul, torch.div, torch.neg,

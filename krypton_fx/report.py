@@ -43,7 +43,8 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
                         channels: Optional[int] = None) -> float:
     """Theoretical speedup ``R = Q / Q_inc`` of incremental inference (eqs. 16-20).
 
-    Counts convolution multiply-adds only, with the patch at the image centre.
+    Counts convolution multiply-adds only (transposed convolutions per input element, on
+    the input window they read), with the patch at the image centre.
     ``image_size`` gives the spatial axes: ``(H, W)`` (an int: a square),
     ``(D, H, W)`` for volumes, ``(L,)`` for signals; ``patch`` an int or one
     per axis; ``channels`` defaults to those of the first layer the image meets.

@@ -23,9 +23,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 __all__ = ["upsample_heatmap", "upsample_heatmap_nd", "heatmap_figure", "volume_figure", "drop_limit",
-           "bench_figure"]
+           "display_scale", "overlay_alpha", "bench_figure", "DROP_CMAP", "mark_approximate", "approximate_pixels"]
 
-_CMAP = "RdBu_r"
+#: The colour map of drops: red where occluding lowers the score, white where it does not matter.
+DROP_CMAP = "RdBu_r"
 _BOX_COLOR = "#39ff14"
 
 
@@ -130,10 +131,48 @@ def _draw_box(ax, box: Sequence[int], label: Optional[str]) -> None:
                            linewidth=1.6, label=label))
 
 
+_APPROX_HATCH = "////"
+_APPROX_LABEL = "approximate (not computed exactly)"
+
+
+def mark_approximate(ax, approximate: np.ndarray, label: Optional[str] = None) -> None:
+    """Hatch the pixels where ``approximate`` (a bool array on the panel's grid) is True.
+
+    Example:
+        >>> ax = Figure().subplots()
+        >>> mark_approximate(ax, np.eye(6, dtype=bool), "approximate")
+    """
+    region = np.asarray(approximate, dtype=np.float64)
+    if not region.any():
+        return
+    limits = ax.get_xlim(), ax.get_ylim()  # an image's extent (and its upside-down y axis) stay
+    hatched = ax.contourf(region, levels=[0.5, 1.5], colors="none", hatches=[_APPROX_HATCH])
+    hatched.set_edgecolor((0.25, 0.25, 0.25, 0.55))  # the hatch's colour
+    hatched.set_linewidth(0.0)
+    ax.set_xlim(limits[0])
+    ax.set_ylim(limits[1])
+    if label:
+        ax.add_patch(Rectangle((0, 0), 0, 0, facecolor="none", edgecolor=(0.25, 0.25, 0.25), hatch=_APPROX_HATCH,
+                               label=label))
+
+
+def approximate_pixels(exact_cells, size: Sequence[int], patch: Sequence[int], stride: Sequence[int]) -> np.ndarray:
+    """The pixels (voxels) nearer approximate cells than exact ones, as the map is upsampled:
+    ``exact_cells`` (``res.stats.exact_cells``, True where exact) on the input's grid, negated.
+
+    Example:
+        >>> approximate_pixels(np.array([[True, False]]), (4, 8), (4, 4), (4, 4))[0].tolist()
+        [False, False, False, False, False, True, True, True]
+    """
+    exact = np.asarray(exact_cells, dtype=np.float64)
+    return upsample_heatmap_nd(exact, size, patch, stride) < 0.5
+
+
 def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Sequence[int],
                    label: int, base_prob: float, label_name: Optional[str] = None,
                    output: str = "prob", box: Optional[Sequence[int]] = None,
-                   box_label: str = "true region", subtitle: Optional[str] = None) -> Figure:
+                   box_label: str = "true region", subtitle: Optional[str] = None,
+                   exact_cells=None) -> Figure:
     """The image, the occlusion map over it, and the map alone with a colour bar.
 
     Args:
@@ -149,6 +188,9 @@ def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Seq
         box: ``(y, x, h, w)`` to outline on every panel (a known lesion, say).
         box_label: legend entry for ``box``.
         subtitle: second title line; defaults to the patch, stride and grid.
+        exact_cells: an approximate map's ``res.stats.exact_cells`` (``(H_M, W_M)``
+            bool, True where computed exactly): the other regions are hatched on
+            both map panels. None: nothing is marked (an exact map).
 
     Example:
         >>> fig = heatmap_figure(np.zeros((32, 32, 3)), np.ones((5, 5)), (8, 8), (6, 6), 1, 1.0)
@@ -169,18 +211,23 @@ def heatmap_figure(image: np.ndarray, heatmap, patch: Sequence[int], stride: Seq
     axes[0].imshow(image, interpolation="nearest", **gray)
     axes[0].set_title("input (as the model sees it)")
 
-    rgba = colormaps[_CMAP](norm(drop))
+    rgba = colormaps[DROP_CMAP](norm(drop))
     rgba[..., 3] = overlay_alpha(drop, lim)
     axes[1].imshow(image, interpolation="nearest", **gray)
     axes[1].imshow(rgba, interpolation="nearest")
     axes[1].set_title("occlusion map over the input")
 
-    shown = axes[2].imshow(drop, cmap=_CMAP, norm=norm, interpolation="nearest")
+    shown = axes[2].imshow(drop, cmap=DROP_CMAP, norm=norm, interpolation="nearest")
     axes[2].set_title("occlusion map")
     what = "P" if output == "prob" else "logit"
     bar = fig.colorbar(shown, ax=axes[2], shrink=0.9)
     bar.set_label(f"drop in {what}(label) when occluded\n(red: evidence for the label)")
 
+    if exact_cells is not None and not np.asarray(exact_cells).all():
+        approximate = approximate_pixels(exact_cells, (h, w), patch, stride)
+        mark_approximate(axes[1], approximate)
+        mark_approximate(axes[2], approximate, _APPROX_LABEL)
+        axes[2].legend(loc="lower left", fontsize=8, framealpha=0.8)
     if box is not None and min(int(v) for v in box) >= 0:
         for i, ax in enumerate(axes):
             _draw_box(ax, box, box_label if i == 0 else None)
@@ -220,6 +267,24 @@ _RAS_ENDS = (("L", "R"), ("P", "A"), ("I", "S"))
 _VOXEL_COLOR = "#ffd400"
 
 
+def display_scale(volume) -> np.ndarray:
+    """A channels-first input ``(C, *spatial)`` (array or tensor) as a ``spatial`` picture in ``[0, 1]``:
+    the first channel, its 0.5th to 99.5th percentile stretched over the grey scale (one hot voxel
+    cannot darken the rest). What the volume pictures show.
+
+    Example:
+        >>> display_scale(np.array([[[[0.0, 2.0, 4.0]]]])).tolist()
+        [[[0.0, 0.5, 1.0]]]
+    """
+    first = volume[0]
+    first = (first.detach().cpu().double().numpy() if hasattr(first, "detach")
+             else np.asarray(first, dtype=np.float64))
+    low, high = np.percentile(first, [0.5, 99.5]) if first.size else (0.0, 1.0)
+    if high <= low:
+        low, high = float(first.min()), float(first.max())
+    return np.clip((first - low) / (high - low), 0, 1) if high > low else np.zeros_like(first)
+
+
 def _plane(values: np.ndarray, fixed: int, index: int, row: int, col: int, flip_rows: bool,
            flip_cols: bool) -> np.ndarray:
     plane = np.take(values, index, axis=fixed)
@@ -237,7 +302,7 @@ def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], la
                   spacing: Sequence[float] = (1.0, 1.0, 1.0), label_name: Optional[str] = None,
                   output: str = "prob", box: Optional[Sequence[int]] = None, box_label: str = "true region",
                   subtitle: Optional[str] = None, voxel_text: Optional[str] = None,
-                  plane_text: Optional[Sequence[str]] = None) -> Figure:
+                  plane_text: Optional[Sequence[str]] = None, approximate: Optional[np.ndarray] = None) -> Figure:
     """Three orthogonal slices through ``voxel``: the volume, the occlusion map over it, the map alone.
 
     The colours are :func:`heatmap_figure`'s: the drop ``base_prob - heatmap``,
@@ -264,6 +329,8 @@ def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], la
         voxel_text: how the title names ``voxel`` (the file's own indices, say).
         plane_text: per axis of ``volume``, how to name the plane through ``voxel``
             across it (``"i = 7"``: the file's axis and index); default ``"z = 12"``.
+        approximate: ``(D, H, W)`` bool, the voxels of an approximate map not computed
+            exactly (:func:`approximate_pixels`): hatched on the map panels.
 
     Example:
         >>> fig = volume_figure(np.zeros((8, 8, 8)), np.ones((8, 8, 8)), (4, 4, 4), 1, 0.9)
@@ -290,12 +357,18 @@ def volume_figure(volume: np.ndarray, drop: np.ndarray, voxel: Sequence[int], la
         aspect = float(spacing[row]) / float(spacing[col])
         point_x = _in_plane(voxel[col], volume.shape[col], flip_c)
         point_y = _in_plane(voxel[row], volume.shape[row], flip_r)
-        rgba = colormaps[_CMAP](norm(dropped))
+        rgba = colormaps[DROP_CMAP](norm(dropped))
         rgba[..., 3] = overlay_alpha(dropped, lim)
         axes[r, 0].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         axes[r, 1].imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         axes[r, 1].imshow(rgba, interpolation="nearest", aspect=aspect)
-        shown = axes[r, 2].imshow(dropped, cmap=_CMAP, norm=norm, interpolation="nearest", aspect=aspect)
+        shown = axes[r, 2].imshow(dropped, cmap=DROP_CMAP, norm=norm, interpolation="nearest", aspect=aspect)
+        if approximate is not None:
+            region = _plane(np.asarray(approximate, dtype=np.float64), *args)
+            mark_approximate(axes[r, 1], region)
+            mark_approximate(axes[r, 2], region, _APPROX_LABEL if r == 0 else None)
+            if r == 0 and region.any():
+                axes[r, 2].legend(loc="lower left", fontsize=8, framealpha=0.8)
         where = plane_text[fixed] if plane_text is not None else f"{coord} = {voxel[fixed]}"
         axes[r, 0].set_ylabel(f"{plane_name}, {where}", fontsize=11)
         for ax in axes[r]:
@@ -412,63 +485,3 @@ def tune_figure(taus: Sequence[float], ssims: np.ndarray, coeffs: np.ndarray, ta
     ax.legend(handles, labels, loc="lower right", fontsize=8)
     return fig
 
-
-def segments_figure(image: np.ndarray, labels, scores, label: int, base_prob: float,
-                    label_name: Optional[str] = None, output: str = "prob",
-                    subtitle: Optional[str] = None) -> Figure:
-    """The image with its segments' outlines, the per-segment drop over it, and the drop alone.
-
-    Args:
-        image: ``(H, W, 3)`` or ``(H, W)`` array in ``[0, 1]`` (as the model saw it).
-        labels: ``(H, W)`` consecutive segment ids ``0..K-1``.
-        scores: ``(K,)`` score of ``label`` with each segment ablated (``SegmentResult.scores``).
-        label: explained class index.
-        base_prob: score of ``label`` without ablation.
-        label_name: class name for the title, if known.
-        output: ``"prob"`` or ``"logit"``.
-        subtitle: second title line.
-
-    Example:
-        >>> labels = np.arange(4).repeat(8).reshape(4, 8).T.repeat(4, 1)  # 4 bands, 8 x 16
-        >>> fig = segments_figure(np.zeros((8, 16, 3)), labels, np.array([1.0, 0.5, 0.9, 1.0]), 1, 1.0)
-        >>> len(fig.axes)
-        4
-    """
-    from skimage.segmentation import find_boundaries
-
-    image = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
-    labels = np.asarray(labels)
-    drop_per_segment = base_prob - np.asarray(scores, dtype=np.float64)
-    drop = drop_per_segment[labels]
-    lim = _symmetric_limit(drop_per_segment)
-    norm = TwoSlopeNorm(vcenter=0.0, vmin=-lim, vmax=lim)
-    edges = find_boundaries(labels, mode="inner")
-    outline = np.zeros((*labels.shape, 4))
-    outline[edges] = (1.0, 0.9, 0.1, 0.9)
-
-    fig = Figure(figsize=(12.6, 4.7), dpi=110, layout="constrained")
-    axes = fig.subplots(1, 3)
-    gray = dict(cmap="gray", vmin=0, vmax=1) if image.ndim == 2 else {}
-    axes[0].imshow(image, interpolation="nearest", **gray)
-    axes[0].imshow(outline, interpolation="nearest")
-    axes[0].set_title(f"input and its {len(drop_per_segment)} segments")
-    rgba = colormaps[_CMAP](norm(drop))
-    rgba[..., 3] = overlay_alpha(drop, lim)
-    axes[1].imshow(image, interpolation="nearest", **gray)
-    axes[1].imshow(rgba, interpolation="nearest")
-    axes[1].imshow(outline * np.array([1, 1, 1, 0.35]), interpolation="nearest")
-    axes[1].set_title("segment drop over the input")
-    shown = axes[2].imshow(drop, cmap=_CMAP, norm=norm, interpolation="nearest")
-    axes[2].imshow(outline * np.array([0, 0, 0, 0.5]), interpolation="nearest")
-    axes[2].set_title("segment drop")
-    what = "P" if output == "prob" else "logit"
-    bar = fig.colorbar(shown, ax=axes[2], shrink=0.9)
-    bar.set_label(f"drop in {what}(label) when the segment is ablated\n(red: evidence for the label)")
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    name = f"{label_name} (class {label})" if label_name else f"class {label}"
-    score = f"P = {base_prob:.3f}" if output == "prob" else f"logit = {base_prob:.3f}"
-    title = f"Feature ablation of {name}, {score}"
-    fig.suptitle(title + (f"\n{subtitle}" if subtitle else ""))
-    return fig

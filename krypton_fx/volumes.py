@@ -114,12 +114,37 @@ def _check_finite(data: np.ndarray, path: PathLike) -> np.ndarray:
     return data
 
 
+def _check_npy_size(path: Path) -> None:
+    """Compare the size the ``.npy`` header claims with what the file holds, before ``np.load``
+    allocates the claimed array (a corrupt header of a few hundred bytes can claim terabytes)."""
+    fmt = np.lib.format
+    readers = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}
+    with open(path, "rb") as f:
+        try:
+            version = fmt.read_magic(f)
+            if version not in readers:
+                return  # a newer header version: np.load knows it, and checks it as it reads
+            shape, _, dtype = readers[version](f)
+        except ValueError as e:
+            raise VolumeFileError(f"{path} is not a numpy .npy file ({_reason(e)}); save the volume with "
+                                  "np.save") from None
+        data_start = f.tell()
+    if dtype.hasobject:
+        return  # no fixed size: np.load refuses it below, with its own reason
+    claimed = math.prod(int(n) for n in shape) * dtype.itemsize
+    holds = path.stat().st_size - data_start
+    if holds < claimed:
+        raise VolumeFileError(f"{path} is truncated or corrupt: claims {claimed} bytes (a {_shape_text(shape)} "
+                              f"{dtype} array), holds {holds}; save the volume again with np.save")
+
+
 def _read_npy(path: Path) -> Volume:
     with open(path, "rb") as f:
         magic = f.read(6)
     if magic != b"\x93NUMPY":  # np.load would try it as a pickle and blame pickling
         raise VolumeFileError(f"{path} is not a numpy .npy file (no .npy header); save the volume with "
                               "np.save(path, array)")
+    _check_npy_size(path)
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as e:

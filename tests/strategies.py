@@ -262,8 +262,12 @@ def block_spec(draw, channels: int, dims: int = 2):
 
 def _out_channels(spec, channels):
     op = spec["op"]
-    if op == "conv":
+    if op in ("conv", "up"):
         return spec["out"]
+    if op == "unet":
+        return 2 * channels if spec["merge"] == "cat" else channels
+    if op == "shuffle":
+        return 4 * channels if spec["unshuffle"] else channels
     if op == "residual":
         return spec["out"]
     if op == "concat":
@@ -313,6 +317,8 @@ class RandomNet(_nn.Module):
         if op == "conv":
             return conv(ch, spec["out"], spec["kernel"], spec["stride"], spec["pad"], spec["dilation"],
                         spec["groups"], spec["bias"])
+        if op in ("up", "interp", "unet", "shuffle"):
+            return _build_decoder(spec, ch, dims)
         if op == "max":
             return _MAX[dims](spec["kernel"], spec["stride"], spec["pad"], spec["dilation"],
                               ceil_mode=spec["ceil"])
@@ -375,6 +381,8 @@ class RandomNet(_nn.Module):
                     x = _F.hardswish(x)
                 else:
                     x = x * layer.scale
+            elif op in ("up", "interp", "unet", "shuffle"):
+                x = _run_decoder(spec, layer, x, self.dims)
             elif op == "inplace":
                 x = self._inplace(spec, layer, x)
             elif op == "residual":
@@ -414,6 +422,161 @@ class RandomNet(_nn.Module):
         if where == "branch":
             return x + target + before  # reads the value after the mutation
         return x
+
+
+# ---------------------------------------------------------------------------
+# Random encoder-decoder DAGs (tests/test_decoder.py)
+# ---------------------------------------------------------------------------
+# Decoder blocks for RandomNet: transposed convs (module or F.conv_transposeNd, any
+# stride, padding, output padding, dilation, groups), resampling of every mode (by
+# integer or fractional scale, or to a size; nn.Upsample or F.interpolate), pixel
+# (un)shuffle (2-D), and U-Net levels: a skip, a downsampling (pool or strided conv),
+# a conv, an upsampling back to the skip's size (a transposed conv given
+# output_size=skip.shape, or F.interpolate(size=skip.shape[2:])), then a concat or
+# add with the skip. Sizes stay tiny: the nets end in the global head.
+
+_CONV_T = {1: _nn.ConvTranspose1d, 2: _nn.ConvTranspose2d, 3: _nn.ConvTranspose3d}
+_CONV_T_FN = {1: _F.conv_transpose1d, 2: _F.conv_transpose2d, 3: _F.conv_transpose3d}
+_LINEAR_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def _resample_modes(dims: int) -> list[str]:
+    return ["nearest", "nearest-exact", _LINEAR_MODES[dims], "area"] + (["bicubic"] if dims == 2 else [])
+
+
+@st.composite
+def resample_spec(draw, dims: int = 2, to_skip: bool = False, room: float = 3.0):
+    """How a map is resampled: mode, align_corners, and a scale factor (one for all axes or
+    one per axis; integer or fractional, at most ``room``) or a size (or, ``to_skip``, the
+    skip's size)."""
+    mode = draw(st.sampled_from(_resample_modes(dims)))
+    spec = {"mode": mode, "module": draw(st.booleans()) and not to_skip}
+    if mode in _LINEAR_MODES.values() or mode == "bicubic":
+        spec["align_corners"] = draw(st.booleans())
+    if to_skip:
+        return spec
+    if draw(st.booleans()):
+        scales = [f for f in (1.5, 2.0, 3.0, 0.5, 0.75) if f <= room]
+        one = draw(st.booleans())
+        spec["scale_factor"] = draw(st.sampled_from(scales)) if one else tuple(
+            draw(st.sampled_from(scales)) for _ in range(dims))
+        spec["recompute_scale_factor"] = draw(st.sampled_from([None, True]))
+    else:
+        spec["size"] = tuple(draw(st.integers(3, 24 if dims < 3 else 10)) for _ in range(dims))
+    return spec
+
+
+# How much decoder blocks may grow a map along each axis, in all (tests stay small).
+GROWTH = {1: 8.0, 2: 4.0, 3: 2.0}
+
+
+def _growth(spec) -> float:
+    """The most a decoder block grows a map along an axis (a size counts as 2)."""
+    op = spec["op"]
+    if op == "up":
+        return spec["stride"]
+    if op == "interp":
+        scale = spec.get("scale_factor", 2.0)
+        return max(scale) if isinstance(scale, tuple) else scale
+    return 2.0 if op == "shuffle" and not spec["unshuffle"] else 1.0
+
+
+@st.composite
+def decoder_block_spec(draw, channels: int, dims: int = 2, room: float = 3.0):
+    """One decoder block (see the section's comment) that grows a map at most ``room`` times."""
+    kinds = ["up", "interp", "unet", "unet"] + (["shuffle"] if dims == 2 and room >= 2 else [])
+    kind = draw(st.sampled_from(kinds))
+    if kind == "up":
+        k, s, d = draw(st.integers(1, 4)), draw(st.integers(1, max(1, min(3, int(room))))), draw(st.integers(1, 2))
+        groups = draw(st.sampled_from([g for g in (1, 2) if channels % g == 0]))
+        return {"op": "up", "out": groups * draw(st.integers(1, 3)), "kernel": k, "stride": s,
+                "pad": draw(st.integers(0, d * (k - 1))), "output_padding": draw(st.integers(0, max(s, d) - 1)),
+                "dilation": d, "groups": groups, "module": draw(st.booleans())}
+    if kind == "interp":
+        return {"op": "interp", **draw(resample_spec(dims, room=room))}
+    if kind == "shuffle":
+        return {"op": "shuffle", "unshuffle": draw(st.booleans())}
+    down = draw(st.sampled_from(["max", "avg", "conv"]))
+    up = draw(st.sampled_from(["transpose", "interp"]))
+    # a transposed conv back to the skip's size needs an output padding below its stride:
+    # after a floor-halving pool, kernel 2 (pad 0) or 4 (pad 1); after a ceil-halving conv, 3 (pad 1)
+    kernel = draw(st.sampled_from([2, 4])) if down != "conv" else 3
+    return {"op": "unet", "down": down, "up": up, "kernel": kernel, "mid": draw(st.integers(1, 4)),
+            "merge": draw(st.sampled_from(["cat", "add"])), "resample": draw(resample_spec(dims, to_skip=True))}
+
+
+@st.composite
+def random_encoder_decoders(draw, max_blocks: int = 3, dims: int = 2):
+    """``(spec, in_channels)``: encoder blocks (as :func:`random_cnns`) and at least one
+    decoder block, in a random order."""
+    in_ch = draw(st.sampled_from([1, 3]))
+    blocks, ch, room = [], in_ch, GROWTH[dims]
+    decoders = draw(st.integers(1, max_blocks))
+    for i in range(draw(st.integers(decoders, max_blocks + 1))):
+        decoder = i < decoders
+        spec = draw(decoder_block_spec(ch, dims, room) if decoder else block_spec(ch, dims))
+        room /= _growth(spec) if decoder else 1.0
+        blocks.append(spec)
+        ch = _out_channels(spec, ch)
+    order = draw(st.permutations(range(len(blocks))))
+    blocks = [blocks[i] for i in order]
+    ch, fixed = in_ch, []  # channels and groups again, in the drawn order
+    for spec in blocks:
+        if spec["op"] in ("up", "conv") and ch % spec["groups"]:
+            spec = {**spec, "groups": 1}
+        fixed.append(spec)
+        ch = _out_channels(spec, ch)
+    return fixed, in_ch
+
+
+def _resample_kwargs(spec) -> dict:
+    keys = ("mode", "align_corners", "scale_factor", "recompute_scale_factor", "size")
+    return {k: spec[k] for k in keys if k in spec}
+
+
+def _build_decoder(spec, ch, dims):
+    op = spec["op"]
+    if op == "up":
+        m = _CONV_T[dims](ch, spec["out"], spec["kernel"], spec["stride"], spec["pad"], spec["output_padding"],
+                          spec["groups"], True, spec["dilation"])
+        return m
+    if op == "interp":
+        return _nn.Upsample(**_resample_kwargs(spec)) if spec["module"] else _nn.Identity()
+    if op == "shuffle":
+        m = _nn.Module()
+        m.expand = _CONV[dims](ch, 4 * ch, 1)
+        m.shuffle = _nn.PixelShuffle(2)
+        m.unshuffle = _nn.PixelUnshuffle(2)
+        return m
+    m, mid = _nn.Module(), spec["mid"]
+    m.down = _CONV[dims](ch, mid, 3, 2, 1) if spec["down"] == "conv" else (
+        (_MAX if spec["down"] == "max" else _AVG)[dims](2, 2))
+    m.conv = _CONV[dims](mid if spec["down"] == "conv" else ch, mid, 3, 1, 1)
+    k = spec["kernel"]
+    m.up = _CONV_T[dims](mid, ch, k, 2, (k - 1) // 2 if k != 2 else 0) if spec["up"] == "transpose" else (
+        _CONV[dims](mid, ch, 1))
+    return m
+
+
+def _run_decoder(spec, layer, x, dims):
+    op = spec["op"]
+    if op == "up":
+        if spec["module"]:
+            return layer(x)
+        return _CONV_T_FN[dims](x, layer.weight, layer.bias, spec["stride"], spec["pad"],
+                                       spec["output_padding"], spec["groups"], spec["dilation"])
+    if op == "interp":
+        return layer(x) if spec["module"] else _F.interpolate(x, **_resample_kwargs(spec))
+    if op == "shuffle":
+        y = layer.shuffle(_F.relu(layer.expand(x)))
+        return layer.unshuffle(y) if spec["unshuffle"] else y
+    skip = x
+    y = _F.relu(layer.conv(layer.down(x)))
+    if spec["up"] == "transpose":
+        y = layer.up(y, output_size=skip.shape)
+    else:
+        y = layer.up(_F.interpolate(y, size=skip.shape[2:], **_resample_kwargs(spec["resample"])))
+    return torch.cat([y, skip], 1) if spec["merge"] == "cat" else y + skip
 
 
 # One fixed DAG with every kind of node: a padded conv, a ceil-mode strided max
@@ -513,3 +676,49 @@ def ablation_cases(draw, classes: int = 3) -> AblationCase:
     target = (draw(st.integers(-classes, classes - 1)) if draw(st.booleans())
               else [draw(st.integers(0, classes - 1)) for _ in range(n)])
     return AblationCase((n, c, h, w), mask, baseline, target, draw(st.integers(1, 4)), seed)
+
+
+# ---------------------------------------------------------------------------
+# Monotone nets and planted drops: the peak rule's guarantee (tests/test_approx_peak.py)
+# ---------------------------------------------------------------------------
+# A RandomNet whose every weight is non-negative and whose point ops are
+# non-decreasing computes logits that are non-decreasing in every input element.
+# On a non-negative image occluded with colour 0, a larger occluder then lowers
+# every logit at least as much as one it contains: the assumption under which
+# drill-down's covering stage one cannot miss the peak holds exactly.
+
+
+def monotone_net(blocks, in_channels: int, dims: int = 2, seed: int = 0) -> RandomNet:
+    """:class:`RandomNet` of ``blocks`` with non-negative weights and non-decreasing point ops
+    (hardswish, which dips below zero, becomes relu), in eval mode."""
+    blocks = [dict(b, fn="relu") if b["op"] == "point" and b["fn"] == "hardswish" else b for b in blocks]
+    torch.manual_seed(seed)
+    net = RandomNet(blocks, in_channels, dims=dims).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if not name.endswith("bias"):
+                p.abs_()
+    return net
+
+
+@st.composite
+def planted_drops(draw, dims: int = 2):
+    """``(size, patch, stride, step, corner, side)``: an occlusion grid of at least 3 cells per
+    axis, a stage-one step of 2-4 cells, and a bright cube of ``side`` (at most the patch) at
+    ``corner``: a drop narrower than the stage-one stride."""
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(dims))
+    patch = tuple(draw(st.integers(max(2, s), 6)) for s in stride)
+    size = tuple(draw(st.integers(p + 2 * s, min(p + 2 * s + 12, 28 if dims < 3 else 14)))
+                 for p, s in zip(patch, stride))
+    step = draw(st.integers(2, 4))
+    side = tuple(draw(st.integers(1, p)) for p in patch)
+    corner = tuple(draw(st.integers(0, n - w)) for n, w in zip(size, side))
+    return size, patch, stride, step, corner, side
+
+
+def planted_image(channels: int, size, corner, side, seed: int = 0) -> Tensor:
+    """A dim random image in ``[0, 0.1)`` with a bright (1.0) box of ``side`` at ``corner``."""
+    gen = torch.Generator().manual_seed(seed)
+    image = 0.1 * torch.rand(channels, *size, generator=gen)
+    image[(slice(None), *(slice(c, c + w) for c, w in zip(corner, side)))] = 1.0
+    return image

@@ -14,7 +14,7 @@ from strategies import RandomNet, dag_model, random_cnns
 from torch import nn
 
 import krypton_fx
-from krypton_fx import ablation, segments
+from krypton_fx import ablation, segments, viz_segments
 
 
 def naive_scores(model, image, labels, baseline, label, output="logit"):
@@ -233,7 +233,7 @@ def test_bad_input_is_one_clear_error(small_explainer, segs, baseline, error, ma
         small_explainer.ablate(torch.rand(3, 8, 8), segs, baseline=baseline)
 
 
-@pytest.mark.parametrize("module", [ablation, segments], ids=["ablation", "segments"])
+@pytest.mark.parametrize("module", [ablation, segments, viz_segments], ids=["ablation", "segments", "viz"])
 def test_docstring_examples(module):
     import doctest
 

@@ -207,16 +207,19 @@ def test_upsample_matrix_is_exact_on_samples_and_linear_between(cells, step):
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.6])
-@pytest.mark.parametrize("stage1", [2, 4, 6, (8, 4), (4, 10), 100])
-def test_drill_down_r1_equals_exact(tiny, lesion_images, tau, stage1):
+@pytest.mark.parametrize("stage1", [4, (8, 4), 100])
+@pytest.mark.parametrize("kind", ["cover", "sample"])
+def test_drill_down_r1_equals_exact(tiny, lesion_images, tau, stage1, kind):
     ex = _compile(tiny, tau=tau)
     for image in lesion_images[:2]:
-        exact = ex(image)
-        res = ex(image, drill_down=DrillDown(r=1.0, stage1_stride=stage1))
+        exact = ex(image)  # tau < 1: the tau map with its peak recomputed exactly, as drill-down's
+        res = ex(image, drill_down=DrillDown(r=1.0, stage1_stride=stage1, stage1=kind))
         # The same positions in other batches: CPU convolutions may round differently
         # for another batch size (seen with tau 0.6, stage-one step 4: 6e-8).
         torch.testing.assert_close(res.heatmap, exact.heatmap, atol=1e-6, rtol=0)
-        assert res.stats["positions_run"] == ex.positions
+        assert res.stats["positions_run"] == ex.positions + res.stats["peak_positions"]
+        assert (res.stats["peak_positions"] == 0) == (tau == 1.0)
+        assert bool(res.stats.exact_cells.all()) == (tau == 1.0)
         assert (res.label, res.base_prob) == (exact.label, exact.base_prob)
 
 
@@ -227,39 +230,72 @@ def test_drill_down_r1_equals_naive(tiny, lesion_images):
     torch.testing.assert_close(res.heatmap, ref.heatmap, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dd", [DrillDown(r=0.25, speedup=3.0), DrillDown(r=0.1, stage1_stride=8),
-                                DrillDown(r=0.5, stage1_stride=(4, 6)), DrillDown(r=0.01, speedup=10.0)])
-def test_drill_down_stats_and_measured_cells(tiny, lesion_images, dd):
+@pytest.mark.parametrize("dd", [DrillDown(r=0.25, speedup=3.0, stage1="sample"),
+                                DrillDown(r=0.1, stage1_stride=8, stage1="sample", margin=None),
+                                DrillDown(r=0.5, stage1_stride=(4, 6), stage1="sample"),
+                                DrillDown(r=0.01, speedup=10.0, stage1="sample", margin=None)])
+def test_sampled_drill_down_stats_and_measured_cells(tiny, lesion_images, dd):
     ex = _compile(tiny)
     image = lesion_images[1]
     exact = ex(image)
     res = ex(image, drill_down=dd)
     assert res.heatmap.shape == exact.heatmap.shape and res.heatmap.dtype == torch.float32
     stats = res.stats
-    assert stats["positions_run"] == stats["stage1_positions"] + stats["stage2_positions"]
-    assert stats["positions_run"] <= stats["stage1_positions"] + math.ceil(dd.r * ex.positions)
+    assert stats["positions_run"] == stats["stage1_positions"] + stats["stage2_positions"] + stats["peak_positions"]
+    assert stats["stage2_positions"] <= math.ceil(dd.r * ex.positions)
+    assert (stats["peak_positions"] == 0) if dd.margin is None else stats["margin"] == dd.margin
     assert stats["achieved_speedup"] == pytest.approx(ex.positions / stats["positions_run"])
     s1 = stats["stage1_stride"]
     assert s1[0] % ex.stride[0] == 0 and s1[1] % ex.stride[1] == 0 and min(s1) >= min(ex.stride)
     assert stats["expected_speedup"] == pytest.approx(drill_down_speedup(s1, ex.stride, dd.r))
-    # Every measured cell (stage one or two) holds the exact value.
+    # Every measured cell (stage one or two) holds the exact value; stats.exact_cells says which.
     hm, wm = ex.grid
     rows = stage1_grid(hm, s1[0] // ex.stride[0])
     cols = stage1_grid(wm, s1[1] // ex.stride[1])
     coarse = res.heatmap[rows][:, cols]
     torch.testing.assert_close(coarse, exact.heatmap[rows][:, cols], atol=0, rtol=0)
-    agree = (res.heatmap == exact.heatmap).sum().item()
-    assert agree >= stats["positions_run"]
+    mask = stats["exact_cells"]
+    assert int(mask.sum()) == stats["positions_run"] and bool(mask[rows][:, cols].all())
+    torch.testing.assert_close(res.heatmap[mask], exact.heatmap[mask], atol=1e-6, rtol=0)
+    assert stats["peak_bounded"] is False
+    if dd.margin is not None:  # the strongest drop shown is an exact cell
+        assert bool(mask.view(-1)[res.heatmap.argmin()])
 
 
-def test_drill_down_keeps_the_largest_drop(tiny, lesion_images):
-    # With enough stage-two budget, the strongest drop of the exact map is re-measured.
+@pytest.mark.parametrize("dd", [DrillDown(r=0.25, speedup=3.0), DrillDown(r=0.01, stage1_stride=8),
+                                DrillDown(r=0.05, stage1_stride=(4, 6), neighbourhood=0),
+                                DrillDown(r=0.01, speedup=10.0, margin=0.0)])
+def test_covering_drill_down_stats_and_exact_cells(tiny, lesion_images, dd):
     ex = _compile(tiny)
-    image = lesion_images[0]
-    exact = ex(image).heatmap
-    res = ex(image, drill_down=DrillDown(r=0.3, stage1_stride=4)).heatmap
-    k = int(exact.argmin())
-    assert res.view(-1)[k] == exact.view(-1)[k]
+    image = lesion_images[1]
+    exact = ex(image)
+    res = ex(image, drill_down=dd)
+    stats = res.stats
+    steps = dd.stage1_step(ex.stride)
+    assert stats["stage1_positions"] == math.prod(math.ceil(n / k) for n, k in zip(ex.grid, steps))
+    assert stats["stage1_patch"] == tuple(p + (k - 1) * s for p, s, k in zip(ex.patch, ex.stride, steps))
+    assert stats["stage2_positions"] == math.ceil(dd.r * ex.positions)
+    assert stats["positions_run"] == stats["stage1_positions"] + stats["stage2_positions"] + stats["peak_positions"]
+    assert stats["peak_bounded"] is True and stats["margin"] == dd.margin
+    mask = stats["exact_cells"]
+    assert int(mask.sum()) == stats["stage2_positions"] + stats["peak_positions"]
+    torch.testing.assert_close(res.heatmap[mask], exact.heatmap[mask], atol=1e-6, rtol=0)
+    peak = int(res.heatmap.argmin())
+    assert bool(mask.view(-1)[peak]) and (res.heatmap[~mask] > res.heatmap.view(-1)[peak]).all()
+
+
+def test_drill_down_keeps_the_largest_drop():
+    # The trained lesion model and the default (covering) stage one: the approximate map's strongest
+    # drop is the exact map's, cell and value, with 1 % of the cells in stage two, on every image.
+    model = lesions.load_or_train("tiny")
+    images, labels, _ = lesions.make_dataset(8, size=64, seed=11)
+    ex = _compile(model, size=64, patch=8, stride=2)
+    for image in images[labels == 1][:2]:
+        exact = ex(image).heatmap
+        res = ex(image, drill_down=DrillDown(r=0.01, stage1_stride=8))
+        k = int(exact.argmin())
+        assert int(res.heatmap.argmin()) == k and res.heatmap.view(-1)[k] == exact.view(-1)[k]
+        assert res.stats["achieved_speedup"] > 4
 
 
 def test_drill_down_rejects_non_drill_down(tiny, lesion_images):
@@ -363,7 +399,7 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
 
     monkeypatch.setattr(approx.tuning, "heatmap_ssim", ssim_of_tau)
     monkeypatch.setattr(approx.tuning, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
-    tuned = krypton_fx.tune(torch.nn.Identity(), torch.zeros(4, 3, 32, 32), target_ssim=0.9)
+    tuned = krypton_fx.tune(torch.nn.Identity(), torch.zeros(4, 3, 32, 32), target_ssim=0.9, drill_down=False)
     assert tuned.tau == pytest.approx(0.6, abs=2e-3)
     assert tuned.ssims.shape == (4, 6)
     assert tuned.expected_speedup == pytest.approx(1 / tuned.tau)
@@ -373,7 +409,7 @@ def test_tune_fits_and_selects_with_injected_ssim(monkeypatch):
     # probability maps are compared with SSIM's L = 1; logit maps by their own span
     assert set(ranges) == {1.0}
     ranges.clear()
-    krypton_fx.tune(torch.nn.Identity(), torch.zeros(2, 3, 32, 32), output="logit")
+    krypton_fx.tune(torch.nn.Identity(), torch.zeros(2, 3, 32, 32), output="logit", drill_down=False)
     assert set(ranges) == {None}
 
 
@@ -386,16 +422,18 @@ def test_tune_drop_kept_guard_raises_tau(monkeypatch):
     monkeypatch.setattr(approx.tuning, "drop_kept", lambda exact, approximate, min_drop: approximate[0, 0].item())
     monkeypatch.setattr(approx.tuning, "theoretical_speedup", lambda model, size, patch, tau, channels: 1 / tau)
     images = torch.zeros(3, 3, 32, 32)
-    plain = krypton_fx.tune(torch.nn.Identity(), images)
+    plain = krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=None, drill_down=False)  # the paper's
     assert plain.tau == pytest.approx(0.6, abs=2e-3) and plain.ssim_tau == plain.tau
     assert plain.drop_kept.shape == (3, 6)
     np.testing.assert_allclose(plain.drop_kept[0], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    guarded = krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=0.75)
+    # by default every image must keep 95 % of its drop: no tau measured does
+    assert krypton_fx.tune(torch.nn.Identity(), images, drill_down=False).tau == 1.0
+    guarded = krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=0.75, drill_down=False)
     assert guarded.tau == pytest.approx(0.8) and guarded.ssim_tau == pytest.approx(0.6, abs=2e-3)
     assert guarded.expected_speedup == pytest.approx(1 / 0.8)
     assert "the SSIM fit alone picks 0.60" in str(guarded)
     with pytest.raises(ValueError, match="min_drop_kept"):
-        krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=1.5)
+        krypton_fx.tune(torch.nn.Identity(), images, min_drop_kept=1.5, drill_down=False)
 
 
 def test_drop_kept_closed_form():
@@ -414,16 +452,25 @@ def test_drop_kept_closed_form():
     ([[1.0, 0.9, 0.9]], 0.4, 0.4),           # nothing to guard against
     ([[1.0, 0.9, 0.9]], 0.7, 0.7),           # never lowers the SSIM choice
     ([[0.5, 0.9, 0.9]], 0.4, 1.0),           # the largest measured tau already fails
-    # NaN does not vote: 0.8 and 0.6 pass, 0.4's mean (0.2 + 0.9) / 2 fails
+    # NaN does not vote: 0.8 and 0.6 pass, 0.4 fails on the first image
     ([[np.nan, np.nan, 0.2], [0.9, np.nan, 0.9]], 0.4, 0.6),
+    # every image, not on average: 0.8's mean 0.825 would pass, its first image fails
+    ([[0.7, 0.9, 0.9], [0.95, 0.9, 0.9]], 0.4, 1.0),
 ])
 def test_guard_tau(kept, tau, expected):
     assert approx.guard_tau([0.8, 0.6, 0.4], np.array(kept), tau, 0.8) == pytest.approx(expected)
 
 
+def test_guard_tau_keeps_the_peak_cell():
+    kept = np.array([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    # 0.4 moves one image's peak; NaN (no peak) does not vote
+    peaks = np.array([[1.0, 1.0, 0.0], [1.0, np.nan, 1.0]])
+    assert approx.guard_tau([0.8, 0.6, 0.4], kept, 0.4, 0.8, peaks) == pytest.approx(0.6)
+
+
 def test_tune_real_model(tiny, lesion_images, tmp_path):
     ex = _compile(tiny, size=32, patch=8, stride=4)
-    tuned = krypton_fx.tune(ex, lesion_images[:2], target_ssim=0.9, taus=(0.8, 0.6, 0.4))
+    tuned = krypton_fx.tune(ex, lesion_images[:2], target_ssim=0.9, taus=(0.8, 0.6, 0.4), drill_down=False)
     assert 0.4 <= tuned.tau <= 1.0
     assert tuned.ssims.shape == (2, 3)
     assert np.isfinite(tuned.ssims).all() and (tuned.ssims <= 1 + 1e-9).all()

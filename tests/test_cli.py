@@ -86,12 +86,15 @@ def test_explain_drill_down_equals_the_api(tmp_path):
     proc = run_cli("explain", image, *args, "--out", "map.png", "--npy", "map.npy", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"heat map 13x13 \((\d+) of 169 positions run", proc.stdout), proc.stdout
+    # how sure the map is: the covering stage one's promise, on one line
+    assert re.search(r"approximate: \d+ of 169 cells computed exactly; the strongest drop is exact, and the "
+                     r"exact map's whenever a larger occluder drops at least 50% as much", proc.stdout), proc.stdout
     torch.manual_seed(0)
     model = torchvision.models.get_model("resnet18", weights=None)
     black = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
     ex = krypton_fx.compile(model, patch=16, stride=4, color=black, image_size=(64, 64))
-    # --stage1-stride defaults to twice --stride
-    expected = ex(model_input(image), drill_down=krypton_fx.DrillDown(r=0.25, stage1_stride=8))
+    # --stage1-stride defaults to 4 x --stride: the covering stage one, the peak rule's default margin
+    expected = ex(model_input(image), drill_down=krypton_fx.DrillDown(r=0.25, stage1_stride=16))
     run = int(re.search(r"\((\d+) of 169", proc.stdout).group(1))
     assert run == expected.stats["positions_run"] < 169
     np.testing.assert_allclose(np.load(tmp_path / "map.npy"), expected.heatmap.numpy(), rtol=0, atol=1e-5)
@@ -129,6 +132,25 @@ def test_bench_writes_table_json_and_plot(tmp_path):
         assert min(plot.size) > 100
 
 
+def test_labels_write_one_picture_per_class_and_every_map_in_the_npy(tmp_path):
+    image = tmp_path / "scan.png"
+    write_test_image(image)
+    proc = run_cli("explain", image, *EXPLAIN, "--color", "black", "--labels", "7,3", "--npy", "maps.npy",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "heat-7.png").is_file() and (tmp_path / "heat-3.png").is_file()
+    assert not (tmp_path / "heat.png").exists()
+    maps = np.load(tmp_path / "maps.npy")
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("resnet18", weights=None)
+    black = [(0.0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    ex = krypton_fx.compile(model, patch=16, stride=16, color=black, image_size=(64, 64))
+    x = model_input(image)
+    assert maps.shape == (2, 4, 4)
+    np.testing.assert_allclose(maps[0], ex(x, label=7).heatmap.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(maps[1], ex(x, label=3).heatmap.numpy(), rtol=0, atol=1e-5)
+
+
 # --- bad input: exit 2, one line on stderr, no traceback, no output file -------------------
 
 BAD_INPUTS = {
@@ -147,6 +169,8 @@ BAD_INPUTS = {
     "stage-one stride without drill-down": ["explain", "in/scan.png", *EXPLAIN, "--stage1-stride", "32"],
     "stage-one stride finer than stride": ["explain", "in/scan.png", *EXPLAIN, "--drill-down", "0.2",
                                            "--stage1-stride", "8"],
+    "margin of an exact map": ["explain", "in/scan.png", *EXPLAIN, "--margin", "0.3"],
+    "negative margin": ["explain", "in/scan.png", *EXPLAIN, "--drill-down", "--margin", "-1"],
     "weights with a pickled payload": ["explain", "in/scan.png", "--model", "resnet18", "--weights",
                                        "in/evil.pt", "--size", "64"],
     "weights file that is no checkpoint": ["explain", "in/scan.png", "--model", "resnet18", "--weights",
@@ -156,6 +180,9 @@ BAD_INPUTS = {
     "mean not a number": ["explain", "in/scan.png", *EXPLAIN, "--mean", "nan"],
     "colour out of float32 range": ["explain", "in/scan.png", *EXPLAIN, "--color", "1e300"],
     "speedup of a model that cannot run": ["speedup", "--model", "vit_b_16", "--size", "64"],
+    "label and labels": ["explain", "in/scan.png", *EXPLAIN, "--label", "1", "--labels", "2,3"],
+    "labels out of range": ["explain", "in/scan.png", *EXPLAIN, "--labels", "2,1000"],
+    "top-k with drill-down": ["explain", "in/scan.png", *EXPLAIN, "--top-k", "2", "--drill-down", "0.5"],
 }
 
 # What some cases' one line must say (beyond the common form).
@@ -165,8 +192,13 @@ BAD_INPUT_WORDS = {
     "output is the input": "never overwrites an input",
     "npy is the input": "never overwrites an input",
     "mean not a number": "--mean: must be finite",
+    "margin of an exact map": "--margin applies to approximate maps",
+    "negative margin": "--margin: must be a number >= 0 or none",
     "colour out of float32 range": "out of range for the model's float32",
     "speedup of a model that cannot run": "cannot run on a (1, 3, 64, 64) input",
+    "label and labels": "--label and --labels both choose classes",
+    "labels out of range": "--labels 1000 is out of range",
+    "top-k with drill-down": "--drill-down explains one class",
 }
 
 
@@ -268,3 +300,30 @@ def test_warnings_for_a_stride_past_the_patch_and_a_one_class_model(tmp_path):
     assert "--stride 16x16 is larger than --patch 8x8" in proc.stderr
     assert "one output: its softmax probability is 1 everywhere" in proc.stderr
     assert "(16 positions, batch 16)" in proc.stdout  # the batch that ran, not the one asked for
+
+
+@pytest.mark.parametrize("python_on_fd_2", [True, False], ids=["a terminal's stderr", "a captured stderr"])
+def test_native_stderr_goes_to_a_file_while_pythons_keeps_the_terminal(tmp_path, capfd, monkeypatch,
+                                                                        python_on_fd_2):
+    """What Ray's C++ core writes to descriptor 2 lands in Ray's log folder; the command's own
+    warnings, progress and log lines (sys.stderr, the krypton_fx log handler) stay on the terminal."""
+    import io
+    import logging
+
+    from krypton_fx.cli.errors import attach_log_handler, native_stderr_to, warn
+
+    if python_on_fd_2:  # as in a terminal: sys.stderr writes to descriptor 2 itself
+        monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True))
+    handler = attach_log_handler()
+    try:
+        with native_stderr_to(tmp_path / "native.err"):
+            os.write(2, b"[E core_worker.cc:1] native\n")
+            warn("ours")
+            logging.getLogger("krypton_fx.test").warning("logged")
+        os.write(2, b"after\n")
+    finally:
+        logging.getLogger("krypton_fx").removeHandler(handler)
+    err = capfd.readouterr().err
+    assert (tmp_path / "native.err").read_text() == "[E core_worker.cc:1] native\n"
+    assert "krypton-fx: warning: ours" in err and "krypton-fx: warning: logged" in err and "after" in err
+    assert "native" not in err

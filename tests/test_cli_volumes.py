@@ -7,6 +7,7 @@ subprocess pays torch's import, and MONAI's where it builds a network).
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
@@ -174,6 +175,8 @@ BAD_INPUTS = {
     "unreadable file (no permission)": (["explain", "in/locked.nii.gz", *VOLUME], "permission denied"),
     "missing volume": (["explain", "in/nope.nii.gz", *VOLUME], "does not exist"),
     "NaN voxels": (["explain", "in/nan.npy", *VOLUME], "NaN or infinite voxels"),
+    "an npy header that claims more than the file holds": (
+        ["explain", "in/claims.npy", *VOLUME], "truncated or corrupt: claims 256000000000 bytes"),
     "a 2-D model for a volume": (["explain", "in/scan.nii.gz", "--model", "resnet18", "--weights", "none"],
                                  "resnet18 takes 2-D images"),
     "a 2-D MONAI network for a volume": (["explain", "in/scan.nii.gz", *VOLUME, "--spatial-dims", "2"],
@@ -227,6 +230,10 @@ def bad_input_runs(tmp_path_factory):
     write_nifti(inputs / "locked.nii.gz", make_volume())
     os.chmod(inputs / "locked.nii.gz", 0)
     np.save(inputs / "nan.npy", np.full((16, 16, 16), np.nan))
+    header = io.BytesIO()  # a (4000, 4000, 4000) float32 header on a file of a few hundred bytes
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (4000, 4000, 4000)})
+    (inputs / "claims.npy").write_bytes(header.getvalue() + bytes(200))
     np.save(inputs / "flat.npy", np.zeros((16, 16)))
     np.save(inputs / "two.npy", np.stack([make_volume(), make_volume(seed=1)]))
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(inputs / "scan.png")

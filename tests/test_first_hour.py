@@ -94,8 +94,9 @@ def test_every_class_at_once_equals_one_call_per_class_bit_for_bit():
     ({"top_k": 0}, "top_k must be a positive int"),
     ({"labels": []}, "labels must be a non-empty sequence"),
     ({"labels": [1, 9]}, "label 9 is out of range"),
+    ({"labels": [1, 2], "tau": 0.5}, "approximate maps .* explain one class"),
 ])
 def test_bad_labels_are_one_clear_error(kwargs, match):
-    ex = krypton_fx.compile(_gray_net(), patch=8, stride=8, image_size=(32, 32))
+    ex = krypton_fx.compile(_gray_net(), patch=8, stride=8, image_size=(32, 32), tau=kwargs.pop("tau", 1.0))
     with pytest.raises(ValueError, match=match):
         ex(torch.rand(1, 32, 32), **kwargs)

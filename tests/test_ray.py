@@ -1,6 +1,7 @@
 """Ray (the ``krypton_fx[ray]`` extra): a local instance with 2 CPU workers gives the same maps, bit
 for bit, as one process; a worker killed mid-run loses no image and duplicates none; the CLI's
-``--ray`` writes the same folder as a run in one process. Skipped where Ray is not installed."""
+``--ray`` writes the same folder as a run in one process, with none of Ray's own log lines on the terminal.
+Skipped where Ray is not installed."""
 
 from __future__ import annotations
 
@@ -123,6 +124,13 @@ def test_cli_ray_writes_what_one_process_writes(local_ray, tmp_path):
     ray_run = subprocess.run([sys.executable, "-m", "krypton_fx", *args, "--out-dir", "ray-out", "--ray", "auto",
                               "--workers", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert ray_run.returncode == 0, ray_run.stderr
+    # The terminal holds the run's own lines only; Ray's (its C++ core's "core_worker.cc:...: Actor with
+    # class name ...", its loggers, its progress bars) stay in its log folder, which the run names.
+    ours = ("krypton-fx: ", "4 images: 4 explained", "wrote ray-out/summary.csv", "Ray's own logs: ")
+    foreign = [line for line in (ray_run.stdout + ray_run.stderr).splitlines() if not line.startswith(ours)]
+    assert not foreign, "\n".join(foreign)
+    logs = Path(ray_run.stdout.split("Ray's own logs: ")[1].split("\n")[0])
+    assert (logs / "krypton-fx-driver.err").is_file() and (logs / "ray-data").is_dir()
     one = subprocess.run([sys.executable, "-m", "krypton_fx", *args, "--out-dir", "one-out", "--device", "cpu"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr

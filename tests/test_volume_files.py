@@ -100,6 +100,35 @@ def test_bad_files_raise_one_line(tmp_path, case, words):
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
+
+def write_npy_header(path, shape, descr="<f4", data=b"", version=(1, 0)):
+    """A .npy file whose header claims ``shape`` but which holds only ``data`` after it."""
+    header = io.BytesIO()
+    write = np.lib.format.write_array_header_1_0 if version == (1, 0) else np.lib.format.write_array_header_2_0
+    write(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    path.write_bytes(header.getvalue() + data)
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_an_npy_header_that_claims_more_than_the_file_holds_is_refused_before_allocating(tmp_path, version):
+    import tracemalloc
+
+    path = tmp_path / "claims.npy"
+    write_npy_header(path, (64, 512, 512), data=b"\0" * 200, version=version)  # claims 64 MiB, holds 200 bytes
+    tracemalloc.start()
+    try:
+        with pytest.raises(VolumeFileError) as info:
+            read_volume(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "truncated or corrupt: claims 67108864 bytes (a 64x512x512 float32 array), holds 200" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert peak < 4 << 20, f"{peak} bytes allocated for a file of a few hundred"
+    # the same array, whole, reads
+    write_npy_header(path, (2, 3, 4), data=np.arange(24, dtype="<f4").tobytes(), version=version)
+    np.testing.assert_array_equal(read_volume(path).data[0], np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+
 # --- intensity ------------------------------------------------------------------------------
 
 

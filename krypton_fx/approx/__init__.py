@@ -1,15 +1,19 @@
-"""Approximate occlusion: adaptive drill-down (eqs. 46-48), heat-map metrics, and tau tuning (section 4.4).
+"""Approximate occlusion: adaptive drill-down (eqs. 46-48), heat-map metrics, and tuning (section 4.4).
 
 Projective-field thresholding itself (eqs. 39-45) lives in
 :func:`krypton_fx.geometry.local_box` and is switched on by
-``compile(tau=...)``; this package adds what is built on top of it:
+``compile(tau=...)``; the peak rule, which recomputes exactly the cells that
+decide an approximate map's reading, in :mod:`krypton_fx.peak`. This package
+adds what is built on top of them:
 
+* :mod:`.cover`: drill-down's covering stage one, patches that contain every
+  fine patch (a drop cannot fall between them);
 * :mod:`.drilldown`: :class:`DrillDown` / :func:`run_drill_down`, a coarse
-  stage-one map, then the compiled stride on the fraction ``r`` of cells with
-  the largest drop;
-* :mod:`.metrics`: :func:`heatmap_ssim` and :func:`drop_kept`;
-* :mod:`.tuning`: :func:`tune`, the smallest tau whose maps keep a target SSIM
-  against the exact ones, from a degree-2 fit of SSIM against tau.
+  stage-one map, the compiled stride on the fraction ``r`` of cells with
+  the largest drop, then the peak rule;
+* :mod:`.metrics`: :func:`heatmap_ssim`, :func:`drop_kept` and :func:`peak_kept`;
+* :mod:`.tuning`, :mod:`.tune_drill`: :func:`tune`, tau and a covering
+  drill-down that keep the sample images' peaks (SSIM reported).
 """
 
 from .drilldown import (
@@ -21,9 +25,11 @@ from .drilldown import (
                         stage1_stride,
                         upsample_matrix,
 )
-from .metrics import MIN_PROB_DROP, drop_kept, heatmap_ssim
+from .metrics import MIN_PROB_DROP, drop_kept, heatmap_ssim, peak_kept
+from .tune_drill import DrillDownTrial, choose_drill_down
 from .tuning import TuneResult, guard_tau, select_tau, tune
 
 __all__ = ["DrillDown", "drill_down_speedup", "stage1_stride", "max_drill_down_speedup",
-           "stage1_grid", "upsample_matrix", "run_drill_down", "heatmap_ssim", "drop_kept",
-           "MIN_PROB_DROP", "select_tau", "guard_tau", "TuneResult", "tune"]
+           "stage1_grid", "upsample_matrix", "run_drill_down", "heatmap_ssim", "drop_kept", "peak_kept",
+           "MIN_PROB_DROP", "select_tau", "guard_tau", "TuneResult", "tune", "DrillDownTrial",
+           "choose_drill_down"]

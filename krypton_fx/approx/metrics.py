@@ -8,7 +8,7 @@ from torch import Tensor
 
 from ..results import OcclusionResult
 
-__all__ = ["heatmap_ssim", "drop_kept", "MIN_PROB_DROP"]
+__all__ = ["heatmap_ssim", "drop_kept", "peak_kept", "MIN_PROB_DROP"]
 
 
 def heatmap_ssim(exact: Tensor, approx: Tensor, data_range: Optional[float] = 1.0) -> float:
@@ -94,3 +94,20 @@ def drop_kept(exact: OcclusionResult, approx: Tensor, min_drop: float = MIN_PROB
     return (exact.base_prob - float(approx.reshape(-1)[k])) / drop
 
 
+
+
+def peak_kept(exact: OcclusionResult, approx: Tensor, min_drop: float = MIN_PROB_DROP) -> float:
+    """1.0 where the approximate map's strongest drop is the exact map's cell, else 0.0.
+
+    NaN where the exact map has no real drop (as :func:`drop_kept`): a nearly
+    flat map has no peak to keep.
+
+    Example:
+        >>> ex = OcclusionResult(torch.tensor([[0.9, 0.2], [0.9, 0.9]]), 0, 0.9, (1, 1), (1, 1))
+        >>> peak_kept(ex, torch.tensor([[0.9, 0.3], [0.9, 0.9]])), peak_kept(ex, torch.tensor([[0.1, 0.3], [0.9, 0.9]]))
+        (1.0, 0.0)
+    """
+    flat = exact.heatmap.reshape(-1)
+    if not exact.base_prob - float(flat.min()) > min_drop:
+        return float("nan")
+    return float(int(approx.reshape(-1).argmin()) == int(flat.argmin()))

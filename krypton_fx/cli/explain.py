@@ -61,14 +61,28 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                         "its mean (0 for zscore). A number is used as is")
     p.add_argument("--label", type=opt.non_negative_int, metavar="N",
                    help="class to explain (default: the predicted class)")
+    p.add_argument("--labels", type=opt.label_list, metavar="N,M,...",
+                   help="several classes at once, from the same occluded forwards: one picture per class, "
+                        "named after --out with -CLASS added (heat-3.png); --npy holds one map per class "
+                        "(images, one at a time)")
+    p.add_argument("--top-k", type=opt.positive_int, metavar="K",
+                   help="the K classes the image scores highest, as --labels")
     p.add_argument("--tau", type=opt.tau, default=1.0, help="projective-field threshold; 1 is exact")
     p.add_argument("--output", choices=("prob", "logit"), default="prob",
                    help="what the map records: the softmax probability of the label, or its raw logit")
-    p.add_argument("--drill-down", type=opt.fraction, metavar="R",
-                   help="adaptive drill-down: a coarse pass at --stage1-stride, then --stride only on "
-                        "the fraction R of cells with the largest drop (approximate; default off)")
+    p.add_argument("--drill-down", type=opt.fraction, metavar="R", nargs="?", const=opt.DRILL_DOWN_R,
+                   help="adaptive drill-down: a coarse pass at --stage1-stride whose patches contain every "
+                        "--patch, then --stride on the fraction R of cells with the largest drop (default "
+                        f"{opt.DRILL_DOWN_R:g}), then exactly wherever the strongest drop may lie "
+                        "(approximate; default off)")
     p.add_argument("--stage1-stride", type=opt.positive_int, metavar="N",
-                   help="coarse stride of --drill-down in pixels (default: 2 x --stride)")
+                   help=f"coarse stride of --drill-down in pixels (default: {opt.STAGE1_STEP} x --stride)")
+    p.add_argument("--stage1", choices=("cover", "sample"),
+                   help="--drill-down's coarse pass: cover (patches that contain every fine patch: a drop cannot "
+                        "fall between them; the default) or sample (the paper's: every few cells, interpolated)")
+    p.add_argument("--margin", type=opt.margin, metavar="M|none",
+                   help="--tau and --drill-down: recompute exactly every cell whose approximate drop may reach "
+                        "(1 - M) x the strongest exact drop (default 0.5; none: no such rule, the paper's maps)")
     p.add_argument("--device", metavar="cpu|cuda", help="default: cuda if available, else cpu")
     p.add_argument("--batch-size", type=opt.positive_int, metavar="N",
                    help="positions per batch (default: what fits in memory)")
@@ -111,7 +125,11 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                       help="one worker per device over a shared queue (instead of --device)")
     many.add_argument("--ray", metavar="auto|ADDRESS",
                       help="run the workers on a Ray cluster (pip install 'krypton_fx[ray]'): auto joins "
-                           "the running cluster or starts a local one")
+                           "the running cluster or starts a local one. Ray's own logs stay out of the terminal, "
+                           "in its session's log folder (/tmp/ray/session_latest/logs by default, or under "
+                           "the cluster's --temp-dir; the run prints where): the workers' output in "
+                           "worker-*.out/.err, Ray Data's in ray-data/, what Ray's core says in this process "
+                           "in krypton-fx-driver.err")
     many.add_argument("--workers", type=opt.positive_int, metavar="N",
                       help="Ray workers (default: one per GPU of the cluster, else 2)")
     p.set_defaults(run=run)
@@ -125,6 +143,8 @@ def run(args) -> int:
             raise CLIError(f"--out-dir explains images; {volumes[0]} is a volume: explain volumes one at a "
                            "time with --out and --map")
         _refuse_volume_options(argparse.Namespace(**{**vars(args), "image": "each input"}))
+        if args.labels is not None or args.top_k is not None:
+            raise CLIError("--labels and --top-k explain one image (--out); with --out-dir give --label or none")
         args.color = "gray" if args.color is None else args.color
         return run_files(args)
     for option in ("devices", "ray", "workers"):
@@ -134,6 +154,9 @@ def run(args) -> int:
         raise CLIError("--overwrite works with --out-dir DIR; --out and --npy are always overwritten")
     if args.pack:
         raise CLIError("--pack works with --out-dir DIR (many images share batches); add --out-dir")
+    if args.labels is not None or args.top_k is not None:  # (--out-dir: one class an image, as its files)
+        if len(args.image) == 1 and is_volume_path(args.image[0]):
+            raise CLIError("--labels and --top-k explain images; explain a volume one class at a time (--label)")
     if len(args.image) > 1:
         raise CLIError(f"{len(args.image)} images given but --out writes one picture; use --out-dir DIR "
                        "for many images")
@@ -186,7 +209,7 @@ def _explain_one(args) -> int:
     size_hw = tuple(x.shape[-2:])
     if not segmenting:
         opt.check_patch(patch, size_hw)
-    opt.probe_model(loaded, x, device, args.label, args.output)
+    opt.probe_model(loaded, x, device, args.label, args.output, args.labels or ())
 
     color = patch_color(args.color, x, prep.mean, prep.std)
     if segmenting:
@@ -197,29 +220,41 @@ def _explain_one(args) -> int:
 
     from ..viz import heatmap_figure
 
-    heat = res.heatmap.numpy()
     cats = loaded.categories
-    label_name = cats[res.label] if cats and res.label < len(cats) else None
     exact = opt.exactness(args, drill, res)
-    fig = heatmap_figure(prep.display(x), heat, res.patch, res.stride, res.label, res.base_prob,
-                         label_name=label_name, output=res.output,
-                         subtitle=(f"{loaded.name}, {Path(args.image).name}: patch {patch[0]}x{patch[1]}, "
-                                   f"stride {stride[0]}x{stride[1]}, {heat.shape[0]}x{heat.shape[1]} "
-                                   f"positions ({exact})"))
-    fmt = out_png.suffix.lower().lstrip(".")
-    writers = {out_png: functools.partial(save_figure, fig, fmt)}
+    several = len(res.labels) > 1
+    writers = {}
+    for label, base, heatmap in zip(res.labels, res.base_probs, res.heatmaps):
+        heat = heatmap.numpy()
+        label_name = cats[label] if cats and label < len(cats) else None
+        fig = heatmap_figure(prep.display(x), heat, res.patch, res.stride, label, base,
+                             label_name=label_name, output=res.output, exact_cells=res.stats.get("exact_cells"),
+                             subtitle=(f"{loaded.name}, {Path(args.image).name}: patch {patch[0]}x{patch[1]}, "
+                                       f"stride {stride[0]}x{stride[1]}, {heat.shape[0]}x{heat.shape[1]} "
+                                       f"positions ({exact})"))
+        png = out_png.with_name(f"{out_png.stem}-{label}{out_png.suffix}") if several else out_png
+        writers[png] = functools.partial(save_figure, fig, out_png.suffix.lower().lstrip("."))
+    heat = res.heatmaps.numpy() if several else res.heatmap.numpy()
     if out_npy is not None:
         writers[out_npy] = functools.partial(np.save, arr=heat)
     write_files(writers)
 
+    label_name = cats[res.label] if cats and res.label < len(cats) else None
     name = f" '{label_name}'" if label_name else ""
     print(f"{loaded.name} on {args.image} ({prep.description}): class {res.label}{name}, "
           f"{'P' if args.output == 'prob' else 'logit'} = {res.base_prob:.4f}")
+    if several:
+        print("classes " + ", ".join(f"{k} ({'P' if args.output == 'prob' else 'logit'} {b:.4f})"
+                                     for k, b in zip(res.labels, res.base_probs))
+              + (" (--npy: one map per class, in this order)" if out_npy is not None else ""))
     run_ = res.stats.get("positions_run", ex.positions)
     ran = f"{run_} of {ex.positions} positions run" if run_ != ex.positions else f"{ex.positions} positions"
     what = "P" if args.output == "prob" else "logit"
-    print(f"heat map {heat.shape[0]}x{heat.shape[1]} ({ran}, batch {min(ex.batch_size, run_)}) "
+    print(f"heat map {heat.shape[-2]}x{heat.shape[-1]} ({ran}, batch {min(ex.batch_size, run_)}) "
           f"in {seconds:.2f} s on {device}; lowest {what} {heat.min():.4f}")
+    note = opt.peak_note(res)
+    if note:
+        print(f"approximate: {note}")
     for path in writers:
         print(f"wrote {path}")
     return 0

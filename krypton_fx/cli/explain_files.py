@@ -10,9 +10,11 @@ device of ``--devices``, or Ray actors with ``--ray``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from ..models import input_channels, load_model
 from ..monai_nets import is_monai_spec
@@ -21,7 +23,7 @@ from ..scale.files import FileJob
 from ..scale.imagefiles import expand_inputs
 from ..scale.outputs import OutputFolder
 from . import options as opt
-from .errors import PROG, CLIError, warn
+from .errors import PROG, CLIError, native_stderr_to, warn
 from .explain_segments import SegmentLabeler, refuse_patch_options
 from .files import output_dir
 from .images import ImageReader, preprocessing_for
@@ -31,7 +33,7 @@ __all__ = ["run_files", "fingerprint"]
 
 def fingerprint(args, patch, stride) -> dict:
     """The settings that make a map: an output made with other ones is not reused."""
-    drill = None if args.drill_down is None else [args.drill_down, args.stage1_stride]
+    drill = None if args.drill_down is None else [args.drill_down, args.stage1_stride, args.stage1, args.margin]
     settings = {"model": args.model, "weights": args.weights, "num_classes": args.num_classes,
                 "seed": args.seed if (args.weights or "").lower() == "none" else None,
                 "size": args.size, "mean": args.mean, "std": args.std, "patch": list(patch),
@@ -39,6 +41,8 @@ def fingerprint(args, patch, stride) -> dict:
                 "output": args.output, "drill_down": drill}
     if getattr(args, "in_channels", None) is not None:  # only when given: older folders' settings stay equal
         settings["in_channels"] = args.in_channels
+    if args.tau < 1.0:  # tau maps keep their peak since issue 25: older ones are not reused
+        settings["peak_margin"] = args.margin or "default"
     if getattr(args, "segments", None) is not None:
         settings.update(segments=str(args.segments), patch=None, stride=None)
     return settings
@@ -81,15 +85,14 @@ def run_files(args) -> int:
         rows = dict(done)
         where = f"Ray ({args.ray})" if args.ray else ", ".join(map(str, devices))
         start = time.perf_counter()
+        ray_logs = None
         try:
             if todo:
                 job = _job(args, out, folder.fingerprint, patch, stride, drill, todo)
                 if args.ray is not None:
-                    from ..scale.cluster import run_on_ray
-                    results = run_on_ray(job, todo, address=args.ray, workers=args.workers)
+                    ray_logs = _run_on_ray(job, todo, args, rows, len(tasks), len(done))
                 else:
-                    results = run_on_devices(job, todo, devices)
-                _collect(results, rows, len(tasks), len(done))
+                    _collect(run_on_devices(job, todo, devices), rows, len(tasks), len(done))
         finally:  # interrupted or not, the summary lists what is done
             summary = folder.write_summary([rows[t.index] for t in tasks if t.index in rows])
     seconds = time.perf_counter() - start
@@ -98,6 +101,8 @@ def run_files(args) -> int:
     print(f"{len(tasks)} images: {made} explained, {len(done)} complete from an earlier run, {failed} failed "
           f"({seconds:.1f} s on {where})")
     print(f"wrote {summary}")
+    if ray_logs is not None:
+        print(f"Ray's own logs: {ray_logs}")
     if failed:
         print(f"{PROG}: {failed} of {len(tasks)} images failed; see the error column of {summary}",
               file=sys.stderr, flush=True)
@@ -139,6 +144,19 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
                    drill_down=drill, fingerprint=settings, model_name=loaded.name,
                    categories=loaded.categories, pack=True if args.pack else None, segments=segments,
                    describe_segments=str(args.segments or ""))
+
+
+def _run_on_ray(job: FileJob, todo, args, rows: dict, total: int, initial: int) -> Optional[Path]:
+    """Ray actors explain the images; Ray's own logs stay in its session's log folder (returned):
+    its Python loggers and progress bars are quiet, and what its native core writes to this
+    process's stderr goes to ``krypton-fx-driver.err`` there."""
+    from ..scale.cluster import run_on_ray, start_quietly
+
+    logs = start_quietly(args.ray)
+    redirect = native_stderr_to(logs / "krypton-fx-driver.err") if logs is not None else contextlib.nullcontext()
+    with redirect:
+        _collect(run_on_ray(job, todo, address=args.ray, workers=args.workers), rows, total, initial)
+    return logs
 
 
 def _collect(results, rows: dict, total: int, initial: int) -> None:

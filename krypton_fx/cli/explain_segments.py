@@ -93,7 +93,7 @@ def labels_for_image(spec: SegmentSpec, x, display, prep, file_hw, source: str):
 def segment_picture(display, labels, res, label_name, model_name: str, source: str, spec: SegmentSpec,
                     tau: float):
     """The figure of one image's feature ablation."""
-    from ..viz import segments_figure
+    from ..viz_segments import segments_figure
 
     exact = "exact" if tau >= 1.0 else f"tau={tau:g}, approximate"
     return segments_figure(display, labels.numpy(), res.scores.numpy(), res.label, res.base_prob,

@@ -24,7 +24,7 @@ from .errors import CLIError
 from .explain_segments import refuse_patch_options
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
 
-__all__ = ["run_volume", "volume_color", "display_scale", "VOLUME_ONLY"]
+__all__ = ["run_volume", "volume_color", "VOLUME_ONLY"]
 
 #: Options that only a volume takes.
 VOLUME_ONLY = ("--intensity", "--map")
@@ -46,18 +46,6 @@ def volume_color(spec, x) -> float:
     if spec == "mean":
         return float(x.double().mean())
     return float(spec)
-
-
-def display_scale(x):
-    """A ``(C, D, H, W)`` model input as a ``(D, H, W)`` picture in ``[0, 1]``: the first channel,
-    its 0.5th to 99.5th percentile stretched over the grey scale (one hot voxel cannot darken the rest)."""
-    import numpy as np
-
-    first = x[0].detach().cpu().double().numpy()
-    low, high = np.percentile(first, [0.5, 99.5]) if first.size else (0.0, 1.0)
-    if high <= low:
-        low, high = float(first.min()), float(first.max())
-    return np.clip((first - low) / (high - low), 0, 1) if high > low else np.zeros_like(first)
 
 
 def _check_options(args) -> None:
@@ -94,7 +82,7 @@ def run_volume(args) -> int:
     import numpy as np
     import torch
 
-    from ..viz import drop_limit, upsample_heatmap_nd, volume_figure
+    from ..viz import approximate_pixels, display_scale, drop_limit, upsample_heatmap_nd, volume_figure
 
     _check_options(args)
     segmenting = args.segments is not None
@@ -147,10 +135,13 @@ def run_volume(args) -> int:
     exact = opt.exactness(args, drill, res)
     what = "P" if args.output == "prob" else "logit"
     view = to_display_orientation(volume)
+    exact_cells = res.stats.get("exact_cells")
+    approximate = None if exact_cells is None else view.reorient(
+        approximate_pixels(exact_cells, volume.spatial_shape, res.patch, res.stride))
     axis_names = "ijk" if volume.kind == "nifti" else "dhw"
     fig = volume_figure(view.reorient(display_scale(x)), view.reorient(drop), view.voxel_index(voxel), res.label,
                         res.base_prob, limit=drop_limit(res.base_prob - heat), layout=view.layout,
-                        spacing=view.zooms, output=res.output,
+                        spacing=view.zooms, output=res.output, approximate=approximate,
                         voxel_text=f"voxel ({', '.join(map(str, voxel))}) of the file",
                         plane_text=[f"{axis_names[a]} = {voxel[a]}" for a in view.file_axes],
                         subtitle=(f"{loaded.name}, {Path(args.image).name} ({opt.sizes(volume.spatial_shape)}, "
@@ -170,6 +161,9 @@ def run_volume(args) -> int:
     count = f"{ran} of {ex.positions} positions run" if ran != ex.positions else f"{ex.positions} positions"
     print(f"heat map {opt.sizes(heat.shape)} ({count}, batch {min(ex.batch_size, ran)}) in {seconds:.2f} s on "
           f"{device}; lowest {what} {heat.min():.4f}, strongest drop {float(drop.max()):.4f} at voxel {voxel}")
+    note = opt.peak_note(res)
+    if note:
+        print(f"approximate: {note}")
     kind = "NIfTI, the input's affine" if volume_suffix(out_map) != ".npy" else "numpy"
     for path in writers:
         note = f" (drop in {what} on the input's grid, {kind})" if path == out_map else ""
@@ -187,7 +181,7 @@ def _ablate_volume(args, loaded, x, volume: Volume, color: float, channels: int,
 
     from .. import segments
     from ..explainer import compile as compile_explainer
-    from ..viz import volume_figure
+    from ..viz import display_scale, volume_figure
 
     shape = volume.spatial_shape
     if args.segments.kind == "slic":

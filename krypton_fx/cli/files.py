@@ -2,7 +2,7 @@
 
 Output paths are checked for writability before anything slow starts; files
 are written to a temporary name next to the target and renamed into place
-only once everything succeeded (:func:`krypton_fx.scale.atomic.write_atomically`),
+only once everything succeeded (:func:`krypton_fx.atomic.write_atomically`),
 so a failed run leaves no output file behind. An output never overwrites an
 input, and a symbolic link is written through.
 """
@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence
 
-from ..scale.atomic import write_atomically
+from ..atomic import write_atomically
 from .errors import CLIError
 
 __all__ = ["probe_writable", "output_file", "output_dir", "write_files", "save_figure", "PICTURE_FORMATS"]

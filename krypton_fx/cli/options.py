@@ -11,9 +11,9 @@ from typing import Callable, Optional, Sequence, Union
 
 from .errors import CLIError, first_line, warn
 
-__all__ = ["int_at_least", "positive_int", "non_negative_int", "int_or_pair", "int_or_tuple", "fraction", "tau",
-           "color", "intensity", "finite_float", "positions", "pair", "sizes", "drill_down", "resolve_device",
-           "check_patch", "check_settings", "probe_model", "DEFAULT_STRIDE"]
+__all__ = ["int_at_least", "positive_int", "non_negative_int", "label_list", "int_or_pair", "int_or_tuple",
+           "fraction", "tau", "color", "intensity", "finite_float", "positions", "pair", "sizes", "drill_down",
+           "margin", "peak_note", "resolve_device", "check_patch", "check_settings", "probe_model", "DEFAULT_STRIDE"]
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -31,6 +31,14 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def label_list(text: str) -> tuple[int, ...]:
+    """``3,5``: class indices (>= 0), at least one, none twice."""
+    values = tuple(non_negative_int(p) for p in text.split(","))
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"a class is given twice in {text!r}")
+    return values
 
 
 def int_or_pair(text: str) -> Union[int, tuple[int, int]]:
@@ -114,22 +122,55 @@ def sizes(values: Sequence[int]) -> str:
     return "x".join(str(int(v)) for v in values)
 
 
-def drill_down(r: Optional[float], stage1: Optional[int], stride: tuple[int, ...]):
-    """The DrillDown of --drill-down / --stage1-stride, or None."""
+#: ``--drill-down`` without a fraction, and the stage-one stride in strides when ``--stage1-stride``
+#: is not given: near what ``krypton_fx.tune`` chose for the lesion models of bench/approx.py
+#: (r = 0.5 %; a covering stage one of 4 cells a side for the VGG16-shaped model, whose large
+#: occluders are the least faithful, 6 for the others: bench/results/approx/).
+DRILL_DOWN_R = 0.01
+STAGE1_STEP = 4
+
+
+def margin(text: str) -> Union[float, str]:
+    """argparse type: ``--margin``, a number >= 0 or ``"none"`` (no peak rule)."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or none, got {text!r}") from None
+    if not 0.0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 or none, got {text!r}")
+    return value
+
+
+def drill_down(r: Optional[float], stage1: Optional[int], stride: tuple[int, ...], kind: Optional[str] = None,
+               peak_margin: Union[float, str, None] = None, tau: float = 1.0):
+    """The DrillDown of --drill-down / --stage1-stride / --stage1 / --margin, or None.
+
+    ``tau < 1`` with ``--margin`` alone is every cell at tau, then the peak rule with that margin
+    (``r = 1``); without ``--margin`` the explainer's own rule runs (``peak.keep_peak``)."""
     stage1_stride: Union[int, tuple[int, ...]]
+    from ..approx import DrillDown
+    from ..peak import DEFAULT_MARGIN
+    rule = DEFAULT_MARGIN if peak_margin is None else None if peak_margin == "none" else float(peak_margin)
     if r is None:
         if stage1 is not None:
-            raise CLIError("--stage1-stride needs --drill-down R (the fraction of cells to refine)")
-        return None
-    from ..approx import DrillDown
+            raise CLIError("--stage1-stride needs --drill-down [R] (the fraction of cells to refine)")
+        if kind is not None:
+            raise CLIError("--stage1 needs --drill-down [R]")
+        if peak_margin is None:
+            return None
+        if tau >= 1.0:
+            raise CLIError("--margin applies to approximate maps: give --tau below 1 or --drill-down")
+        return DrillDown(r=1.0, stage1_stride=stride, margin=rule)
     if stage1 is None:
-        stage1_stride = tuple(2 * s for s in stride)
+        stage1_stride = tuple(STAGE1_STEP * s for s in stride)
     elif stage1 < max(stride):
         raise CLIError(f"--stage1-stride {stage1} is finer than --stride {sizes(stride)}; "
                        "give a coarser stage-one stride")
     else:
         stage1_stride = stage1
-    return DrillDown(r=r, stage1_stride=stage1_stride)
+    return DrillDown(r=r, stage1_stride=stage1_stride, stage1=kind or "cover", margin=rule)
 
 
 def resolve_device(text: Optional[str], option: str = "--device"):
@@ -183,7 +224,13 @@ def check_settings(args, spatial_dims: int = 2):
     patch, stride = _axes(args.patch, spatial_dims, "--patch"), _axes(stride_arg, spatial_dims, "--stride")
     if args.size is not None:
         check_patch(patch, (args.size,) * spatial_dims)
-    drill = drill_down(args.drill_down, args.stage1_stride, stride)
+    drill = drill_down(args.drill_down, args.stage1_stride, stride, args.stage1, args.margin, args.tau)
+    given = [o for o, v in (("--label", args.label), ("--labels", getattr(args, "labels", None)),
+                            ("--top-k", getattr(args, "top_k", None))) if v is not None]
+    if len(given) > 1:
+        raise CLIError(f"{' and '.join(given)} both choose classes; give one of them")
+    if drill is not None and given and given[0] != "--label":
+        raise CLIError(f"--drill-down explains one class; give --label (or none) instead of {given[0]}")
     if any(s > p for s, p in zip(stride, patch)):
         what = "pixels" if spatial_dims == 2 else "voxels"
         warn(f"--stride {sizes(stride)} is larger than --patch {sizes(patch)}: {what} between "
@@ -191,7 +238,7 @@ def check_settings(args, spatial_dims: int = 2):
     return patch, stride, drill
 
 
-def probe_model(loaded, x, device, label, output) -> int:
+def probe_model(loaded, x, device, label, output, labels: Sequence[int] = ()) -> int:
     """One plain inference: a wrong --label or a model that is no classifier fails here, in a second,
     before compiling and the long run. Returns the number of classes."""
     import torch
@@ -212,9 +259,10 @@ def probe_model(loaded, x, device, label, output) -> int:
     if classes == 1 and output == "prob":
         warn(f"{loaded.name} has one output: its softmax probability is 1 everywhere, so the map is flat; "
              "use --output logit (or a model with two or more classes)")
-    if label is not None and label >= classes:
-        raise CLIError(f"--label {label} is out of range: {loaded.name} has {classes} classes "
-                       f"(0..{classes - 1})")
+    for option, value in [("--label", label)] + [("--labels", v) for v in labels]:
+        if value is not None and value >= classes:
+            raise CLIError(f"{option} {value} is out of range: {loaded.name} has {classes} classes "
+                           f"(0..{classes - 1})")
     return classes
 
 
@@ -231,13 +279,33 @@ def compile_and_explain(loaded, x, args: argparse.Namespace, patch: tuple[int, .
     if loaded.warning:
         warn(loaded.warning)
     start = time.perf_counter()
-    res = ex(x, label=args.label, drill_down=drill, progress=True)
+    labels = list(args.labels) if getattr(args, "labels", None) else None
+    res = ex(x, label=args.label, drill_down=drill, progress=True, labels=labels,
+             top_k=getattr(args, "top_k", None))
     return ex, res, time.perf_counter() - start
 
 
 def exactness(args: argparse.Namespace, drill, res) -> str:
     """``"exact"``, or what made the map approximate (tau, drill-down), for picture titles."""
     approx = [f"tau={args.tau:g}"] if args.tau < 1.0 else []
-    if drill is not None:
+    if drill is not None and drill.r < 1.0:
         approx.append(f"drill-down r={drill.r:g} from stride {sizes(res.stats['stage1_stride'])}")
+    exact_cells = res.stats.get("exact_cells")
+    if approx and exact_cells is not None:
+        approx.append(f"{int(exact_cells.sum())} cells exact, hatched: approximate")
     return ", ".join(approx + ["approximate"]) if approx else "exact"
+
+
+def peak_note(res) -> Optional[str]:
+    """How sure an approximate map's strongest drop is, in one line (None for an exact map)."""
+    stats = res.stats
+    exact_cells = stats.get("exact_cells")
+    if exact_cells is None or bool(exact_cells.all()):
+        return None
+    cells = f"{int(exact_cells.sum())} of {exact_cells.numel()} cells computed exactly"
+    if stats.get("margin") is None:
+        return f"{cells}; no peak rule (--margin none): the strongest drop shown may be an approximation"
+    if stats.get("peak_bounded"):
+        return (f"{cells}; the strongest drop is exact, and the exact map's whenever a larger occluder drops at "
+                f"least {1 - stats['margin']:.0%} as much as a smaller one inside it (covering stage one)")
+    return f"{cells}; the strongest drop is exact, its place an estimate (no covering stage one at tau 1)"

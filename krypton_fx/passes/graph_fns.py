@@ -1,10 +1,12 @@
 """The functions the incremental graph calls, besides the gather ops (``krypton_fx.ops``):
-the patch of a colour, 1x1x1 convs as matrix products, sum pools, and the table
-arithmetic of packed programs (several images per batch)."""
+the patch of a colour, 1x1x1 convs as matrix products, sum pools, the table
+arithmetic of packed programs (several images per batch), and the decoder's
+windowed ops (crops of transposed convs, resampling by source taps)."""
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +14,13 @@ from torch import Tensor, fx
 from torch.profiler import record_function
 
 __all__ = ["color_patch", "offset_first_axis", "whole_map_table", "pointwise_conv", "is_pointwise_3d",
-           "sum_pool", "max_pool_channels_last"]
+           "sum_pool", "max_pool_channels_last", "channels_last", "crop_box", "full_size_stand_in",
+           "resample_window"]
+
+
+def channels_last(ndim: int) -> torch.memory_format:
+    """The channels-last memory format of maps with ``ndim`` spatial axes (contiguous for one)."""
+    return {2: torch.channels_last, 3: torch.channels_last_3d}.get(ndim, torch.contiguous_format)
 
 
 @fx.wrap
@@ -85,3 +93,98 @@ def max_pool_channels_last(x: Tensor, kernel: tuple[int, ...], stride: tuple[int
     if x.device.type != "cpu" or x.dim() != len(kernel) + 2 or not x.is_contiguous():
         return pool(x, kernel, stride, padding, dilation, ceil_mode)
     return pool(x.contiguous(memory_format=layout), kernel, stride, padding, dilation, ceil_mode).contiguous()
+
+
+@fx.wrap
+def full_size_stand_in(patch: Tensor, full: tuple[int, ...]) -> Tensor:
+    """A tensor without storage (device ``meta``) of the whole map's shape, ``(B, C, *full)``,
+    for shape queries (``x.shape[-2:]``) of a map the incremental graph holds as a patch."""
+    return torch.empty((patch.shape[0], patch.shape[1], *full), dtype=patch.dtype, device="meta")
+
+
+@fx.wrap
+def crop_box(x: Tensor, crop: tuple[int, ...], size: tuple[int, ...]) -> Tensor:
+    """``x[..., crop_d : crop_d + size_d]`` on every spatial axis, channels-last (a transposed
+    conv's result on a window holds the box at the same offset for every position)."""
+    if all(c == 0 for c in crop) and tuple(x.shape[2:]) == tuple(size):
+        return x
+    box = x[(slice(None), slice(None), *(slice(c, c + n) for c, n in zip(crop, size)))]
+    return box.contiguous(memory_format=channels_last(len(size)))
+
+
+def _row_index(batch: int, size: tuple[int, ...], index: Sequence[Optional[Tensor]],
+               device: torch.device) -> Tensor:
+    """Flat row (of a ``(batch * prod(size), C)`` row view) of every element of ``(batch, *out)``
+    where ``out[d]`` reads ``index[d][b, j_d]`` (int64 ``(B, M_d)``) on the axes that have an
+    index and ``j_d`` on the others; ``(batch, *out)`` int64."""
+    n = len(size)
+    out = tuple(size[d] if i is None else i.shape[1] for d, i in enumerate(index))
+    rows = torch.arange(batch, device=device).view(batch, *(1,) * n) * math.prod(size)
+    step = 1
+    for d in reversed(range(n)):
+        coord = torch.arange(size[d], device=device)[None] if index[d] is None else index[d]
+        shape = [coord.shape[0]] + [1] * n
+        shape[d + 1] = out[d]
+        rows = rows + (coord * step).view(shape)
+        step *= size[d]
+    return rows
+
+
+@fx.wrap
+def resample_window(window: Tensor, table: Tensor, first: Sequence[Tensor], weight: Sequence[Optional[Tensor]],
+                    size: tuple[int, ...], lerp: Sequence[bool] = ()) -> Tensor:
+    """A resampling op (``F.interpolate``) on each position's window, by source taps
+    (:class:`krypton_fx.geometry.AxisTaps`): box output ``j`` on axis ``d`` is
+    ``sum_t weight[d][o, t] * window[first[d][o] + t - w_d]``, ``o = x_d + j``.
+
+    Args:
+        window: ``(B, C, *R)`` gathered windows.
+        table: int64 ``(B, 2N)`` rows ``[x_0..x_{N-1}, w_0..w_{N-1}]``: the box's start in the
+            op's output, the window's start in its input.
+        first: per axis, int64 ``(O_d,)`` first source of each output.
+        weight: per axis, ``(O_d, T_d)`` tap weights, or None where the op copies (nearest).
+        size: the box, ``N`` sizes.
+        lerp: per axis, whether its two taps weigh ``1 - w`` and ``w`` (linear modes): one
+            ``torch.lerp`` instead of a multiply and a multiply-add.
+
+    Returns:
+        ``(B, C, *size)``, channels-last. Axes with one tap of weight 1 are copied in one
+        row gather; the others are resampled one after another (shrinking axes first),
+        each tap a row gather, weighed and summed in place on rows of channels (in the
+        weights' dtype: float32 for half-precision maps, rounded once at the end).
+    """
+    with record_function("krypton::resample"):
+        return _resample_rows(window, table, first, weight, size, lerp)
+
+
+def _resample_rows(window: Tensor, table: Tensor, first: Sequence[Tensor], weight: Sequence[Optional[Tensor]],
+                   size: tuple[int, ...], lerp: Sequence[bool]) -> Tensor:
+    n, batch, channels, dev = len(size), window.shape[0], window.shape[1], window.device
+    taps, scaled = [], []
+    for d in range(n):
+        o = table[:, d, None] + torch.arange(size[d], device=dev)  # (B, M_d) outputs
+        taps.append(first[d][o] - table[:, n + d, None])  # their first source in the window
+        scaled.append(None if weight[d] is None else weight[d][o])  # (B, M_d, T_d)
+    rows = window.movedim(1, -1).reshape(-1, channels)  # no copy when the window is channels-last
+    current = tuple(window.shape[2:])
+    copied = [d for d in range(n) if scaled[d] is None]
+    if copied:
+        index = [taps[d] if d in copied else None for d in range(n)]
+        rows = rows.index_select(0, _row_index(batch, current, index, dev).reshape(-1))
+        current = tuple(size[d] if d in copied else current[d] for d in range(n))
+    for d in sorted((d for d in range(n) if scaled[d] is not None), key=lambda d: size[d] / current[d]):
+        out = current[:d] + (size[d],) + current[d + 1:]
+        view = [batch] + [1] * n
+        view[1 + d] = size[d]
+        terms = [rows.index_select(0, _row_index(batch, current, [taps[d] + t if e == d else None for e in range(n)],
+                                                 dev).reshape(-1)).to(scaled[d].dtype)  # half: in float32
+                 for t in range(scaled[d].shape[2])]
+        weights = [scaled[d][:, :, t].reshape(view).expand(batch, *out).reshape(-1, 1) for t in range(len(terms))]
+        if lerp and lerp[d]:  # linear modes: w0 = 1 - w1, one pass instead of two
+            rows = terms[0].lerp_(terms[1], weights[1])
+        else:
+            rows = terms[0].mul_(weights[0])
+            for term, w in zip(terms[1:], weights[1:]):
+                rows.addcmul_(term, w)
+        current = out
+    return rows.to(window.dtype).view(batch, *size, channels).movedim(-1, 1)

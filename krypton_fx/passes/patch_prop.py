@@ -28,8 +28,9 @@ import torch.nn.functional as F
 from torch import Tensor, fx
 
 from .. import geometry as geo
-from ..geometry import AxisSpec, Box
-from ..registry import Kind, LocalOp, lookup
+from ..geometry import AxisSpec, AxisTaps, Box, TransposedSpec
+from ..registry import TRANSPOSED_OPS, Kind, LocalOp, lookup
+from ..resampling import resample_taps
 
 __all__ = ["PatchInfo", "PatchProp", "Read", "State", "META_KEY", "annotate"]
 
@@ -88,6 +89,10 @@ class PatchInfo:
         reason: for the node where incremental savings stop, why.
         inv_divisor: avg-pool only: the reciprocal divisor, a float when it is
             the same everywhere, else a ``(1, 1, Ho, Wo)`` map.
+        crop: transposed ops only: where the box starts, per axis, in the op's
+            result on the read window (the same for every position).
+        taps: resampling only: each axis's source taps (the box's outputs read
+            ``first[o] + t`` of the map, the window's ``first[o] + t - start``).
     """
 
     kind: Kind
@@ -99,6 +104,8 @@ class PatchInfo:
     macs_inc: int = 0
     reason: str = ""
     inv_divisor: Any = None
+    crop: tuple[int, ...] = ()
+    taps: tuple[AxisTaps, ...] = ()
 
 
 def _is_map(v: Any, ndim: int) -> bool:
@@ -115,6 +122,14 @@ def _broadcasts_spatially(v: Any, ndim: int) -> bool:
     if not isinstance(v, Tensor) or v.dim() == 0:
         return True
     return all(n == 1 for n in v.shape[-ndim:])
+
+
+def _is_shape_query(n: fx.Node) -> bool:
+    """``x.shape``, ``x.ndim``, ``x.size(...)``, ``x.dim()``: the same for every occlusion
+    (torchvision's heads interpolate to ``x.shape[-2:]``)."""
+    if n.op == "call_function" and n.target is getattr:
+        return len(n.args) == 2 and n.args[1] in ("shape", "ndim")
+    return n.op == "call_method" and n.target in ("size", "dim")
 
 
 def _target_name(n: fx.Node) -> str:
@@ -207,7 +222,7 @@ class PatchProp(fx.Interpreter):
         if n.op == "get_attr":
             return PatchInfo(Kind.GLOBAL, CLEAN)
         deps = [m for m in n.all_input_nodes if self.infos[m].state is not CLEAN]
-        if not deps:
+        if not deps or _is_shape_query(n):
             return PatchInfo(Kind.GLOBAL, CLEAN)
         if n.op == "output":
             return self._dense(n, Kind.GLOBAL, deps, "", result)
@@ -252,16 +267,24 @@ class PatchProp(fx.Interpreter):
         return PatchInfo(kind, DENSE, reads=tuple(reads), macs_full=macs, macs_inc=macs,
                          reason=reason if reads else "")
 
-    def _conv_macs(self, n: fx.Node, out: Any) -> int:
-        """Multiply-adds of one full inference of a conv node (eq. 16), else 0."""
-        if n.op == "call_module" and type(self.modules[n.target]) in _CONV_MODULES:
-            weight = self.modules[n.target].weight
-        elif n.op == "call_function" and n.target in _CONV_FUNCTIONS:
-            weight = self.fetch_args_kwargs_from_env(n)[0][1]
+    def _conv_macs(self, n: fx.Node, out: Any, window: Optional[tuple[int, ...]] = None) -> int:
+        """Multiply-adds of one inference of a conv node (eq. 16), else 0; with ``window``,
+        of a transposed conv run on an input window of that size.
+
+        A conv's are ``C_in/g * prod(K)`` per output element; a transposed conv's
+        ``C_out/g * prod(K)`` per *input* element (its weight is ``(C_in, C_out/g, *K)``):
+        it scatters each input over the outputs it reaches.
+        """
+        if n.op == "call_module" and type(self.modules[n.target]) in _CONV_MODULES + _CONV_T_MODULES:
+            weight, transposed = self.modules[n.target].weight, type(self.modules[n.target]) in _CONV_T_MODULES
+        elif n.op == "call_function" and n.target in _CONV_FUNCTIONS + _CONV_T_FUNCTIONS:
+            weight, transposed = self.fetch_args_kwargs_from_env(n)[0][1], n.target in _CONV_T_FUNCTIONS
         else:
             return 0
         if not isinstance(out, Tensor):
             return 0
+        if transposed:
+            return int(weight.numel()) * math.prod(window or self.env[n.args[0]].shape[2:])
         return int(weight[0].numel()) * int(out[0].numel())
 
     def _local(self, n: fx.Node, local: LocalOp, result: Tensor) -> PatchInfo:
@@ -270,21 +293,38 @@ class PatchProp(fx.Interpreter):
         out_full = tuple(result.shape[2:])
         # Padding only shifts the box: tau (a cap on the projective field's growth) does not apply.
         tau = 1.0 if local.op == "pad" else self.tau
-        specs = [AxisSpec(k, s, p, i, o) for k, s, p, i, o in
-                 zip(local.effective_kernel, local.stride, local.pad, in_box.full, out_full)]
-        boxes = [geo.local_box(start, size, spec, tau) for start, size, spec in
-                 zip(in_box.starts, in_box.sizes, specs)]
-        out_box = Box(tuple(b[0] for b in boxes), tuple(b[1] for b in boxes), out_full)
+        crop, taps = (), ()
+        if local.op in TRANSPOSED_OPS:
+            axes = [_transposed_axis(start, size, spec, tau) for start, size, spec in
+                    zip(in_box.starts, in_box.sizes, _transposed_specs(local, in_box.full, out_full))]
+            crop = tuple(a[2] for a in axes)
+        elif local.op == "resample":
+            try:
+                # the kernels weigh half-precision maps in float32 (their opmath) and round once
+                dtype = torch.float64 if result.dtype == torch.float64 else torch.float32
+                taps = resample_taps(local, in_box.full, out_full, dtype, result.device)
+            except ValueError as e:
+                return self._dense(n, Kind.GLOBAL, [src], f"{_target_name(n)}: {e}", result)
+            axes = [_resample_axis(start, size, t, tau) for start, size, t in zip(in_box.starts, in_box.sizes, taps)]
+        else:
+            specs = [AxisSpec(k, s, p, i, o) for k, s, p, i, o in
+                     zip(local.effective_kernel, local.stride, local.pad, in_box.full, out_full)]
+            axes = [(*geo.local_box(start, size, spec, tau), None) for start, size, spec in
+                    zip(in_box.starts, in_box.sizes, specs)]
+            axes = [(start, size, *geo.read_window(start, size, spec)) for (start, size, _), spec in zip(axes, specs)]
+        out_box = Box(tuple(a[0] for a in axes), tuple(a[1] for a in axes), out_full)
         inv_div = _inv_divisor(local, in_box.full) if local.op == "avg" else None
         if out_box.is_full:
             return self._dense(n, Kind.LOCAL, [src], f"{_target_name(n)}: patch covers the whole map", result)
-        windows = [geo.read_window(start, size, spec) for (start, size), spec in zip(boxes, specs)]
-        read = Read(src, Box(tuple(w[0] for w in windows), tuple(w[1] for w in windows), in_box.full),
-                    local.fill)
+        window = Box(tuple(a[-2] for a in axes), tuple(a[-1] for a in axes), in_box.full)
+        read = Read(src, window, local.fill)
         macs_full = self._conv_macs(n, result)
-        macs_inc = macs_full * math.prod(out_box.sizes) // math.prod(out_full) if local.op == "conv" else 0
+        if local.op == "conv":
+            macs_inc = macs_full * math.prod(out_box.sizes) // math.prod(out_full)
+        else:
+            macs_inc = self._conv_macs(n, result, window.sizes) if local.op == "conv_transpose" else 0
         return PatchInfo(Kind.LOCAL, PATCHED, out_box, (read,), local, macs_full, macs_inc,
-                         inv_divisor=inv_div)
+                         inv_divisor=inv_div, crop=crop, taps=taps)
 
     def _pointwise(self, n: fx.Node, deps: list[fx.Node], result: Any) -> PatchInfo:
         """Point ops keep the box; with several feature maps they merge (eqs. 35-38)."""
@@ -321,6 +361,28 @@ class PatchProp(fx.Interpreter):
 
 _CONV_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _CONV_FUNCTIONS = (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+_CONV_T_MODULES = (torch.nn.ConvTranspose1d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d)
+_CONV_T_FUNCTIONS = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)
+
+
+def _transposed_specs(local: LocalOp, in_full: tuple[int, ...], out_full: tuple[int, ...]) -> list[TransposedSpec]:
+    return [TransposedSpec(k, s, p, i, o) for k, s, p, i, o in
+            zip(local.effective_kernel, local.stride, local.pad, in_full, out_full)]
+
+
+def _transposed_axis(start: Tensor, size: int, spec: TransposedSpec, tau: float):
+    """``(box start, box size, crop, window start, window size)`` of a transposed op on one
+    axis: the reached outputs, aligned to the stride so that one static crop takes them
+    out of every position's result (docs/design.md, "Geometry")."""
+    out_start, out_size = geo.align_box(*geo.transposed_box(start, size, spec, tau), spec.out_size, spec.stride)
+    win_start, win_size, crop = geo.transposed_window(out_start, out_size, spec)
+    return out_start, out_size, crop, win_start, win_size
+
+
+def _resample_axis(start: Tensor, size: int, taps: AxisTaps, tau: float):
+    """``(box start, box size, window start, window size)`` of a resampling op on one axis."""
+    out_start, out_size = geo.resample_box(start, size, taps, tau)
+    return (out_start, out_size, *geo.resample_window(out_start, out_size, taps))
 
 
 def annotate(gm: fx.GraphModule, example: Tensor, patch: tuple[int, ...], starts: tuple[Tensor, ...],

@@ -7,16 +7,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["StoredSpec", "PatchFill", "NO_FILL", "channels_last"]
+from .graph_fns import channels_last
 
-
-def channels_last(ndim: int) -> torch.memory_format:
-    """The channels-last memory format of maps with ``ndim`` spatial axes (contiguous for one)."""
-    return {2: torch.channels_last, 3: torch.channels_last_3d}.get(ndim, torch.contiguous_format)
+__all__ = ["StoredSpec", "PatchFill", "NO_FILL"]
 
 
 @dataclasses.dataclass(frozen=True)

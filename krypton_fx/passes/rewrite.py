@@ -23,7 +23,6 @@ the first spatial axis and each row's window start moves to its own image.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from typing import Any, Optional
 
@@ -34,16 +33,18 @@ from torch import Tensor, fx, nn
 from ..ops import gather_window, occlude_window, project_to_full
 from ..registry import Kind
 from .graph_fns import (
+    channels_last,
     color_patch,
+    full_size_stand_in,
     is_pointwise_3d,
     max_pool_channels_last,
     offset_first_axis,
     pointwise_conv,
-    sum_pool,
     whole_map_table,
 )
-from .patch_prop import DENSE, META_KEY, PATCHED, PatchInfo, Read
-from .program_inputs import NO_FILL, PatchFill, StoredSpec, channels_last
+from .patch_prop import CLEAN, DENSE, META_KEY, PATCHED, PatchInfo, Read
+from .program_inputs import NO_FILL, PatchFill, StoredSpec
+from .windowed import WindowedOps
 
 __all__ = ["StoredSpec", "PatchFill", "Packing", "IncrementalProgram", "rewrite", "build_capture_module"]
 
@@ -122,10 +123,7 @@ class Packing:
 
 _VIEW_TO_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
 _CONV = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _POOL_3D = (nn.AvgPool3d, nn.MaxPool3d, F.avg_pool3d, F.max_pool3d)
-_MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 
 def _reads_own_box(read: Read) -> bool:
@@ -143,7 +141,7 @@ def _pad_for(read: Read) -> tuple[tuple[int, int], ...]:
                  for s, n, f in zip(w.starts, w.sizes, w.full))
 
 
-class _Emitter:
+class _Emitter(WindowedOps):
     """Builds the incremental graph node by node (env-dict style, as in fx's own transforms)."""
 
     def __init__(self, gm: fx.GraphModule, backend: str, color: Tensor, fill: PatchFill,
@@ -327,6 +325,9 @@ class _Emitter:
                                                                      info.box.sizes))
             return
         mapped = {r.node: self.read(r) for r in info.reads}
+        if info.state is CLEAN:  # a shape query (x.shape) of a patched map: the whole map's shape
+            mapped = {m: self.graph.call_function(full_size_stand_in, (self.env[m], m.meta[META_KEY].box.full))
+                      for m in n.all_input_nodes if m.meta[META_KEY].state is PATCHED}
         lookup = lambda m: mapped[m] if m in mapped else self.env[m]  # noqa: E731
         if n.op == "output":
             self.graph.output(self.env[self.cut] if self.cut is not None else fx.map_arg(n.args[0], lookup))
@@ -375,57 +376,6 @@ class _Emitter:
         weight = self.graph.get_attr(f"krypton_tables.{name}")
         bias = self.graph.get_attr(f"{n.target}.bias") if mod.bias is not None else None
         return weight, bias
-
-    def _windowed_local(self, n: fx.Node, info: PatchInfo, window: fx.Node) -> fx.Node:
-        """The local op on a gathered window: padding 0, the window supplies borders."""
-        local = info.local
-        nd = local.ndim
-        g = self.graph
-        zeros = (0,) * nd
-        if local.op == "pad":
-            return window  # the identity on the patch: the padded border never changes
-        if local.op == "conv":
-            if n.op == "call_module":
-                weight, bias = self._conv_params(n)
-            else:
-                args = fx.map_arg(n.args, lambda m: self.env[m])
-                kwargs = fx.map_arg(n.kwargs, lambda m: self.env[m])
-                weight = args[1] if len(args) > 1 else kwargs["weight"]
-                bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if nd == 3 and all(k == 1 for k in local.kernel) and local.groups == 1:
-                return g.call_function(pointwise_conv, (window, weight, bias, local.stride))
-            return g.call_function(_CONV_FN[nd], (window, weight, bias, local.stride, zeros, local.dilation,
-                                                  local.groups))
-        out = self._windowed_pool(info, window)
-        if nd == 3:
-            # 3-D pools return contiguous maps on the CPU: back to channels-last once here,
-            # or every later concat and 1x1x1 conv would convert again.
-            out = g.call_method("contiguous", (out,), {"memory_format": torch.channels_last_3d})
-        return out
-
-    def _windowed_pool(self, info: PatchInfo, window: fx.Node) -> fx.Node:
-        local = info.local
-        nd = local.ndim
-        g = self.graph
-        zeros = (0,) * nd
-        if local.op == "max":
-            return g.call_function(_MAX_POOL[nd], (window, local.kernel, local.stride, zeros,
-                                                   local.dilation, False))
-        inv = info.inv_divisor
-        if isinstance(inv, float) and inv == 1.0 / math.prod(local.kernel):
-            return g.call_function(_AVG_POOL[nd], (window, local.kernel, local.stride, zeros))
-        total = g.call_function(sum_pool, (window, local.kernel, local.stride))
-        if isinstance(inv, float):
-            return g.call_function(operator.mul, (total, inv))
-        # Border-dependent divisor: gather this position's window of the map.
-        name = f"inv_divisor_{self._n_tables}"
-        inv = inv.to(self.tables.color.dtype)
-        self.tables.register_buffer(name, inv.contiguous(memory_format=channels_last(nd)))
-        box = info.box
-        table = self._table(torch.stack(list(box.starts) + [torch.zeros_like(s) for s in box.starts], 1))
-        scale = g.call_function(gather_window, (g.get_attr(f"krypton_tables.{name}"), None, table,
-                                                box.sizes), {"backend": self.backend})
-        return g.call_function(operator.mul, (total, scale))
 
 
 def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -32,7 +33,7 @@ import torch
 from .files import FileJob, FileWorker
 from .outputs import COLUMNS, OutputFolder, Task
 
-__all__ = ["init_ray", "run_on_ray", "explain_dataset", "RayWorker"]
+__all__ = ["init_ray", "start_quietly", "run_on_ray", "explain_dataset", "RayWorker"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,28 +49,48 @@ def _ray():
     return ray
 
 
-def init_ray(address: Optional[str] = "auto", **kwargs) -> None:
+def init_ray(address: Optional[str] = "auto", **kwargs) -> Optional[Path]:
     """Connect to Ray unless already connected: ``auto`` joins the cluster this machine belongs to
-    (``ray start``, ``RAY_ADDRESS``) or starts a local one; anything else is a cluster address."""
+    (``ray start``, ``RAY_ADDRESS``) or starts a local one; anything else is a cluster address.
+
+    Returns:
+        The folder of this Ray session's logs on this machine (``/tmp/ray/session_*/logs`` by
+        default), or None where Ray was connected already.
+    """
     ray = _ray()
     if ray.is_initialized():
-        return
+        return None
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("logging_level", logging.WARNING)
     if address in (None, "auto", "local"):
         if address == "auto":
             try:
-                ray.init(address="auto", **kwargs)
-                return
+                return _logs_folder(ray.init(address="auto", **kwargs))
             except (ConnectionError, RuntimeError):
                 pass
-        ray.init(**kwargs)
-        return
+        return _logs_folder(ray.init(**kwargs))
     try:
-        ray.init(address=address, **kwargs)
+        return _logs_folder(ray.init(address=address, **kwargs))
     except (ConnectionError, RuntimeError) as e:
         raise ValueError(f"cannot connect to the Ray cluster at {address} ({e}); check the address "
                          "(ray status on the head node shows it), or use --ray auto") from None
+
+
+def _logs_folder(context) -> Optional[Path]:
+    session = (getattr(context, "address_info", None) or {}).get("session_dir")
+    return Path(session) / "logs" if session else None
+
+
+def start_quietly(address: Optional[str] = "auto") -> Optional[Path]:
+    """Connect to Ray as :func:`init_ray` does, with Ray's own output kept in its log folder rather
+    than on this process's terminal: its driver loggers at ERROR, the workers' output not forwarded
+    (``log_to_driver=False``; it stays in their log files), Ray Data's progress bars off and its
+    console messages held back (its log file, ``logs/ray-data``, keeps them). What Ray's native core
+    writes to this process's stderr is the caller's to redirect (the command line does, into the
+    returned folder). Returns the folder, as :func:`init_ray` does."""
+    ray = _ray()
+    _quiet(ray)
+    return init_ray(address, log_to_driver=False, logging_level=logging.ERROR)
 
 
 class RayWorker:
@@ -101,11 +122,14 @@ class RayWorker:
 
 
 def _quiet(ray) -> None:
-    """The command line has its own progress bar: no Ray Data progress bars or execution logs."""
+    """The command line has its own progress bar: no Ray Data progress bars, and Ray Data's console
+    handlers held back (its file handler, at its own level, still writes every record)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
-    for name in ("ray.data", "ray"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL + 1)
+    logging.getLogger("ray").setLevel(logging.ERROR)
 
 
 def _resources(ray, workers: Optional[int]) -> tuple[int, bool]:
@@ -127,9 +151,7 @@ def run_on_ray(job: FileJob, tasks: Sequence[Task], address: Optional[str] = "au
                ) -> Iterator[tuple[Task, dict, None]]:
     """``(task, row, None)`` for every task, as the actors finish them (the maps are in the output folder)."""
     ray = _ray()
-    _quiet(ray)
-    # Failures come back as rows; worker logs and Ray's start-up notes would only be noise.
-    init_ray(address, log_to_driver=False, logging_level=logging.ERROR)
+    start_quietly(address)  # failures come back as rows; Ray's own logs would only be noise here
     per_batch = images_per_batch or max(1, min(job.chunk, -(-len(tasks) // (2 * (workers or 2)))))
     # Workers run elsewhere (another folder, another node): they get absolute paths.
     job = dataclasses.replace(job, out_dir=os.path.abspath(job.out_dir)) if job.out_dir else job

@@ -101,7 +101,7 @@ def _picture_writer(job: FileJob, task: Task, res, picture, image_hw) -> Callabl
     if picture is None:
         picture = np.full(tuple(image_hw), 0.5)
     fig = heatmap_figure(picture, heat, res.patch, res.stride, res.label, res.base_prob,
-                         label_name=label_name, output=res.output,
+                         label_name=label_name, output=res.output, exact_cells=res.stats.get("exact_cells"),
                          subtitle=(f"{job.model_name}, {Path(task.path).name}: patch {res.patch[0]}x{res.patch[1]}, "
                                    f"stride {res.stride[0]}x{res.stride[1]}, {heat.shape[0]}x{heat.shape[1]} "
                                    f"positions ({exact})"))
@@ -180,7 +180,7 @@ class FileWorker:
     def _ablate(self, items: Iterable[Item], by_index: dict, pictures: dict
                 ) -> Iterator[tuple[Task, dict, Optional[np.ndarray]]]:
         """:meth:`run` for feature ablation: each image's segments, its per-segment scores."""
-        from ..viz import segments_figure
+        from ..viz_segments import segments_figure
 
         for item in items:
             task = by_index.pop(item.index)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import numpy as np
 
 from .. import common
-from .atomic import TEMP_PREFIX, write_atomically
+from ..atomic import TEMP_PREFIX, write_atomically
 
 __all__ = ["Task", "OutputFolder", "OutputConflict", "COLUMNS", "SUMMARY", "RECORDS", "result_row", "error_row"]
 

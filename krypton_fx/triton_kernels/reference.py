@@ -127,11 +127,8 @@ def _overlay_rows(offsets: Tensor, window: Sequence[int], patch_size: Sequence[i
     return torch.where(inside, dst, batch * rows_per_position).reshape(-1)
 
 
-# Channels from which a gather with a patch reads both from one source (below), when the
-# map has at most this many times the rows the batch reads (a few segments' windows of a
-# large early map read a small part of it).
+# Channels from which a gather with a patch reads both from one source (below).
 _ONE_SOURCE_CHANNELS = 8
-_ONE_SOURCE_MAP_ROWS = 4
 
 
 def _gather(stored: Tensor, table: Tensor, window: tuple[int, ...],
@@ -141,12 +138,12 @@ def _gather(stored: Tensor, table: Tensor, window: tuple[int, ...],
     n, batch, c = len(window), table.shape[0], stored.shape[1]
     rows = _window_rows(table[:, :n], window, stored.shape[2:])
     stored_rows = _channel_rows(stored)
-    if patch_rows is not None and c >= _ONE_SOURCE_CHANNELS \
-            and stored_rows.shape[0] <= _ONE_SOURCE_MAP_ROWS * rows.numel():
+    if patch_rows is not None and c >= _ONE_SOURCE_CHANNELS and stored_rows.shape[0] <= batch * math.prod(window):
         # One read from the stored rows followed by the patch rows: each element's row is
         # its patch row where it lies in its patch, else its window row. (Writing the patch
-        # over a gathered window with index_copy_ costs about 3x a read per row on the CPU;
-        # joining the two sources copies the whole map, which only pays for large batches.)
+        # over a gathered window with index_copy_ costs about 3x a read per row on the CPU.)
+        # Joining the two copies the whole stored map, so only where it is no larger than
+        # the batch's windows: a decoder reads small windows out of full-resolution maps.
         strides = tuple(_row_major_strides(patch_size))
         first = torch.arange(batch, device=table.device) * math.prod(patch_size) + stored_rows.shape[0]
         patch_index = (first - _dot(table[:, n:], strides))[:, None] + _box_offsets(

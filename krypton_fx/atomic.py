@@ -1,4 +1,5 @@
-"""Write files so that a crash never leaves a half-written one.
+"""Write files so that a crash never leaves a half-written one (a leaf module: the output folders of
+:mod:`krypton_fx.scale`, the command line and ``OcclusionResult.save`` all write through it).
 
 Each file is written to a temporary name in its own directory and renamed
 into place (``os.replace`` is atomic within a file system) only once every
