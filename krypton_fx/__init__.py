@@ -16,7 +16,7 @@ Example:
 
 from . import geometry, registry, tracing
 from .approx import DrillDown, TuneResult, tune
-from .explainer import Explainer, OcclusionResult, clear_cache, compile, naive_occlusion
+from .explainer import Explainer, OcclusionResult, SegmentResult, clear_cache, compile, naive_occlusion
 from .report import theoretical_speedup
 from .scale import explain_many
 from .targets import SegmentationTarget
@@ -25,5 +25,6 @@ from .tracing import TraceError, trace
 __version__ = "0.1.0"
 
 __all__ = ["compile", "clear_cache", "naive_occlusion", "theoretical_speedup", "Explainer", "OcclusionResult",
+           "SegmentResult",
            "trace", "TraceError", "geometry", "registry", "tracing",
            "DrillDown", "tune", "TuneResult", "explain_many", "SegmentationTarget"]

@@ -87,6 +87,8 @@ class Build:
     spatial: dict[str, tuple[int, ...]]  # spatial shape of each stored node's map
     verified: bool = False
     packed: Optional[IncrementalProgram] = None  # for several images a batch (packing.py), made once needed
+    # More programs over the same graph, by key, made once needed (segment buckets: ablation.py).
+    programs: dict = dataclasses.field(default_factory=dict)
     # Pack sizes (images) compared with one call so far, and whether the bits were the same.
     packs_checked: dict[int, bool] = dataclasses.field(default_factory=dict)
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, fx, nn
 
-from . import common, packing, peak
+from . import ablation, common, packing, peak
 from . import geometry as geo
 from .build import Build, CompileCache, Settings, bytes_per_position, check_same_output, make_settings
 from .common import IntOrTuple
@@ -23,13 +23,13 @@ from .passes.norms import freeze_norms
 from .passes.patch_prop import META_KEY, PatchInfo, annotate
 from .passes.rewrite import IncrementalProgram, PatchFill, rewrite
 from .report import format_report
-from .results import OcclusionResult, RunStats
+from .results import OcclusionResult, RunStats, SegmentResult
 from .runner import BatchRunner, Keep
 from .targets import Labels, Resolved, SegmentationTarget, class_target
 from .tiered import KernelTier
 from .tracing import describe_change, eval_mode, input_channels, model_signature, trace
 
-__all__ = ["OcclusionResult", "RunStats", "Explainer", "Settings", "compile", "naive_occlusion",
+__all__ = ["OcclusionResult", "RunStats", "SegmentResult", "Explainer", "Settings", "compile", "naive_occlusion",
            "clear_cache"]
 
 logger = logging.getLogger(__name__)
@@ -368,6 +368,15 @@ class Explainer:
                                resolved.output, RunStats(self.positions, batch, seconds=time.perf_counter() - start),
                                heatmaps=maps, labels=list(resolved.labels), base_probs=list(resolved.base),
                                mask=getattr(resolved, "mask", None))
+
+    @torch.no_grad()
+    def ablate(self, image: Tensor, segments, baseline: Union[float, Tensor] = 0.0, label: Optional[int] = None,
+               batch_size: Optional[int] = None, progress: bool = False) -> SegmentResult:
+        """Feature ablation: the output with each segment of ``segments`` replaced by ``baseline``,
+        exact and incremental; returns a :class:`~krypton_fx.results.SegmentResult` (arguments
+        and an example: :func:`krypton_fx.ablation.ablate`)."""
+        with self._checked_once(), eval_mode(self.model):
+            return ablation.ablate(self, image, segments, baseline, label, batch_size, progress)
 
     @torch.no_grad()
     def run_many(self, images: Tensor, labels: Optional[Sequence[Optional[int]]] = None,

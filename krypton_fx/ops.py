@@ -166,9 +166,13 @@ def project_to_full(stored: Tensor, patch: Tensor, starts: Tensor, backend: str 
 @fx.wrap
 def occlude_window(image: Tensor, color: Tensor, table: Tensor, window: Sequence[int],
                    patch_size: Sequence[int], backend: str = "auto",
-                   weight: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Tensor:
+                   weight: Optional[Tensor] = None, scale: Optional[Tensor] = None,
+                   ids: Optional[Tensor] = None, segment: Optional[Tensor] = None,
+                   baseline: Optional[Tensor] = None) -> Tensor:
     """Input occlusion, N spatial axes (plain colour, or ``image * weight * scale + color``
-    inside the patch); see :func:`krypton_fx.triton_kernels.reference.occlude_window_torch`."""
+    inside the patch, or a segment: where ``ids`` is the row's ``segment``, the ``baseline``
+    image or the colour); see :func:`krypton_fx.triton_kernels.reference.occlude_window_torch`."""
     with record_function("krypton::occlusion"):
         return _run(_kernels(backend, image), lambda k: k.occlusion.occlude_window_triton,
-                    occlude_window_torch, image, color, table, window, patch_size, weight, scale)
+                    occlude_window_torch, image, color, table, window, patch_size, weight, scale,
+                    ids, segment, baseline)

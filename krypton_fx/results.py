@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import numpy as np
     from matplotlib.figure import Figure
 
-__all__ = ["OcclusionResult", "RunStats"]
+__all__ = ["OcclusionResult", "RunStats", "SegmentResult"]
 
 
 @dataclasses.dataclass
@@ -227,3 +227,38 @@ class RunStats:
             return self[key]
         except KeyError:
             return default
+
+
+@dataclasses.dataclass
+class SegmentResult:
+    """A feature ablation: the model's output with each segment of a label map ablated.
+
+    Attributes:
+        scores: float32 CPU ``(S,)``: the probability (or logit) of ``label`` with segment
+            ``ids[k]`` replaced by the baseline.
+        ids: int64 CPU ``(S,)``: the segment ids, ascending (``torch.unique`` order).
+        heatmap: float32 CPU, the mask's shape (``(*spatial)`` for one mask, ``(C,
+            *spatial)`` per channel): each element holds its segment's score.
+        label: the explained class.
+        base_prob: probability (or logit) of ``label`` without ablation.
+        output: ``"prob"`` or ``"logit"``.
+        stats: counts and time of the run (``positions``: the segments).
+        programs: compiled box sizes (buckets) the segments ran in.
+        waste: summed area (volume) of the bucket boxes over that of the segments' own
+            bounding boxes (1.0: no waste).
+    """
+
+    scores: Tensor
+    ids: Tensor
+    heatmap: Tensor
+    label: int
+    base_prob: float
+    output: str = "prob"
+    stats: RunStats = dataclasses.field(default_factory=lambda: RunStats(0, 0))
+    programs: int = 0
+    waste: float = 1.0
+
+    @property
+    def drop(self) -> Tensor:
+        """``base_prob - scores``: how much each segment's ablation lowers the output."""
+        return self.base_prob - self.scores

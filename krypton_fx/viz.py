@@ -484,3 +484,4 @@ def tune_figure(taus: Sequence[float], ssims: np.ndarray, coeffs: np.ndarray, ta
         handles, labels = handles + h, labels + lab
     ax.legend(handles, labels, loc="lower right", fontsize=8)
     return fig
+

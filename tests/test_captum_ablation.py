@@ -11,6 +11,7 @@ masks and baselines, painting, progress) must give Captum's result too.
 
 import inspect
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -112,7 +113,8 @@ def test_resnet18_per_image_slic_masks_match_captum(resnet18):
     kwargs = dict(feature_mask=masks, target=[1, 7], baselines=0.5, perturbations_per_eval=8)
     fa = FeatureAblation(resnet18)
     assert_matches(fa.attribute(x, **kwargs), reference(resnet18, x, **kwargs))
-    assert fa.last_path == "plain" and "Explainer.ablate" in fa.last_fallback_reason
+    assert fa.last_path == "incremental", fa.last_fallback_reason
+    assert fa.last_stats["incremental_segments"] == sum(len(torch.unique(m)) for m in masks)
 
 
 def test_resnet18_segment_in_two_pieces_and_per_example_baseline_match_captum(resnet18):
@@ -125,7 +127,9 @@ def test_resnet18_segment_in_two_pieces_and_per_example_baseline_match_captum(re
     baselines = torch.tensor([[0.2, -0.4, 0.1], [1.0, 0.0, -1.0]]).view(2, 3, 1, 1)
     for m in (mask, big):
         kwargs = dict(feature_mask=m, target=torch.tensor([3, 9]), baselines=baselines, perturbations_per_eval=4)
-        assert_matches(FeatureAblation(resnet18).attribute(x, **kwargs), reference(resnet18, x, **kwargs))
+        fa = FeatureAblation(resnet18)
+        assert_matches(fa.attribute(x, **kwargs), reference(resnet18, x, **kwargs))
+        assert fa.last_path == "incremental", fa.last_fallback_reason
 
 
 def test_squeezenet_per_channel_masks_and_baseline_image_match_captum(squeezenet):
@@ -135,7 +139,9 @@ def test_squeezenet_per_channel_masks_and_baseline_image_match_captum(squeezenet
     mask = torch.stack([(base * (c + 1)) % 7 for c in range(3)]).unsqueeze(0)  # (1, 3, H, W)
     baseline = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
     kwargs = dict(feature_mask=mask, target=4, baselines=baseline, perturbations_per_eval=3)
-    assert_matches(FeatureAblation(squeezenet).attribute(x, **kwargs), reference(squeezenet, x, **kwargs))
+    fa = FeatureAblation(squeezenet)
+    assert_matches(fa.attribute(x, **kwargs), reference(squeezenet, x, **kwargs))
+    assert fa.last_path == "incremental", fa.last_fallback_reason
 
 
 TARGETS = {
@@ -152,7 +158,9 @@ def test_every_target_form_matches_captum(name):
     # target None gives one row per output entry: per-image masks need one per image
     mask = slic_mask(x[0], 6) if name == "none" else per_image_slic(x, 6)
     kwargs = dict(feature_mask=mask, target=TARGETS[name], perturbations_per_eval=4)
-    assert_matches(FeatureAblation(model).attribute(x, **kwargs), reference(model, x, **kwargs))
+    fa = FeatureAblation(model)
+    assert_matches(fa.attribute(x, **kwargs), reference(model, x, **kwargs))
+    assert fa.last_path == ("plain" if name == "none" else "incremental"), fa.last_fallback_reason
 
 
 # --- the seam to the engine's segment ablation ------------------------------------------------
@@ -170,7 +178,7 @@ def reference_engine(model, calls):
             inside = segments.unsqueeze(0) == chunk.view(-1, *(1,) * segments.dim())
             ablated = torch.where(inside, torch.as_tensor(baseline, dtype=image.dtype), image)
             scores.append(model(ablated)[:, label])
-        return torch.cat(scores).float().cpu()
+        return SimpleNamespace(scores=torch.cat(scores).float().cpu())
 
     return ablate
 
@@ -406,3 +414,32 @@ def test_nonsense_captum_takes_is_refused_with_one_clear_error(case):
 def test_forward_func_must_be_callable():
     with pytest.raises(TypeError, match="callable"):
         FeatureAblation("resnet")
+
+
+# --- Felzenszwalb segments, and a MONAI network on supervoxels --------------------------------
+
+
+def test_felzenszwalb_segments_per_image_match_captum(squeezenet):
+    from krypton_fx.segments import felzenszwalb
+
+    x = images(2, seed=8)
+    masks = torch.stack([felzenszwalb(img, scale=20, min_size=10) for img in x]).unsqueeze(1)
+    kwargs = dict(feature_mask=masks, target=[2, 5], baselines=-0.3, perturbations_per_eval=6)
+    fa = FeatureAblation(squeezenet)
+    assert_matches(fa.attribute(x, **kwargs), reference(squeezenet, x, **kwargs))
+    assert fa.last_path == "incremental", fa.last_fallback_reason
+
+
+def test_monai_resnet_on_supervoxels_matches_captum():
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    from krypton_fx.segments import slic as slic_segments
+
+    torch.manual_seed(3)
+    net = randomize_batchnorm(monai_nets.resnet10(spatial_dims=3, n_input_channels=1, num_classes=3)).eval()
+    gen = torch.Generator().manual_seed(9)
+    x = F.interpolate(torch.rand(1, 1, 3, 3, 3, generator=gen), size=(12, 12, 12), mode="trilinear")
+    mask = slic_segments(x[0], n_segments=6, compactness=0.1).view(1, 1, 12, 12, 12)
+    kwargs = dict(feature_mask=mask, target=1, baselines=0.0, perturbations_per_eval=4)
+    fa = FeatureAblation(net)
+    assert_matches(fa.attribute(x, **kwargs), reference(net, x, **kwargs))
+    assert fa.last_path == "incremental", fa.last_fallback_reason

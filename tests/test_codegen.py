@@ -104,14 +104,14 @@ def test_kernels_compile_to_vectorised_division_free_code_for_sm90(tmp_path, opt
     assert result.returncode == 0, result.stdout + result.stderr
     rows = [line for line in result.stdout.splitlines()
             if line.startswith(("gather", "project", "occlude"))]
-    assert len(rows) == 30 and all(row.endswith("none") for row in rows), result.stdout
+    assert len(rows) == 32 and all(row.endswith("none") for row in rows), result.stdout
     assert rows[0].split()[5] == first_tile, rows[0]
     header, = [line for line in result.stdout.splitlines() if line.startswith("kernel")]
     divisions = {row[:header.index("tile")].strip(): int(row[header.index("tile"):].split()[4])
                  for row in rows}
     # The row decode's divisions: (b, d, i) of a volume takes two, a signal's b none.
     volumes = [d for name, d in divisions.items() if name.split()[0].endswith("3d")]
-    assert len(volumes) == 10 and set(volumes) == {2}, divisions
+    assert len(volumes) == 11 and set(volumes) == {2}, divisions
     assert divisions["gather1d float32 C=64 window 20"] == 0, divisions
 
 

@@ -612,3 +612,56 @@ def test_residual_and_concat_model_on_the_triton_backend(monkeypatch) -> None:
     torch.testing.assert_close(got.heatmap, want.heatmap, atol=1e-5, rtol=0)
     kinds = {n.target.__name__ for n in ex.program.module.graph.nodes if n.op == "call_function"}
     assert {"gather_window", "occlude_window", "project_to_full"} <= kinds  # all three kernels run
+
+
+@pytest.mark.parametrize("axes, max_size", [(1, 13), (2, 8), (3, 5)], ids=["1d", "2d", "3d"])
+@settings(max_examples=6 if NATIVE else 15)
+@given(data=st.data(), per_channel=st.booleans(), baseline_image=st.booleans())
+def test_occlude_window_segments_nd_matches_torch(axes: int, max_size: int, data, per_channel: bool,
+                                                  baseline_image: bool) -> None:
+    """A segment (feature ablation): only the patch's elements whose label is the row's id
+    change, to the colour or a baseline image; one-row labels (read for every channel) or
+    per-channel ones, in any layout."""
+    case = data.draw(gather_cases(with_patch=False, axes=axes, max_size=max_size, max_batch=3,
+                                  channels=st.one_of(st.just(1), st.just(3), st.integers(2, 40))),
+                     label="case")
+    image, color, table = _on_device(case.stored), _on_device(case.color), _on_device(case.table)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    rows = image.shape[1] if per_channel else 1
+    ids = torch.randint(-1, 3, (1, rows, *image.shape[2:]), generator=gen)
+    if data.draw(st.booleans(), label="channels-last ids") and axes == 2:
+        ids = ids.contiguous(memory_format=torch.channels_last)
+    segment = torch.randint(-1, 3, (table.shape[0],), generator=gen)
+    baseline = torch.randn(image.shape, generator=gen).to(image.dtype) if baseline_image else None
+    ids, segment, baseline = _on_device(ids), _on_device(segment), _on_device(baseline)
+    expected = occlude_window_torch(image, color, table, case.window, case.patch_size, ids=ids,
+                                    segment=segment, baseline=baseline)
+    actual = occlude_window_triton(image, color, table, case.window, case.patch_size, ids=ids,
+                                   segment=segment, baseline=baseline)
+    assert_same_output(actual, expected)
+    # The closed form: the baseline exactly where the patch holds the row's label.
+    window_image = gather_window_torch(image, None, table, case.window)
+    changed = (actual != window_image).any(1)
+    labels = gather_window_torch(ids, None, table, case.window)
+    may_change = (labels == segment.view(-1, *(1,) * (axes + 1))).any(1)
+    assert not (changed & ~may_change).any()
+
+
+def test_occlude_window_segment_arguments_are_checked() -> None:
+    image, table = torch.zeros(1, 3, 4, 4, device=DEVICE), torch.zeros(2, 4, dtype=torch.int64, device=DEVICE)
+    color, ids = torch.zeros(3, device=DEVICE), torch.zeros(1, 1, 4, 4, dtype=torch.int64, device=DEVICE)
+    segment = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="ids= needs segment="):
+        occlude_window_triton(image, color, table, (4, 4), (2, 2), ids=ids)
+    with pytest.raises(TypeError, match="ids must be int64"):
+        occlude_window_triton(image, color, table, (4, 4), (2, 2), ids=ids.int(), segment=segment)
+    with pytest.raises(ValueError, match="ids must have shape"):
+        occlude_window_triton(image, color, table, (4, 4), (2, 2), ids=ids[..., :3], segment=segment)
+    with pytest.raises(ValueError, match="baseline must have the image's shape"):
+        occlude_window_triton(image, color, table, (4, 4), (2, 2), ids=ids, segment=segment,
+                              baseline=image[..., :3])
+    with pytest.raises(ValueError, match="segment= and baseline= need ids="):
+        occlude_window_triton(image, color, table, (4, 4), (2, 2), segment=segment)
+    with pytest.raises(ValueError, match="takes no weight"):
+        occlude_window_triton(image, color, table, (4, 4), (2, 2), ids=ids, segment=segment,
+                              scale=torch.ones(2, device=DEVICE))

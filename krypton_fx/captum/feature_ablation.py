@@ -11,9 +11,9 @@ the batch.
 When the explained function is an ``nn.Module``, the input is one
 ``(N, C, *spatial)`` image batch and the features are spatial segments (a mask
 of shape ``(1 or N, 1 or C, *spatial)``: superpixels, organs, per image or per
-channel), the per-segment outputs are meant to come from the engine's
-incremental segment ablation (:func:`_incremental_segments`, the one seam);
-until the engine provides it, and for everything else (tabular inputs, several
+channel), the per-segment outputs come from the engine's incremental segment ablation
+(:meth:`krypton_fx.Explainer.ablate`, through :func:`_incremental_segments`, the one
+seam); for everything else (tabular inputs, several
 inputs, untraceable forwards, channel groups, ``use_weights``), a plain
 implementation of Captum's semantics runs. ``FeatureAblation.last_path`` says
 which one ran.
@@ -57,7 +57,6 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..explainer import Explainer
 from ..explainer import compile as compile_explainer
 from .forms import (
     Baseline,
@@ -98,11 +97,15 @@ def _incremental_segments(model: nn.Module, images: Tensor, segments: list[Tenso
                           batch_size: int) -> Union[list[Tensor], str]:
     """The engine's per-segment outputs, or why there are none (then the plain path runs).
 
-    The one place the drop-in talks to the engine's segment ablation. The engine API it
-    calls (``Explainer.ablate``; docs/design.md, "Perturbations and targets")::
+    The one place the drop-in talks to the engine's segment ablation
+    (:meth:`Explainer.ablate`; docs/design.md, "Perturbations and targets")::
 
-        ex = krypton_fx.compile(model, image_size=spatial, channels=C, output="logit", device=...)
-        scores = ex.ablate(image, segments, baseline=baseline, label=label, batch_size=batch_size)
+        ex = krypton_fx.compile(model, patch=1, stride=spatial, image_size=spatial, channels=C,
+                                output="logit", device=...)
+        scores = ex.ablate(image, segments, baseline=baseline, label=label, batch_size=batch_size).scores
+
+    (patch 1 at one position: the explainer's own grid is the cheapest there is, and
+    ``ablate`` does not use it; any image size compiles.)
 
     - ``image``: ``(C, *spatial)``, the model's dtype and device;
     - ``segments``: ``(1 or C, *spatial)`` int64 ids, any integers, not necessarily
@@ -110,10 +113,13 @@ def _incremental_segments(model: nn.Module, images: Tensor, segments: list[Tenso
     - ``baseline``: a float, or a ``(C, *spatial)`` tensor (the model's dtype and device);
     - ``label``: the class whose logit is recorded; ``batch_size``: at most this many
       ablated images per batch (Captum's ``perturbations_per_eval * N`` bound);
-    - returns ``(S,)`` float32 on the CPU, ``S`` the distinct ids of ``segments`` in ascending
-      order (``torch.unique``): ``model(x')[label]`` with ``x' = where(segments == id,
-      baseline, image)`` (broadcast over channels for a one-row mask), exact up to float
+    - ``scores``: ``(S,)`` float32 on the CPU, ``S`` the distinct ids of ``segments`` in
+      ascending order (``torch.unique``): ``model(x')[label]`` with ``x' = where(segments ==
+      id, baseline, image)`` (broadcast over channels for a one-row mask), exact up to float
       rounding.
+
+    A model that does not compile, or whose traced graph does not reproduce it (checked on
+    the first image), goes plain.
 
     Args:
         model: the ``nn.Module`` being explained (eval mode, traceable as far as known).
@@ -126,16 +132,14 @@ def _incremental_segments(model: nn.Module, images: Tensor, segments: list[Tenso
     Returns:
         Per example, the ``(S_k,)`` outputs of its segments (ascending ids), or a reason.
     """
-    if not hasattr(Explainer, "ablate"):
-        return "the engine has no segment ablation (Explainer.ablate) on this build"
     n, c, *dims = images.shape
     try:
-        ex = compile_explainer(model, image_size=tuple(dims), channels=c, output="logit",
-                               device=images.device)
-    except Exception as e:  # noqa: BLE001 - TraceError and any other compile failure: go plain
+        ex = compile_explainer(model, patch=1, stride=tuple(dims), image_size=tuple(dims), channels=c,
+                               output="logit", device=images.device)
+        return [ex.ablate(images[k], segments[k], baseline=baselines[k], label=classes[k],
+                          batch_size=batch_size).scores for k in range(n)]
+    except (ValueError, TypeError) as e:  # TraceError, a graph that differs from the model: go plain
         return f"the model does not compile for incremental ablation: {type(e).__name__}: {e}"
-    return [ex.ablate(images[k], segments[k], baseline=baselines[k], label=classes[k], batch_size=batch_size)
-            for k in range(n)]
 
 
 class FeatureAblation:

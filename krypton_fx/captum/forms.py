@@ -385,6 +385,9 @@ def _per_example_classes(target: Target, examples: int, classes: int) -> Optiona
     if isinstance(target, list) and all(isinstance(t, numbers.Integral) and not isinstance(t, bool)
                                         for t in target):
         return [int(t) for t in target]
+    if isinstance(target, list) and all(isinstance(t, tuple) and len(t) == 1 and isinstance(t[0], numbers.Integral)
+                                        and not isinstance(t[0], bool) for t in target):
+        return [int(t[0]) % classes for t in target]  # one index tuple per example, as Captum indexes
     return None
 
 

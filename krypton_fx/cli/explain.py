@@ -11,6 +11,7 @@ from pathlib import Path
 from ..models import input_channels, load_model, model_spatial_dims
 from ..monai_nets import is_monai_spec
 from ..volumes import is_volume_path
+from . import explain_segments
 from . import options as opt
 from .errors import CLIError
 from .explain_files import run_files
@@ -95,6 +96,12 @@ def add_parser(sub, formatter_class) -> argparse.ArgumentParser:
                    help="per-channel normalisation mean (default ImageNet's, or the weights' own)")
     p.add_argument("--std", type=opt.finite_float, nargs="+", metavar="S",
                    help="per-channel normalisation std (default ImageNet's, or the weights' own)")
+    p.add_argument("--segments", type=explain_segments.segment_spec,
+                   metavar="slic:N|felzenszwalb:SCALE|file:LABELS",
+                   help="feature ablation instead of a sliding patch: ablate each segment (about N SLIC "
+                        "superpixels, Felzenszwalb's segments at SCALE, or a label image / NIfTI label "
+                        "volume) with --color; the picture shows the outlines and each segment's drop, "
+                        "--npy the per-segment scores")
     p.add_argument("--out", metavar="PNG", help="picture to write (one IMAGE; default heat.png)")
     p.add_argument("--npy", metavar="NPY", help="also write the raw heat map (numpy .npy; one IMAGE)")
     vol = p.add_argument_group("volumes (NIfTI .nii/.nii.gz, .npy)")
@@ -183,7 +190,12 @@ def _refuse_volume_options(args) -> None:
 def _explain_one(args) -> int:
     import numpy as np
 
-    patch, stride, drill = opt.check_settings(args)
+    segmenting = args.segments is not None
+    if segmenting:
+        explain_segments.refuse_patch_options(args)
+        patch = stride = drill = None
+    else:
+        patch, stride, drill = opt.check_settings(args)
     out_png = output_file(args.out or "heat.png", "--out", PICTURE_FORMATS, inputs=[args.image])
     out_npy = output_file(args.npy, "--npy", inputs=[args.image], example="heat.npy") if args.npy else None
     if out_npy is not None and out_npy.resolve() == out_png.resolve():
@@ -202,12 +214,16 @@ def _explain_one(args) -> int:
     prep = preprocessing_for(loaded.weights, args.size, args.mean, args.std, channels)
     x = prep.transform(to_model_mode(picture, channels))
     size_hw = tuple(x.shape[-2:])
-    opt.check_patch(patch, size_hw)
-    target = segmentation_target(args, loaded, x, device)
+    if not segmenting:
+        opt.check_patch(patch, size_hw)
+    target = None if segmenting else segmentation_target(args, loaded, x, device)
     if target is None:
         opt.probe_model(loaded, x, device, args.label, args.output, args.labels or ())
 
     color = patch_color(args.color, x, prep.mean, prep.std)
+    if segmenting:
+        return explain_segments.ablate_one(args, loaded, x, prep, color, picture, device, channels, out_png,
+                                           out_npy)
     ex, res, seconds = opt.compile_and_explain(loaded, x, args, patch, stride, color, size_hw, channels, device,
                                                drill, target)
 

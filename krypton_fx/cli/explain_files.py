@@ -24,6 +24,7 @@ from ..scale.imagefiles import expand_inputs
 from ..scale.outputs import OutputFolder
 from . import options as opt
 from .errors import PROG, CLIError, native_stderr_to, warn
+from .explain_segments import SegmentLabeler, refuse_patch_options
 from .files import output_dir
 from .images import ImageReader, preprocessing_for
 
@@ -42,6 +43,8 @@ def fingerprint(args, patch, stride) -> dict:
         settings["in_channels"] = args.in_channels
     if args.tau < 1.0:  # tau maps keep their peak since issue 25: older ones are not reused
         settings["peak_margin"] = args.margin or "default"
+    if getattr(args, "segments", None) is not None:
+        settings.update(segments=str(args.segments), patch=None, stride=None)
     return settings
 
 
@@ -60,7 +63,11 @@ def _check_options(args) -> None:
 
 def run_files(args) -> int:
     _check_options(args)
-    patch, stride, drill = opt.check_settings(args)
+    if args.segments is not None:
+        refuse_patch_options(args)
+        patch, stride, drill = (1, 1), (1, 1), None
+    else:
+        patch, stride, drill = opt.check_settings(args)
     try:
         devices = parse_devices(args.devices) if args.devices else [opt.resolve_device(args.device)]
     except ValueError as e:
@@ -119,7 +126,8 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
             x, _, _ = reader(task.path)
         except ValueError:
             continue
-        opt.check_patch(patch, tuple(x.shape[-2:]))
+        if args.segments is None:
+            opt.check_patch(patch, tuple(x.shape[-2:]))
         opt.probe_model(loaded, x, torch.device("cpu"), args.label, args.output)
         break
     if loaded.warning:
@@ -128,9 +136,14 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
         warn("--color mean gives every image its own patch colour, so each image is compiled anew (slower)")
     compile_kwargs = dict(patch=patch, stride=stride, tau=args.tau, batch_size=args.batch_size,
                           output=args.output, channels=channels)
+    segments = None
+    if args.segments is not None:  # one position of a one-pixel patch: ablate does not use the grid
+        compile_kwargs.update(patch=1, stride=1 << 20)
+        segments = SegmentLabeler(args.segments, prep)
     return FileJob(loaded.model.cpu(), str(out), compile_kwargs, reader=reader, label=args.label,
                    drill_down=drill, fingerprint=settings, model_name=loaded.name,
-                   categories=loaded.categories, pack=True if args.pack else None)
+                   categories=loaded.categories, pack=True if args.pack else None, segments=segments,
+                   describe_segments=str(args.segments or ""))
 
 
 def _run_on_ray(job: FileJob, todo, args, rows: dict, total: int, initial: int) -> Optional[Path]:

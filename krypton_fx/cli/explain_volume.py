@@ -21,6 +21,7 @@ from ..monai_nets import is_monai_spec
 from ..volumes import Volume, VolumeFileError, map_writer, read_volume, to_display_orientation, volume_suffix
 from . import options as opt
 from .errors import CLIError
+from .explain_segments import refuse_patch_options
 from .files import PICTURE_FORMATS, output_file, save_figure, write_files
 from .targets import segmentation_target
 
@@ -85,7 +86,15 @@ def run_volume(args) -> int:
     from ..viz import approximate_pixels, display_scale, drop_limit, upsample_heatmap_nd, volume_figure
 
     _check_options(args)
-    patch, stride, drill = opt.check_settings(args, spatial_dims=3)
+    segmenting = args.segments is not None
+    if segmenting:
+        refuse_patch_options(args)
+        if args.segments.kind == "felzenszwalb":
+            raise CLIError("--segments felzenszwalb segments 2-D images; for a volume give slic:N or "
+                           "file:LABELS.nii.gz")
+        patch = stride = drill = None
+    else:
+        patch, stride, drill = opt.check_settings(args, spatial_dims=3)
     out_png = output_file(args.out or "heat.png", "--out", PICTURE_FORMATS, inputs=[args.image])
     map_suffix = ".npy" if volume_suffix(args.image) == ".npy" else ".nii.gz"
     out_map = _map_file(args.map or str(out_png.with_name(f"{out_png.stem}-map{map_suffix}")), args)
@@ -98,7 +107,8 @@ def run_volume(args) -> int:
     if volume.spatial_dims != 3:
         raise CLIError(f"{args.image} holds a {opt.sizes(volume.spatial_shape)} array ({volume.spatial_dims} "
                        "axes): a volume is (D, H, W) or (C, D, H, W) in a .npy file, 3 spatial axes in NIfTI")
-    opt.check_patch(patch, volume.spatial_shape, size_option=None)
+    if not segmenting:
+        opt.check_patch(patch, volume.spatial_shape, size_option=None)
     device = opt.resolve_device(args.device)
     monai = is_monai_spec(args.model)
     loaded = load_model(args.model, args.weights, args.num_classes, args.seed,
@@ -117,6 +127,8 @@ def run_volume(args) -> int:
         opt.probe_model(loaded, x, device, args.label, args.output)
 
     color = volume_color(args.color or "black", x)
+    if segmenting:
+        return _ablate_volume(args, loaded, x, volume, color, channels, device, out_png, out_map, out_npy)
     ex, res, seconds = opt.compile_and_explain(loaded, x, args, patch, stride, color, volume.spatial_shape,
                                                channels, device, drill, target)
 
@@ -161,4 +173,63 @@ def run_volume(args) -> int:
     for path in writers:
         note = f" (drop in {what} on the input's grid, {kind})" if path == out_map else ""
         print(f"wrote {path}{note}")
+    return 0
+
+
+def _ablate_volume(args, loaded, x, volume: Volume, color: float, channels: int, device, out_png, out_map,
+                   out_npy) -> int:
+    """``--segments`` on a volume: supervoxels (SLIC) or a label volume, each ablated with ``--color``; the
+    picture and ``--map`` show each voxel's segment's drop, ``--npy`` the per-segment scores."""
+    import time
+
+    import numpy as np
+
+    from .. import segments
+    from ..explainer import compile as compile_explainer
+    from ..viz import display_scale, volume_figure
+
+    shape = volume.spatial_shape
+    if args.segments.kind == "slic":
+        labels = segments.slic(display_scale(x)[None], n_segments=int(args.segments.value), compactness=0.1)
+    else:
+        try:
+            labels = segments.read_labels(args.segments.value)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        if tuple(labels.shape) != tuple(shape):
+            raise CLIError(f"--segments {args.segments}: the labels are {opt.sizes(labels.shape)} but {args.image} "
+                           f"is {opt.sizes(shape)}; give a label volume on the scan's voxel grid")
+    ex = compile_explainer(loaded.model, patch=1, stride=shape, image_size=shape, tau=args.tau,
+                           batch_size=args.batch_size, device=device, channels=channels, output=args.output)
+    if loaded.warning:
+        from .errors import warn
+        warn(loaded.warning)
+    start = time.perf_counter()
+    res = ex.ablate(x.to(device), labels, baseline=color, label=args.label, progress=True)
+    seconds = time.perf_counter() - start
+    drop = res.drop.numpy()[labels.numpy()]
+    voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(drop)), drop.shape))
+    what = "P" if args.output == "prob" else "logit"
+    view = to_display_orientation(volume)
+    axis_names = "ijk" if volume.kind == "nifti" else "dhw"
+    exact = "exact" if args.tau >= 1.0 else f"tau={args.tau:g}, approximate"
+    fig = volume_figure(view.reorient(display_scale(x)), view.reorient(drop), view.voxel_index(voxel), res.label,
+                        res.base_prob, limit=float(np.abs(res.drop.numpy()).max()) or 1.0, layout=view.layout,
+                        spacing=view.zooms, output=res.output,
+                        voxel_text=f"voxel ({', '.join(map(str, voxel))}) of the file",
+                        plane_text=[f"{axis_names[a]} = {voxel[a]}" for a in view.file_axes],
+                        subtitle=(f"{loaded.name}, {Path(args.image).name}: {len(res.ids)} segments "
+                                  f"({args.segments}), ablated with {color:g} ({exact})"))
+    description = f"krypton_fx: drop in {what}(class {res.label}) when the voxel's segment is ablated"
+    writers = {out_png: functools.partial(save_figure, fig, out_png.suffix.lower().lstrip(".")),
+               out_map: map_writer(drop, volume, out_map, description)}
+    if out_npy is not None:
+        writers[out_npy] = functools.partial(np.save, arr=res.scores.numpy())
+    write_files(writers)
+    print(f"{loaded.name} on {args.image} ({opt.sizes(shape)} voxels): class {res.label}, "
+          f"{what} = {res.base_prob:.4f}")
+    print(f"{len(res.ids)} segments ({args.segments}, {res.programs} box sizes) ablated in {seconds:.2f} s on "
+          f"{device}; strongest drop {float(drop.max()):.4f} at voxel {voxel}")
+    for path in writers:
+        print(f"wrote {path}")
     return 0

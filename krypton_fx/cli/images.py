@@ -52,12 +52,26 @@ class Preprocessing:
         mean: per-channel mean subtracted by ``transform``.
         std: per-channel std divided by ``transform``.
         description: one line for the user.
+        resize: the shorter side's length after resizing, and
+        crop: the centre crop's side (what :meth:`labels` repeats on a label map).
     """
 
     transform: Callable
     mean: tuple[float, ...]
     std: tuple[float, ...]
     description: str
+    resize: Optional[int] = None
+    crop: Optional[int] = None
+
+    def labels(self, labels):
+        """A label map of the image file's size ``(H, W)`` resized (nearest) and cropped as
+        :attr:`transform` does the image: int64 ``(crop, crop)``."""
+        import torch
+        from torchvision.transforms import functional as TF
+
+        x = torch.as_tensor(labels).double()[None]
+        x = TF.resize(x, [self.resize], interpolation=TF.InterpolationMode.NEAREST, antialias=False)
+        return TF.center_crop(x, [self.crop])[0].round().long()
 
     def display(self, x) -> "object":
         """The model input as an ``(H, W, 3)`` / ``(H, W)`` array in ``[0, 1]``: undo the normalisation."""
@@ -109,7 +123,7 @@ def preprocessing_for(weights, size: Optional[int], mean: Optional[Sequence[floa
         preset = weights.transforms(**overrides) if overrides else preset
         return Preprocessing(preset, tuple(preset.mean), tuple(preset.std),
                              f"{weights}.transforms(): resize {preset.resize_size[0]}, "
-                             f"crop {preset.crop_size[0]}")
+                             f"crop {preset.crop_size[0]}", preset.resize_size[0], preset.crop_size[0])
     size = size or 224
     mean_c = _per_channel(mean, IMAGENET_MEAN, channels, "--mean")
     std_c = _per_channel(std, IMAGENET_STD, channels, "--std")
@@ -120,7 +134,7 @@ def preprocessing_for(weights, size: Optional[int], mean: Optional[Sequence[floa
         T.ConvertImageDtype(torch.float32),
         T.Normalize(mean_c, std_c),
     ])
-    return Preprocessing(transform, mean_c, std_c, f"resize {size}, crop {size}, normalise")
+    return Preprocessing(transform, mean_c, std_c, f"resize {size}, crop {size}, normalise", size, size)
 
 
 def patch_color(spec: Union[str, float], x, mean: Sequence[float], std: Sequence[float]):

@@ -47,62 +47,12 @@ from .graph_fns import (
     whole_map_table,
 )
 from .patch_prop import CLEAN, DENSE, META_KEY, PATCHED, PatchInfo, Read
+from .program_inputs import NO_FILL, PatchFill, StoredSpec
 from .windowed import WindowedOps
 
 __all__ = ["StoredSpec", "PatchFill", "Packing", "IncrementalProgram", "rewrite", "build_capture_module"]
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredSpec:
-    """One stored activation the incremental graph reads.
-
-    Attributes:
-        node: name of the node in the traced graph whose value is stored.
-        pad: ``(before, after)`` padding per spatial axis so every read window fits.
-        fill: padding value (0 for conv and avg-pool, -inf for max-pool).
-    """
-
-    node: str
-    pad: tuple[tuple[int, int], ...]
-    fill: float
-
-    def prepare(self, value: Tensor) -> Tensor:
-        """Pad a captured activation and lay it out channels-last for gathers."""
-        if any(a or b for a, b in self.pad):
-            flat = [v for before_after in reversed(self.pad) for v in before_after]  # F.pad: last axis first
-            value = F.pad(value, flat, value=self.fill)
-        return value.contiguous(memory_format=channels_last(len(self.pad)))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)  # compared by identity: it may hold a tensor
-class PatchFill:
-    """What the occluded patch holds, beyond a plain colour (MONAI's occlusion modes).
-
-    Inside the patch the image becomes ``image * w + color`` with
-    ``w = weight[c, i] * scale[b]`` (a missing factor is 1); with neither
-    factor the colour replaces the image (``w = 0``), as in plain occlusion.
-
-    Attributes:
-        weight: ``(C or 1, *patch)`` profile the patch multiplies the image by
-            (MONAI's gaussian mode), or None.
-        scaled: each position has its own factor, given per image as the
-            graph's ``occlusion_scale`` input (``(P,)``, MONAI's mean_patch).
-        image_color: the colour is given per image as the graph's
-            ``occlusion_color`` input (``(C,)``, MONAI's mean_img), instead of
-            the compiled one.
-    """
-
-    weight: Optional[Tensor] = None
-    scaled: bool = False
-    image_color: bool = False
-
-    @property
-    def reads_image(self) -> bool:
-        """The patch's values depend on the image under it."""
-        return self.weight is not None or self.scaled
-
-
-NO_FILL = PatchFill()  # a plain colour: the default of every compile (one object: compared by identity)
 
 
 @dataclasses.dataclass
@@ -118,7 +68,9 @@ class IncrementalProgram:
             weight copies the incremental graph uses.
         fill: what the patch holds; with ``fill.scaled`` / ``fill.image_color``
             the graph takes the per-image ``occlusion_scale`` / ``occlusion_color``
-            after ``*stored``.
+            after ``*stored``, and the segment inputs with ``fill.segments``.
+        inputs: the per-image inputs after ``*stored``, in order
+            (:meth:`PatchFill.per_image_inputs`).
     """
 
     module: fx.GraphModule
@@ -126,6 +78,7 @@ class IncrementalProgram:
     capture: fx.GraphModule
     weights: list[tuple[str, Tensor]] = dataclasses.field(default_factory=list)
     fill: PatchFill = NO_FILL
+    inputs: list[tuple[str, int]] = dataclasses.field(default_factory=list)
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -176,9 +129,12 @@ class _Emitter(WindowedOps):
     """Builds the incremental graph node by node (env-dict style, as in fx's own transforms)."""
 
     def __init__(self, gm: fx.GraphModule, backend: str, color: Tensor, fill: PatchFill,
-                 packing: Optional[Packing] = None, target: Optional[SegmentationTarget] = None):
+                 packing: Optional[Packing] = None, target: Optional[SegmentationTarget] = None,
+                 shared_weights: Optional[nn.Module] = None):
         self.gm = gm
         self.target = target
+        self.shared_weights = shared_weights
+        self.cut: Optional[fx.Node] = None
         self.backend = backend
         self.fill = fill
         self.packing = packing
@@ -226,17 +182,30 @@ class _Emitter(WindowedOps):
             self.stored_nodes.append(key[0])
         self.positions = self.graph.placeholder("positions")
         self._stored_ph = [self.graph.placeholder(f"stored_{i}_{s.node}") for i, s in enumerate(self.stored)]
+        source = next(n for n in self.gm.graph.nodes if n.op == "placeholder")
+        self.inputs = self.fill.per_image_inputs(self.stored, source.name)
+        per_image = {(name, i): self.graph.placeholder(name if i < 0 else f"{name}_{i}")
+                     for name, i in self.inputs}
         # A row's position in the per-position tables, and (packed) its image.
         self._index, self._image = self.positions, None
         if self.packing is not None:
             count = self.packing.positions
             self._image = self.graph.call_function(operator.floordiv, (self.positions, count))
             self._index = self.graph.call_function(operator.mod, (self.positions, count))
+        if self.fill.segments:
+            # A row is a segment at a grid position (two segments may share one): the
+            # row's number is segment * P + position, as a packed row's is image * P + position.
+            count = source.meta[META_KEY].box.starts[0].numel()
+            self._fill_inputs["segment"] = self.graph.call_function(operator.floordiv, (self.positions, count))
+            self._index = self.graph.call_function(operator.mod, (self.positions, count))
+            for (name, i), node in per_image.items():
+                if i >= 0:
+                    self._fill_inputs[f"{name}_{i}"] = node
         if self.fill.scaled:
-            scale = self.graph.placeholder("occlusion_scale")
+            scale = per_image["occlusion_scale", -1]
             self._fill_inputs["scale"] = self.graph.call_function(operator.getitem, (scale, self._index))
         if self.fill.image_color:
-            self._fill_inputs["color"] = self.graph.placeholder("occlusion_color")
+            self._fill_inputs["color"] = per_image["occlusion_color", -1]
         if self.target is not None:  # the target's per-image inputs (targets.SegmentationTarget.resolve)
             self._target_inputs = (self.graph.placeholder("target_maps"), self.graph.placeholder("target_totals"))
 
@@ -246,15 +215,22 @@ class _Emitter(WindowedOps):
             return self._fill_inputs["color"]
         return self.graph.get_attr("krypton_tables.color")
 
-    def _occlude(self, stored: fx.Node, table: fx.Node, window: tuple[int, ...],
+    def _occlude(self, index: int, table: fx.Node, window: tuple[int, ...],
                  patch: tuple[int, ...]) -> fx.Node:
-        """Input occlusion of ``window`` with the patch filled as ``self.fill`` says."""
+        """Input occlusion of ``window`` of stored input ``index`` (the image) with the patch
+        filled as ``self.fill`` says."""
         kwargs: dict[str, Any] = {"backend": self.backend}
         if self.fill.weight is not None:
             kwargs["weight"] = self.graph.get_attr("krypton_tables.patch_weight")
         if "scale" in self._fill_inputs:
             kwargs["scale"] = self._fill_inputs["scale"]
-        return self.graph.call_function(occlude_window, (stored, self._color(), table, window, patch), kwargs)
+        if self.fill.segments:
+            kwargs["ids"] = self._fill_inputs[f"segment_ids_{index}"]
+            kwargs["segment"] = self._fill_inputs["segment"]
+            if self.fill.baseline_image:
+                kwargs["baseline"] = self._fill_inputs[f"occlusion_baseline_{index}"]
+        return self.graph.call_function(occlude_window, (self._stored_ph[index], self._color(), table, window,
+                                                         patch), kwargs)
 
     def _table(self, values: Tensor, stored: Optional[int] = None) -> fx.Node:
         """Register a per-position int64 table and index it with this batch's positions; a
@@ -308,7 +284,7 @@ class _Emitter(WindowedOps):
         window = w.sizes
         if read.node is self.source:
             table = self._table(torch.stack(starts + offsets, 1), index)
-            return self._occlude(stored, table, window, info.box.sizes)
+            return self._occlude(index, table, window, info.box.sizes)
         if patched and read.is_projection and not any(a or b for a, b in spec.pad):
             table = self._table(torch.stack(offsets, 1))
             if self._image is not None:  # each row's own image's whole map, with its patch
@@ -335,7 +311,7 @@ class _Emitter(WindowedOps):
                 pad = self.stored[index].pad
                 starts = [s + before for s, (before, _) in zip(info.box.starts, pad)]
                 table = self._table(torch.stack(starts + [torch.zeros_like(s) for s in starts], 1), index)
-                self.env[n] = self._occlude(self._stored_ph[index], table, info.box.sizes, info.box.sizes)
+                self.env[n] = self._occlude(index, table, info.box.sizes, info.box.sizes)
             elif info.state is PATCHED:
                 self.env[n] = self.graph.call_function(color_patch, (self._color(), self.positions,
                                                                      info.box.sizes))
@@ -352,7 +328,7 @@ class _Emitter(WindowedOps):
             self.graph.output(self._reduction(n, info, lookup))
             return
         if n.op == "output":
-            self.graph.output(fx.map_arg(n.args[0], lookup))
+            self.graph.output(self.env[self.cut] if self.cut is not None else fx.map_arg(n.args[0], lookup))
             return
         if info.state is PATCHED and info.kind is Kind.LOCAL:
             self.env[n] = self._windowed_local(n, info, mapped[n.args[0]])
@@ -404,9 +380,11 @@ class _Emitter(WindowedOps):
         mod = self.gm.get_submodule(n.target)
         name = "weight_" + n.target.replace(".", "_")
         if not hasattr(self.tables, name):
-            self.tables.register_buffer(
-                name, mod.weight.detach().clone(memory_format=channels_last(mod.weight.dim() - 2)))
-            self.weights.append((name, mod.weight))
+            shared = getattr(self.shared_weights, name, None)
+            if shared is None:  # (another program's copy is refreshed with that program)
+                shared = mod.weight.detach().clone(memory_format=channels_last(mod.weight.dim() - 2))
+                self.weights.append((name, mod.weight))
+            self.tables.register_buffer(name, shared)
         weight = self.graph.get_attr(f"krypton_tables.{name}")
         bias = self.graph.get_attr(f"{n.target}.bias") if mod.bias is not None else None
         return weight, bias
@@ -414,7 +392,8 @@ class _Emitter(WindowedOps):
 
 def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] = None,
             fill: Optional[PatchFill] = None, packing: Optional[Packing] = None,
-            target: Optional[SegmentationTarget] = None) -> IncrementalProgram:
+            target: Optional[SegmentationTarget] = None, shared_weights: Optional[IncrementalProgram] = None,
+            cut: Optional[str] = None) -> IncrementalProgram:
     """Emit the incremental program of a PatchProp-annotated graph.
 
     Args:
@@ -426,9 +405,15 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
             ``image * P + position``, and each stored input holds the images' maps
             stacked along the first spatial axis (``torch.cat(maps, 2)``). Each row
             reads its own image's windows; the values are those of one image's program.
-            Not with per-image fill inputs (``fill.scaled``, ``fill.image_color``).
+            Not with per-image fill inputs (``fill.scaled``, ``fill.image_color``, ``fill.segments``).
         target: a dense output's target (annotated with ``dense_output``): the graph
             returns its ``(B, 1)`` values, taking its per-image inputs after the rest.
+        shared_weights: another program of the same model whose channels-last conv weight
+            copies this one uses too (no copy of its own; they are refreshed with that
+            program's :meth:`IncrementalProgram.refresh_weights`).
+        cut: the name of a dense node whose value the program returns instead of the
+            model's output (the rest of the model then runs as a batch of its own: the
+            segment buckets share their classifier head). Not with ``target``.
 
     Returns:
         An :class:`IncrementalProgram`.
@@ -436,11 +421,21 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
     if color is None:
         raise ValueError("rewrite needs the occlusion colour")
     fill = fill or NO_FILL
-    if packing is not None and (fill.scaled or fill.image_color):
-        raise ValueError("a packed program takes no per-image fill inputs (fill.scaled, fill.image_color)")
+    if packing is not None and (fill.scaled or fill.image_color or fill.segments):
+        raise ValueError("a packed program takes no per-image fill inputs (fill.scaled, fill.image_color, "
+                         "fill.segments)")
     if packing is not None and target is not None:
         raise ValueError("a packed program takes no per-image target inputs")
-    emitter = _Emitter(gm, backend, color, fill, packing, target)
+    if cut is not None and target is not None:
+        raise ValueError("a program cut before the output returns no target's values")
+    if fill.baseline_image and not fill.segments:
+        raise ValueError("fill.baseline_image is the baseline of segments: set fill.segments too")
+    if fill.segments and (fill.weight is not None or fill.scaled):
+        raise ValueError("a segment's fill takes no weight or scale")
+    shared = shared_weights.module.krypton_tables if shared_weights is not None else None
+    emitter = _Emitter(gm, backend, color, fill, packing, target, shared)
+    if cut is not None:
+        emitter.cut = next(n for n in gm.graph.nodes if n.name == cut)
     emitter.plan_stored()
     for n in gm.graph.nodes:
         emitter.emit(n)
@@ -460,4 +455,4 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
     module.graph.lint()
     module.recompile()
     capture = build_capture_module(gm, emitter.stored_nodes, target.key if target is not None else None)
-    return IncrementalProgram(module, emitter.stored, capture, emitter.weights, fill)
+    return IncrementalProgram(module, emitter.stored, capture, emitter.weights, fill, emitter.inputs)

@@ -65,6 +65,10 @@ class FileJob:
         categories: class names, if known.
         chunk: images that may share one packed run.
         pack: whether images share batches (see :meth:`krypton_fx.Explainer.run_many`).
+        segments: feature ablation instead of occlusion: ``(model input, picture, path) ->
+            (H, W)`` int64 consecutive segment ids; each image's map (``.npy``) is then its
+            per-segment scores (:meth:`krypton_fx.Explainer.ablate`, the colour as baseline).
+        describe_segments: how the segments were made, for picture titles.
     """
 
     model: nn.Module
@@ -79,6 +83,8 @@ class FileJob:
     categories: Optional[list] = None
     chunk: int = DEFAULT_CHUNK
     pack: Optional[bool] = None
+    segments: Optional[Callable] = None
+    describe_segments: str = ""
 
 
 def _picture_writer(job: FileJob, task: Task, res, picture, image_hw) -> Callable:
@@ -149,6 +155,9 @@ class FileWorker:
                 yield t
 
         items = self._items(remember(tasks), pictures, arrays)
+        if self.job.segments is not None:
+            yield from self._ablate(items, by_index, pictures)
+            return
         for item, res in iter_results(self.cache, items, drill_down=self.job.drill_down, chunk=self.job.chunk,
                                       pack=self.job.pack):
             task = by_index.pop(item.index)
@@ -167,3 +176,49 @@ class FileWorker:
                 continue
             logger.debug("%s: written in %.2f s", task.path, time.perf_counter() - start)
             yield task, row, res.heatmap.numpy()
+
+    def _ablate(self, items: Iterable[Item], by_index: dict, pictures: dict
+                ) -> Iterator[tuple[Task, dict, Optional[np.ndarray]]]:
+        """:meth:`run` for feature ablation: each image's segments, its per-segment scores."""
+        from ..viz_segments import segments_figure
+
+        for item in items:
+            task = by_index.pop(item.index)
+            picture = pictures.pop(item.index, None)
+            if item.error is not None:
+                yield task, error_row(task, item.error), None
+                continue
+            start = time.perf_counter()
+            try:
+                labels = self.job.segments(item.image, picture, task.path)
+                size = tuple(item.image.shape[1:])
+                ex = self.cache.get(size, item.color)
+                color = item.color if item.color is not None else self.job.color
+                baseline = torch.tensor(color, dtype=torch.float32).view(-1, *(1,) * len(size)) \
+                    if isinstance(color, (list, tuple)) else float(color)
+                res = ex.ablate(item.image.to(self.device), labels, baseline=baseline, label=item.label)
+                seconds = time.perf_counter() - start
+                row = segment_row(task, res, labels, seconds, self.job.categories)
+                if self.folder is not None:
+                    cats = self.job.categories
+                    name = cats[res.label] if cats and res.label < len(cats) else None
+                    shown = picture if picture is not None else np.full(size, 0.5)
+                    fig = segments_figure(shown, labels.numpy(), res.scores.numpy(), res.label, res.base_prob,
+                                          label_name=name, output=res.output,
+                                          subtitle=(f"{self.job.model_name}, {Path(task.path).name}: "
+                                                    f"{len(res.ids)} segments ({self.job.describe_segments})"))
+                    self.folder.write(task, res.scores.numpy(), functools.partial(fig.savefig, format="png"), row)
+            except (OSError, ValueError, TypeError) as e:
+                yield task, error_row(task, e), None
+                continue
+            yield task, row, res.scores.numpy()
+
+
+def segment_row(task: Task, res, labels: torch.Tensor, seconds: float, categories) -> dict:
+    """The summary row of an image's feature ablation: the strongest drop's segment, at its centroid."""
+    strongest = int(res.drop.argmax())
+    where = (labels == res.ids[strongest]).nonzero().float().mean(0).round().long().tolist()
+    name = categories[res.label] if categories and res.label < len(categories) else ""
+    return {"path": task.path, "output": task.stem, "label": int(res.label), "class": name,
+            "probability": f"{res.base_prob:.6g}", "drop": f"{float(res.drop[strongest]):.6g}",
+            "drop_y": where[0], "drop_x": where[-1], "seconds": f"{seconds:.3f}", "status": "ok", "error": ""}

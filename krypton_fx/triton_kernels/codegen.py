@@ -234,6 +234,18 @@ def _cases() -> list[tuple[str, bool, int, Callable[[], object]]]:
     cases.append(("occlude3d float32 C=16 weight, scale", True, 3,
                   partial(occlude_window_triton, image, torch.zeros(16), table(3), (10, 10, 10),
                           (8, 8, 8), weight=weight[0], scale=torch.ones(8))))
+    # Feature ablation: a segment of a one-row label map (read for every channel) in an RGB
+    # image, and of a volume's labels with a baseline volume.
+    labels = torch.zeros(1, 1, 224, 224, dtype=torch.int64)
+    cases.append(("occlude float32 C=3 segment", False, 2,
+                  partial(occlude_window_triton, torch.zeros(1, 3, 224, 224), torch.zeros(3),
+                          table(2), (18, 18), (16, 16), ids=labels,
+                          segment=torch.zeros(8, dtype=torch.int64))))
+    volume = torch.zeros(1, 1, 40, 40, 40)
+    cases.append(("occlude3d float32 C=1 seg. baseline", False, 3,
+                  partial(occlude_window_triton, volume, torch.zeros(1), table(3), (18, 18, 18),
+                          (16, 16, 16), ids=torch.zeros(1, 1, 40, 40, 40, dtype=torch.int64),
+                          segment=torch.zeros(8, dtype=torch.int64), baseline=volume)))
     return cases
 
 

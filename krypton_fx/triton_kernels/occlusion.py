@@ -5,7 +5,9 @@ yields the occluded image batch that naive occlusion runs.
 Inside the patch an element becomes ``color[c]`` (plain replacement), or, with a
 ``weight`` profile and/or a per-position ``scale``, ``image * w + color[c]`` with
 ``w = weight[c, i - o] * scale[b]``: MONAI's gaussian mode is a ``weight`` and
-colour 0, its mean_patch mode a ``scale`` and colour 0. The torch version is
+colour 0, its mean_patch mode a ``scale`` and colour 0. A *segment* (feature
+ablation) changes only the elements of the patch whose label in ``ids`` is the row's
+``segment[b]``, to a ``baseline`` image's value or the colour. The torch version is
 :func:`~krypton_fx.triton_kernels.reference.occlude_window_torch`.
 """
 
@@ -75,6 +77,9 @@ def _occlude_window_kernel(
     table_ptr,      # int64 (B, 2 * AXES) rows [window start..., patch offset...]
     weight_ptr,     # float32 (C or 1, d, h, w) weight profile; unused without WEIGHT
     scale_ptr,      # float32 (B,) factor per position; unused without HAS_SCALE
+    ids_ptr,        # int64 (1, C or 1, Ds, Hs, Ws) segment labels; unused without SEGMENT
+    segment_ptr,    # int64 (B,) the segment each row ablates; unused without SEGMENT
+    baseline_ptr,   # (1, C, Ds, Hs, Ws) baseline image, image dtype; unused without BASELINE
     C,              # channels
     D,              # window depth (1 below 3 axes)
     R,              # window height (1 for 1 axis)
@@ -91,11 +96,22 @@ def _occlude_window_kernel(
     stride_wh,      # weight stride along h
     stride_ww,      # weight stride along w
     stride_sb,      # scale stride along B
+    stride_mc,      # ids stride along C (0 for a one-row mask: the same label for every channel)
+    stride_md,      # ids stride along D
+    stride_mh,      # ids stride along H
+    stride_mw,      # ids stride along W
+    stride_gb,      # segment stride along B
+    stride_bc,      # baseline stride along C
+    stride_bd,      # baseline stride along D
+    stride_bh,      # baseline stride along H
+    stride_bw,      # baseline stride along W
     stride_tb,      # table stride along B
     stride_tk,      # table stride along its columns
     AXES: tl.constexpr,       # spatial axes of the image: 1, 2 or 3
     WEIGHT: tl.constexpr,     # 0: no weight; 1: one profile per channel; 2: one for all
     HAS_SCALE: tl.constexpr,  # multiply by scale[b]
+    SEGMENT: tl.constexpr,    # only where ids == segment[b] (not with WEIGHT or HAS_SCALE)
+    BASELINE: tl.constexpr,   # a segment's elements take the baseline image, not the colour
     BLOCK_J: tl.constexpr,    # window columns per program
     BLOCK_C: tl.constexpr,    # channels per program
     ROWS: tl.constexpr,       # rows per program
@@ -113,6 +129,8 @@ def _occlude_window_kernel(
     color = tl.load(color_ptr + c, mask=c_mask, other=0)
     if HAS_SCALE:
         position_scale = tl.load(scale_ptr + b * stride_sb)
+    if SEGMENT:
+        segment = tl.load(segment_ptr + b * stride_gb)
 
     for r in tl.static_range(ROWS):
         i = i0 + r
@@ -123,7 +141,24 @@ def _occlude_window_kernel(
         if AXES == 3:
             image_row += (win_d + d) * stride_id
 
-        if WEIGHT == 0 and not HAS_SCALE:
+        if SEGMENT:
+            # Replacement where the label is the row's segment: the labels are read only in
+            # the patch, the image only where the segment does not cover it.
+            ids_row = ids_ptr + (win_y + i) * stride_mh + win_x * stride_mw
+            if AXES == 3:
+                ids_row += (win_d + d) * stride_md
+            labels = _load_row_tile(ids_row, j, c, stride_mw, stride_mc, tile_mask & in_patch[:, None])
+            hit = in_patch[:, None] & (labels == segment)
+            value = _load_row_tile(image_row, j, c, stride_iw, stride_ic, tile_mask & ~hit)
+            if BASELINE:
+                baseline_row = baseline_ptr + (win_y + i) * stride_bh + win_x * stride_bw
+                if AXES == 3:
+                    baseline_row += (win_d + d) * stride_bd
+                fill = _load_row_tile(baseline_row, j, c, stride_bw, stride_bc, tile_mask & hit)
+            else:
+                fill = color[None, :]
+            value = tl.where(hit, fill, value)
+        elif WEIGHT == 0 and not HAS_SCALE:
             # Plain replacement: the image is only read where the patch does not cover it.
             value = _load_row_tile(image_row, j, c, stride_iw, stride_ic,
                                    tile_mask & ~in_patch[:, None])
@@ -168,9 +203,46 @@ def _check_factor(name: str, factor: Tensor, shapes: list[tuple[int, ...]],
     return factor.to(torch.float32)
 
 
+def _check_segment(image: Tensor, table: Tensor, weighted: bool, ids: Optional[Tensor],
+                   segment: Optional[Tensor], baseline: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel's ``ids``, ``segment`` and ``baseline`` arguments, checked: volumes of the
+    image's shape (a one-row mask's channel stride 0), ``(B,)`` int64 ids; where there is no
+    segment, the table stands in (never read)."""
+    if ids is None:
+        if segment is not None or baseline is not None:
+            raise ValueError("segment= and baseline= need ids= (a segment's labels)")
+        return table, table[:, 0], table
+    if weighted:
+        raise ValueError("a segment takes no weight= or scale=")
+    check_tensor("ids", ids)
+    channels, spatial = image.shape[1], tuple(image.shape[2:])
+    if ids.dim() != image.dim() or ids.shape[0] != 1 or ids.shape[1] not in (1, channels) \
+            or tuple(ids.shape[2:]) != spatial:
+        raise ValueError(f"ids must have shape (1, 1 or {channels}, *{spatial}), got {tuple(ids.shape)}")
+    if ids.dtype != torch.int64:
+        raise TypeError(f"ids must be int64, got {ids.dtype}")
+    if segment is None:
+        raise ValueError("ids= needs segment= (one id per row)")
+    check_index("segment", segment.unsqueeze(1), 1, image.device)
+    if segment.numel() != table.shape[0]:
+        raise ValueError(f"segment must have {table.shape[0]} ids (one per row), got {segment.numel()}")
+    if ids.device != image.device:
+        raise ValueError(f"ids is on {ids.device} but the image is on {image.device}")
+    ids_v = as_volume(ids).expand(1, channels, *as_volume(ids).shape[2:])
+    if baseline is None:
+        return ids_v, segment, image
+    check_tensor("baseline", baseline)
+    if tuple(baseline.shape) != tuple(image.shape):
+        raise ValueError(f"baseline must have the image's shape {tuple(image.shape)}, got {tuple(baseline.shape)}")
+    if baseline.device != image.device:
+        raise ValueError(f"baseline is on {baseline.device} but the image is on {image.device}")
+    return ids_v, segment, as_volume(baseline.to(image.dtype))
+
+
 def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: Sequence[int],
                           patch_size: Sequence[int], weight: Optional[Tensor] = None,
-                          scale: Optional[Tensor] = None) -> Tensor:
+                          scale: Optional[Tensor] = None, ids: Optional[Tensor] = None,
+                          segment: Optional[Tensor] = None, baseline: Optional[Tensor] = None) -> Tensor:
     """Triton input occlusion; same contract as
     :func:`~krypton_fx.triton_kernels.reference.occlude_window_torch`, for 1 to 3
     spatial axes.
@@ -189,6 +261,9 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: S
         patch_size: ``N`` occlusion patch sizes.
         weight: floating ``(C, *patch_size)`` or ``(1, *patch_size)`` profile, or None.
         scale: floating ``(B,)`` factor per position, or None.
+        ids: int64 ``(1, C or 1, *S)`` segment labels laid out as the image (padded alike),
+            or None; with ``segment``, int64 ``(B,)``: a segment per row.
+        baseline: ``(1, C, *S)`` baseline image of the image's dtype (padded alike), or None.
 
     Returns:
         ``(B, C, *window)`` channels-last tensor of the image's dtype.
@@ -215,6 +290,7 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: S
     if color.device != image.device:
         raise ValueError(f"color is on {color.device} but the image is on {image.device}")
     weighted = weight is not None or scale is not None
+    ids_arg, segment_arg, baseline_arg = _check_segment(image, table, weighted, ids, segment, baseline)
     color = color.reshape(channels).to(torch.float32 if weighted else image.dtype).contiguous()
     weight_mode = _NO_WEIGHT
     if weight is not None:
@@ -235,12 +311,17 @@ def occlude_window_triton(image: Tensor, color: Tensor, table: Tensor, window: S
     scale_arg = scale if scale is not None else color
     launch_kernel(
         _occlude_window_kernel, launch.grid, launch.out, image_v, color, table, weight_arg, scale_arg,
+        ids_arg, segment_arg, baseline_arg,
         channels, *volume_size(window), *volume_size(patch_size),
         *image_v.stride()[1:],
         *weight_strides,
         scale_arg.stride(0),
+        *(ids_arg.stride()[1:] if ids is not None else (0, 0, 0, 0)),
+        segment_arg.stride(0),
+        *(baseline_arg.stride()[1:] if baseline is not None else (0, 0, 0, 0)),
         table.stride(0), table.stride(1),
-        WEIGHT=weight_mode, HAS_SCALE=scale is not None, enable_fp_fusion=False,
+        WEIGHT=weight_mode, HAS_SCALE=scale is not None, SEGMENT=ids is not None,
+        BASELINE=baseline is not None, enable_fp_fusion=False,
         **launch.kwargs((image_v.stride(4), image_v.stride(1))),
     )
     return launch.out

@@ -224,7 +224,8 @@ def project_to_full_torch(stored: Tensor, patch: Tensor, starts: Tensor) -> Tens
 
 def occlude_window_torch(image: Tensor, color: Tensor, table: Tensor, window: Sequence[int],
                          patch_size: Sequence[int], weight: Optional[Tensor] = None,
-                         scale: Optional[Tensor] = None) -> Tensor:
+                         scale: Optional[Tensor] = None, ids: Optional[Tensor] = None,
+                         segment: Optional[Tensor] = None, baseline: Optional[Tensor] = None) -> Tensor:
     """Input occlusion, N spatial axes: each position's window of the image with its
     occlusion patch applied.
 
@@ -234,6 +235,11 @@ def occlude_window_torch(image: Tensor, color: Tensor, table: Tensor, window: Se
     is 1), computed in float32 in that order (``weight * scale``, times the image,
     plus the colour) and rounded once to the image's dtype.
 
+    A *segment* (``ids`` and ``segment``, feature ablation): inside the patch only the
+    elements whose label ``ids[c, e]`` (``ids[0, e]`` for a one-row mask) is the row's
+    ``segment[b]`` change, to ``baseline[c, e]`` (a baseline image) or else ``color[c]``;
+    every other element keeps the image's value. (Not with ``weight`` or ``scale``.)
+
     Args:
         image: ``(1, C, *S)`` image, padded so every window is inside.
         color: ``C`` colour values.
@@ -242,11 +248,21 @@ def occlude_window_torch(image: Tensor, color: Tensor, table: Tensor, window: Se
         patch_size: ``N`` occlusion patch sizes.
         weight: ``(C, *patch_size)`` or ``(1, *patch_size)`` (one for all channels), or None.
         scale: ``(B,)`` one factor per position, or None.
+        ids: int64 ``(1, C or 1, *S)`` segment labels, padded as the image, or None.
+        segment: int64 ``(B,)`` the segment each row ablates (with ``ids``).
+        baseline: ``(1, C, *S)`` values of the ablated elements, padded as the image, or
+            None (``color``).
 
     Returns:
         ``(B, C, *window)`` channels-last tensor of the image's dtype.
 
     Example:
+        >>> ids = torch.tensor([[[[1, 2, 2], [1, 1, 2], [2, 2, 2]]]])
+        >>> out = occlude_window_torch(torch.ones(1, 1, 3, 3), torch.zeros(1),
+        ...                            torch.tensor([[0, 0, 0, 0]]), (3, 3), (2, 3),
+        ...                            ids=ids, segment=torch.tensor([2]))
+        >>> out[0, 0].tolist()
+        [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
         >>> out = occlude_window_torch(torch.ones(1, 1, 3, 3), torch.zeros(1),
         ...                            torch.tensor([[0, 0, 0, 0]]), (3, 3), (2, 2))
         >>> out[0, 0].tolist()
@@ -261,6 +277,8 @@ def occlude_window_torch(image: Tensor, color: Tensor, table: Tensor, window: Se
     patch_size = tuple(int(s) for s in patch_size)
     n, batch, c = len(window), table.shape[0], image.shape[1]
     elements = math.prod(patch_size)
+    if ids is not None:
+        return _occlude_segment(image, color, table, window, patch_size, ids, segment, baseline)
     if weight is None and scale is None:
         patch_rows = color.to(image.dtype).reshape(1, c).expand(batch * elements, c)
         return _gather(image, table, window, patch_rows, patch_size)
@@ -278,3 +296,23 @@ def occlude_window_torch(image: Tensor, color: Tensor, table: Tensor, window: Se
         factor = scale.float().view(batch, 1, 1)
     occluded = x.float() * factor + color.float().reshape(1, 1, c)
     return _gather(image, table, window, occluded.to(image.dtype).view(-1, c), patch_size)
+
+
+def _occlude_segment(image: Tensor, color: Tensor, table: Tensor, window: tuple[int, ...],
+                     patch_size: tuple[int, ...], ids: Tensor, segment: Optional[Tensor],
+                     baseline: Optional[Tensor]) -> Tensor:
+    """:func:`occlude_window_torch` of a segment: the windows of the image, its labels and
+    the baseline, and the baseline where a window element lies in the patch and has the
+    row's label. Computed channels-last, ``(B, *window, C)``."""
+    if segment is None:
+        raise ValueError("occluding a segment needs segment= (one id per row) with ids=")
+    n, batch, c = len(window), table.shape[0], image.shape[1]
+    x = _gather(image, table, window, None, ()).movedim(1, -1)
+    labels = _gather(ids, table, window, None, ()).movedim(1, -1)  # (B, *window, 1 or C)
+    inside = _in_range(-table[:, n:], window, patch_size).unsqueeze(-1)  # in the patch
+    hit = inside & (labels == segment.view((batch,) + (1,) * (n + 1)))
+    if baseline is not None:
+        fill = _gather(baseline.to(image.dtype), table, window, None, ()).movedim(1, -1)
+    else:
+        fill = color.to(image.dtype).reshape((1,) * (n + 1) + (c,))
+    return torch.where(hit, fill, x).contiguous().movedim(-1, 1)
