@@ -238,3 +238,10 @@ def test_docstring_examples(module):
     import doctest
 
     assert doctest.testmod(module).failed == 0
+
+
+def test_a_segmentation_target_is_refused():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    ex = krypton_fx.compile(net, patch=2, stride=2, image_size=8, target=krypton_fx.SegmentationTarget(1))
+    with pytest.raises(ValueError, match="without target= and norm_stats="):
+        ex.ablate(torch.rand(3, 8, 8), torch.arange(64).view(8, 8) // 16)
