@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -91,6 +91,16 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def side_by_side(naive: Callable[[], Any], incremental: Callable[[], Any]) -> tuple[Any, Any, float, float]:
+    """Run ``naive()`` then ``incremental()`` once each: ``(naive's result, incremental's,
+    naive seconds, incremental seconds)`` (the demos' per-image rows)."""
+    t0 = time.perf_counter()
+    first = naive()
+    t1 = time.perf_counter()
+    second = incremental()
+    return first, second, t1 - t0, time.perf_counter() - t1
+
+
 def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_size: int = 32,
             positions: Optional[int] = None, device="cpu", channels_last_naive: bool = False,
             explainer: Optional[Explainer] = None, backend: str = "auto", tau: float = 1.0,

@@ -52,7 +52,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +61,6 @@ from ..explainer import compile as compile_explainer
 from .forms import (
     Baseline,
     CaptumArgumentError,
-    CaptumArgumentTypeError,
     Target,
     _as_output_tensor,
     _feature_tensors,
@@ -69,9 +68,9 @@ from .forms import (
     _format_feature_masks,
     _format_inputs,
     _per_example_classes,
+    _PerturbationMethod,
     _progress_bar,
     _select_targets,
-    _spaced_name,
     _WindowProgress,
     _wrapped_like_captum,
 )
@@ -142,7 +141,7 @@ def _incremental_segments(model: nn.Module, images: Tensor, segments: list[Tenso
         return f"the model does not compile for incremental ablation: {type(e).__name__}: {e}"
 
 
-class FeatureAblation:
+class FeatureAblation(_PerturbationMethod):
     """Feature-ablation attributions, the same as ``captum.attr.FeatureAblation``.
 
     Args:
@@ -170,30 +169,6 @@ class FeatureAblation:
         >>> tuple(attr.shape)
         (4, 6)
     """
-
-    def __init__(self, forward_func: Callable[..., Any]) -> None:
-        if not callable(forward_func):
-            raise CaptumArgumentTypeError(f"forward_func must be callable (a model or function), got "
-                                          f"{type(forward_func).__name__}")
-        self.forward_func = forward_func
-        self.use_weights = False
-        self.last_path: Optional[str] = None
-        self.last_fallback_reason: Optional[str] = None
-        self.last_stats: dict = {}
-
-    @classmethod
-    def get_name(cls) -> str:
-        """``"Feature Ablation"`` (the class name spaced as Captum writes it; it titles the bar)."""
-        return _spaced_name(cls.__name__)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        """True, as for every Captum perturbation method."""
-        return True
-
-    def has_convergence_delta(self) -> bool:
-        """False: feature ablation has no convergence delta (as in Captum)."""
-        return False
 
     @_wrapped_like_captum
     def attribute(self, inputs: Union[Tensor, tuple[Tensor, ...]], baselines: Baseline = None,

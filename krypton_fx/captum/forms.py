@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import numbers
-from typing import Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -410,6 +410,37 @@ def _spaced_name(name: str) -> str:
     """A class name with a space before each capital but the first, as Captum's ``get_name``
     writes it (``"Feature Ablation"``; it titles the progress bar)."""
     return "".join(c if c.islower() or i == 0 else " " + c for i, c in enumerate(name))
+
+
+class _PerturbationMethod:
+    """What Captum's perturbation methods share: the constructor's check, ``use_weights``, the
+    name, ``multiplies_by_inputs`` and no convergence delta; and the last call's record."""
+
+    use_weights = False
+
+    def __init__(self, forward_func: Callable[..., Any]) -> None:
+        if not callable(forward_func):
+            raise CaptumArgumentTypeError(f"forward_func must be callable (a model or function), got "
+                                          f"{type(forward_func).__name__}")
+        self.forward_func = forward_func
+        self.last_path: Optional[str] = None
+        self.last_fallback_reason: Optional[str] = None
+        self.last_stats: dict = {}
+
+    @classmethod
+    def get_name(cls) -> str:
+        """The class name with a space before each capital but the first, as Captum writes it
+        (``"Feature Ablation"``; it titles the progress bar)."""
+        return _spaced_name(cls.__name__)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        """True, as for every Captum perturbation method."""
+        return True
+
+    def has_convergence_delta(self) -> bool:
+        """False: a perturbation method has no convergence delta (as in Captum)."""
+        return False
 
 
 # --- progress (Captum's bar) -------------------------------------------------------------------

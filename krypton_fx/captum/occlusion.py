@@ -73,10 +73,10 @@ from .forms import (
     _format_strides,
     _format_windows,
     _per_example_classes,
+    _PerturbationMethod,
     _progress_bar,
     _select_targets,
     _shift_counts,
-    _spaced_name,
     _WindowProgress,
     _wrapped_like_captum,
 )
@@ -163,7 +163,7 @@ class _IncrementalPlan:
 # --- the attribution class ------------------------------------------------------------------------
 
 
-class Occlusion:
+class Occlusion(_PerturbationMethod):
     """Occlusion attributions, the same as ``captum.attr.Occlusion``, computed incrementally.
 
     Args:
@@ -198,33 +198,13 @@ class Occlusion:
         (4, 6)
     """
 
+    use_weights = True
+
     def __init__(self, forward_func: Callable[..., Tensor]) -> None:
-        if not callable(forward_func):
-            raise OcclusionArgumentTypeError(f"forward_func must be callable (a model or function), got "
-                                             f"{type(forward_func).__name__}")
-        self.forward_func = forward_func
-        self.use_weights = True
-        self.last_path: Optional[str] = None
-        self.last_fallback_reason: Optional[str] = None
-        self.last_stats: dict = {}
+        super().__init__(forward_func)
         self._explainers: OrderedDict[tuple, Union[Explainer, str]] = OrderedDict()
         self._explainers_of: Optional[Callable] = forward_func  # the forward_func they were compiled from
         self._module: Union[nn.Module, str, None] = None  # forward_func as a module (_as_module), once
-
-    @classmethod
-    def get_name(cls) -> str:
-        """The class name with a space before each capital but the first, as Captum writes it
-        (``"Occlusion"``; it titles the progress bar)."""
-        return _spaced_name(cls.__name__)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        """True, as for every Captum perturbation method."""
-        return True
-
-    def has_convergence_delta(self) -> bool:
-        """False: occlusion has no convergence delta (as in Captum)."""
-        return False
 
     def attribute_future(self) -> None:
         """Not implemented, as in Captum's Occlusion."""

@@ -6,7 +6,6 @@ scans, naive and incremental occlusion timed side by side; pictures into ``--out
 from __future__ import annotations
 
 import functools
-import time
 
 from . import demo_segmentation, demo_volume
 from . import options as opt
@@ -60,6 +59,7 @@ def run(args) -> int:
     import numpy as np
 
     from .. import lesions
+    from ..benchmark import side_by_side
     from ..explainer import compile as compile_explainer
     from ..naive import naive_occlusion
     from ..report import theoretical_speedup
@@ -90,21 +90,19 @@ def run(args) -> int:
         writers = {}
         for k, i in enumerate(chosen):
             image = images[i]
-            t0 = time.perf_counter()
-            naive = naive_occlusion(model, image, patch, stride, color, batch_size=_DEMO_BATCH)
-            t1 = time.perf_counter()
-            res = ex(image)
-            t2 = time.perf_counter()
-            total_naive += t1 - t0
-            total_inc += t2 - t1
+            naive, res, t_naive, t_inc = side_by_side(
+                functools.partial(naive_occlusion, model, image, patch, stride, color, batch_size=_DEMO_BATCH),
+                functools.partial(ex, image))
+            total_naive += t_naive
+            total_inc += t_inc
             heat = res.heatmap.numpy()
             drop = res.base_prob - upsample_heatmap(heat, (size, size), patch, stride)
             hy, hx = np.unravel_index(int(np.argmax(drop)), drop.shape)
             y, x, h, w = (int(v) for v in boxes[i])
             inside = y <= hy < y + h and x <= hx < x + w
             diff = float((naive.heatmap - res.heatmap).abs().max())
-            print(f"{k:<8}{res.base_prob:>10.3f}{t1 - t0:>10.3f}{t2 - t1:>11.3f}"
-                  f"{(t1 - t0) / (t2 - t1):>8.2f}x{diff:>12.1e}  "
+            print(f"{k:<8}{res.base_prob:>10.3f}{t_naive:>10.3f}{t_inc:>11.3f}"
+                  f"{t_naive / t_inc:>8.2f}x{diff:>12.1e}  "
                   f"{'yes' if inside else 'no'} (hottest at y={hy}, x={hx}; box y={y}..{y + h - 1}, "
                   f"x={x}..{x + w - 1})")
             fig = heatmap_figure(image.permute(1, 2, 0).numpy(), heat, patch, stride, res.label,

@@ -7,7 +7,6 @@ occlusion timed side by side; pictures (the scan, the predicted mask's outline, 
 from __future__ import annotations
 
 import functools
-import time
 
 from .errors import PROG
 from .files import output_dir, save_figure, write_files
@@ -25,6 +24,7 @@ def run(args) -> int:
     import numpy as np
 
     from .. import lesion_seg, lesions
+    from ..benchmark import side_by_side
     from ..explainer import compile as compile_explainer
     from ..naive import naive_occlusion
     from ..report import theoretical_speedup
@@ -59,20 +59,18 @@ def run(args) -> int:
         writers = {}
         for k, i in enumerate(chosen):
             image = images[i]
-            t0 = time.perf_counter()
-            naive = naive_occlusion(model, image, patch, stride, 0.0, batch_size=_BATCH, target=target)
-            t1 = time.perf_counter()
-            res = ex(image)
-            t2 = time.perf_counter()
-            total_naive += t1 - t0
-            total_inc += t2 - t1
+            naive, res, t_naive, t_inc = side_by_side(
+                functools.partial(naive_occlusion, model, image, patch, stride, 0.0, batch_size=_BATCH, target=target),
+                functools.partial(ex, image))
+            total_naive += t_naive
+            total_inc += t_inc
             heat = res.heatmap.numpy()
             drop = res.base_prob - upsample_heatmap(heat, (size, size), patch, stride)
             hy, hx = np.unravel_index(int(np.argmax(drop)), drop.shape)
             inside = bool(masks[i][hy, hx])
             diff = float((naive.heatmap - res.heatmap).abs().max())
-            print(f"{k:<6}{int(res.mask.sum()):>8}{res.base_prob:>8.3f}{t1 - t0:>10.3f}{t2 - t1:>11.3f}"
-                  f"{(t1 - t0) / (t2 - t1):>8.2f}x{diff:>12.1e}  {'yes' if inside else 'no'} (at y={hy}, x={hx})")
+            print(f"{k:<6}{int(res.mask.sum()):>8}{res.base_prob:>8.3f}{t_naive:>10.3f}{t_inc:>11.3f}"
+                  f"{t_naive / t_inc:>8.2f}x{diff:>12.1e}  {'yes' if inside else 'no'} (at y={hy}, x={hx})")
             y, x, h, w = (int(v) for v in boxes[i])
             fig = heatmap_figure(image.permute(1, 2, 0).numpy(), heat, patch, stride, res.label, res.base_prob,
                                  label_name="lesion, mean over the predicted mask", box=(y, x, h, w),

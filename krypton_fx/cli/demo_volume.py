@@ -5,7 +5,6 @@ pictures and the volumes themselves (``.npy``, for ``krypton-fx explain``) into 
 from __future__ import annotations
 
 import functools
-import time
 
 from ..lesions3d import DEFAULT_SIZE, TRAIN_SIZE
 from .errors import PROG
@@ -33,6 +32,7 @@ def run(args) -> int:
     import numpy as np
 
     from .. import lesions3d
+    from ..benchmark import side_by_side
     from ..explainer import compile as compile_explainer
     from ..explainer import naive_occlusion
     from ..report import theoretical_speedup
@@ -68,13 +68,11 @@ def run(args) -> int:
         writers = {}
         for k, i in enumerate(chosen):
             volume = volumes[i]
-            t0 = time.perf_counter()
-            naive = naive_occlusion(model, volume, patch, stride, _COLOR, batch_size=_BATCH)
-            t1 = time.perf_counter()
-            res = ex(volume)
-            t2 = time.perf_counter()
-            total_naive += t1 - t0
-            total_inc += t2 - t1
+            naive, res, t_naive, t_inc = side_by_side(
+                functools.partial(naive_occlusion, model, volume, patch, stride, _COLOR, batch_size=_BATCH),
+                functools.partial(ex, volume))
+            total_naive += t_naive
+            total_inc += t_inc
             heat = res.heatmap.numpy()
             drop = res.base_prob - upsample_heatmap_nd(heat, shape, patch, stride)
             voxel = tuple(int(v) for v in np.unravel_index(int(np.argmax(drop)), drop.shape))
@@ -82,7 +80,7 @@ def run(args) -> int:
             inside = lesions3d.lesion_contains(box, voxel)
             diff = float((naive.heatmap - res.heatmap).abs().max())
             span = ", ".join(f"{'dhw'[a]}={box[a]}..{box[a] + box[a + 3] - 1}" for a in range(3))
-            print(f"{k:<8}{res.base_prob:>10.3f}{t1 - t0:>10.3f}{t2 - t1:>11.3f}{(t1 - t0) / (t2 - t1):>8.2f}x"
+            print(f"{k:<8}{res.base_prob:>10.3f}{t_naive:>10.3f}{t_inc:>11.3f}{t_naive / t_inc:>8.2f}x"
                   f"{diff:>12.1e}  {'yes' if inside else 'no'} (hottest at d={voxel[0]}, h={voxel[1]}, "
                   f"w={voxel[2]}; box {span})")
             fig = volume_figure(volume[0].numpy(), drop, voxel, res.label, res.base_prob,
