@@ -117,6 +117,21 @@ def test_resnet18_per_image_slic_masks_match_captum(resnet18):
     assert fa.last_stats["incremental_segments"] == sum(len(torch.unique(m)) for m in masks)
 
 
+def test_a_segment_absent_from_one_image_matches_captum():
+    """Per-image masks whose ids differ: id 9 lies in the first image only (Captum ablates
+    it in both; the second, untouched, gets 0 there), and the ids have gaps."""
+    x = images(2, seed=2)
+    masks = torch.zeros(2, 1, SIZE, SIZE, dtype=torch.long)
+    masks[:, :, :, SIZE // 2:] = 3
+    masks[0, :, :6, :6] = 9
+    kwargs = dict(feature_mask=masks, target=2, perturbations_per_eval=4)
+    model = small_cnn()
+    fa = FeatureAblation(model)
+    assert_matches(fa.attribute(x, **kwargs), reference(model, x, **kwargs))
+    assert fa.last_path == "incremental", fa.last_fallback_reason
+    assert fa.last_stats["incremental_segments"] == 5
+
+
 def test_resnet18_segment_in_two_pieces_and_per_example_baseline_match_captum(resnet18):
     x = images(2, seed=1)
     mask = slic_mask(x[0])  # (1, 1, H, W): one mask for both images
