@@ -833,3 +833,17 @@ def seg_model(case: SegCase) -> SegNet:
     with torch.no_grad():
         model.head.bias[case.category] += 1.0
     return model
+
+
+def randomize_batchnorm(model: _nn.Module, seed: int = 0, affine: bool = False) -> _nn.Module:
+    """``model`` in eval mode with non-trivial running statistics (and with ``affine`` weights
+    and biases), so that a batch norm is not the identity and differs from train mode."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, _nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            if affine and m.weight is not None:
+                m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    return model.eval()

@@ -19,6 +19,8 @@ from torch import nn
 
 captum_attr = pytest.importorskip("captum.attr")
 
+from strategies import randomize_batchnorm  # noqa: E402
+
 from krypton_fx.captum import Occlusion, OcclusionArgumentError  # noqa: E402
 
 TOL = dict(atol=1e-4, rtol=1e-4)
@@ -39,15 +41,6 @@ def assert_matches(result, expected):
         assert result.dtype == expected.dtype and result.shape == expected.shape
         torch.testing.assert_close(result, expected, **TOL)
 
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial running statistics, so eval-mode BatchNorm is not an identity."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

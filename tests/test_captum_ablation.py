@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import torchvision
 from hypothesis import given, settings
 from skimage.segmentation import slic
-from strategies import ablation_cases
+from strategies import ablation_cases, randomize_batchnorm
 from torch import nn
 
 captum_attr = pytest.importorskip("captum.attr")
@@ -43,14 +43,6 @@ def assert_matches(result, expected):
         assert r.dtype == e.dtype and r.shape == e.shape
         torch.testing.assert_close(r, e, equal_nan=True, **TOL)
 
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from monai.inferers import sliding_window_inference  # noqa: E402
 from monai.inferers.utils import _get_scan_interval  # noqa: E402
 from monai.networks.nets import DenseNet, DenseNet121, resnet18  # noqa: E402
 from monai.visualize import occlusion_sensitivity as monai_occlusion  # noqa: E402
+from strategies import randomize_batchnorm  # noqa: E402
 
 from krypton_fx.monai import OcclusionSensitivity, blend_windows, window_grid  # noqa: E402
 from krypton_fx.monai.rules import window_means  # noqa: E402
@@ -44,15 +45,6 @@ def one_thread():
 
 # --- models and images -----------------------------------------------------------------------
 
-
-def randomize_batchnorm(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial running statistics, so eval-mode BatchNorm differs from train mode."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-    return model
 
 
 def small_densenet(dims: int, channels: int, classes: int = 3) -> nn.Module:

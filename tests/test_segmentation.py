@@ -13,7 +13,7 @@ import torch
 import torchvision.models.segmentation as tv_seg
 from hypothesis import given, settings
 from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, UNet
-from strategies import seg_encoder_decoders, seg_model
+from strategies import randomize_batchnorm, seg_encoder_decoders, seg_model
 from torch import nn
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead, DeepLabV3
@@ -75,22 +75,14 @@ def assert_exact(model, image, patch, stride, target, color=0.0, mask=None, **co
     return ex, res
 
 
-def _bn_stats(model):
-    """Batch norms with random running statistics (eval mode), so that they matter."""
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model.eval()
-
 
 def _fcn(dims=2, classes=3, in_ch=2):
     """A net without down- or upsampling: its output stays patched on this branch and main."""
     conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
     bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
-    return _bn_stats(nn.Sequential(conv(in_ch, 6, 3, padding=1), bn(6), nn.ReLU(), conv(6, 6, 3, padding=2, dilation=2),
-                                   nn.ReLU(), conv(6, classes, 1)))
+    return randomize_batchnorm(nn.Sequential(conv(in_ch, 6, 3, padding=1), bn(6), nn.ReLU(),
+                                             conv(6, 6, 3, padding=2, dilation=2), nn.ReLU(),
+                                             conv(6, classes, 1)))
 
 
 # --- every output and reduce, given and predicted masks, colours ---------------------------
@@ -141,9 +133,10 @@ def test_call_mask_replaces_compiled_and_cache_by_identity():
 def _monai_nets(dims):
     yield "unet-instance-0", UNet(dims, 1, 3, (4, 8), (2,), num_res_units=0)
     for res in (0, 1, 2):
-        yield f"unet-batch-{res}", _bn_stats(UNet(dims, 1, 3, (4, 8, 8), (2, 2), num_res_units=res, norm="batch"))
-    yield "basic-batch", _bn_stats(BasicUNet(dims, 1, 3, features=(4, 4, 4, 4, 8, 4), norm="batch"))
-    yield "attention", _bn_stats(AttentionUnet(dims, 1, 3, (4, 8), (2,)))
+        unet = UNet(dims, 1, 3, (4, 8, 8), (2, 2), num_res_units=res, norm="batch")
+        yield f"unet-batch-{res}", randomize_batchnorm(unet)
+    yield "basic-batch", randomize_batchnorm(BasicUNet(dims, 1, 3, features=(4, 4, 4, 4, 8, 4), norm="batch"))
+    yield "attention", randomize_batchnorm(AttentionUnet(dims, 1, 3, (4, 8), (2,)))
     yield "dyn-instance", DynUNet(dims, 1, 3, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2],
                                   filters=[4, 8, 8])
 
@@ -189,7 +182,8 @@ def test_torchvision_heads(name):
     else:
         model = LRASPP(_tiny_backbone({"low": "low", "high": "high"}), 8, 16, 3, inter_channels=8)
     image = torch.randn(3, 24, 32)
-    assert_exact(_bn_stats(model), image, 8, (8, 6), SegmentationTarget(1, mask=torch.rand(24, 32) > 0.3, key="out"))
+    target = SegmentationTarget(1, mask=torch.rand(24, 32) > 0.3, key="out")
+    assert_exact(randomize_batchnorm(model), image, 8, (8, 6), target)
 
 
 def test_dict_output_needs_a_key():
@@ -204,7 +198,7 @@ def test_dict_output_needs_a_key():
 
 def test_basic_unet_traces_and_the_check_catches_a_dropped_skip(monkeypatch):
     from krypton_fx import tracing
-    model = _bn_stats(BasicUNet(2, 1, 2, features=(4, 4, 4, 4, 8, 4), norm="batch"))
+    model = randomize_batchnorm(BasicUNet(2, 1, 2, features=(4, 4, 4, 4, 8, 4), norm="batch"))
     x = torch.randn(1, 1, 16, 16)
     gm = tracing.trace(model)
     assert torch.equal(gm(x), model(x))
@@ -219,7 +213,7 @@ def test_basic_unet_traces_and_the_check_catches_a_dropped_skip(monkeypatch):
 
 def test_basic_unet_odd_size_is_exact():
     torch.manual_seed(6)
-    model = _bn_stats(BasicUNet(2, 1, 2, features=(4, 4, 4, 4, 8, 4), norm="batch"))
+    model = randomize_batchnorm(BasicUNet(2, 1, 2, features=(4, 4, 4, 4, 8, 4), norm="batch"))
     assert_exact(model, torch.randn(1, 35, 19), 7, 6, SegmentationTarget(1, mask=torch.ones(35, 19)))
 
 
@@ -310,7 +304,7 @@ def test_executed_conv_macs_are_the_theory_and_basicunet_decoder_state():
     from krypton_fx.registry import Kind, lookup
 
     torch.manual_seed(8)
-    model = _bn_stats(BasicUNet(2, 1, 2, features=(4, 4, 4, 4, 8, 4), norm="batch"))
+    model = randomize_batchnorm(BasicUNet(2, 1, 2, features=(4, 4, 4, 4, 8, 4), norm="batch"))
     size, patch = (256, 192), 8  # (at 64^2 the bottleneck's box is the whole map: all after it dense)
     target = SegmentationTarget(1, mask=torch.ones(size))
     ex = krypton_fx.compile(model, patch=patch, stride=4, image_size=size, target=target, cache=False)

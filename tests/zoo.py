@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torchvision
+from strategies import randomize_batchnorm
 from torch import nn
 
 # (image size, patch, stride) per model: small images keep the whole zoo
@@ -32,18 +33,6 @@ def setting(name: str) -> tuple[int, int, int]:
     return DEFAULT_SETTING
 
 
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BatchNorm statistics, so eval-mode BN is not an identity."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
-            if m.weight is not None:
-                m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
-                m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
-    return model
-
 
 def build(name: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -51,4 +40,4 @@ def build(name: str, seed: int = 0) -> nn.Module:
     if name.startswith("vit_"):
         kwargs["image_size"] = setting(name)[0]
     model = torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
-    return randomize_batchnorm(model, seed).eval()
+    return randomize_batchnorm(model, seed, affine=True).eval()

@@ -71,6 +71,7 @@ from .forms import (
     _PerturbationMethod,
     _progress_bar,
     _select_targets,
+    _why_not_incremental,
     _WindowProgress,
     _wrapped_like_captum,
 )
@@ -314,15 +315,9 @@ class FeatureAblation(_PerturbationMethod):
         n, c, *dims = x.shape
         if all(m == 1 for m in mask.shape[2:]) and math.prod(dims) > 1:
             return "the features are not spatial segments (the mask is constant over space)"
-        if call.target is None:
-            return "no target: the attribution is per output entry"
-        if any(m.training for m in model.modules()):
-            return "the model is in training mode (call model.eval() for the incremental path)"
-        param = next(model.parameters(), None)
-        if param is not None and (param.dtype != x.dtype or param.device != x.device):
-            return "the input's dtype or device differs from the model's"
-        if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
-            return "the input is not a finite floating-point tensor"
+        reason = _why_not_incremental(model, x, call.target)
+        if reason is not None:
+            return reason
         baselines = _segment_baselines(call.baselines[0], x)
         if isinstance(baselines, str):
             return baselines

@@ -406,6 +406,21 @@ def _wrapped_like_captum(method: Callable) -> Callable:
     return wrapper
 
 
+def _why_not_incremental(model, x: Tensor, target) -> Optional[str]:
+    """Why the model and input cannot take the incremental path whatever the features are
+    (None when they can): no target, training mode, dtype or device mismatch, non-finite input."""
+    if target is None:
+        return "no target: the attribution is per output entry"
+    if any(m.training for m in model.modules()):
+        return "the model is in training mode (call model.eval() for the incremental path)"
+    param = next(model.parameters(), None)
+    if param is not None and (param.dtype != x.dtype or param.device != x.device):
+        return "the input's dtype or device differs from the model's"
+    if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+        return "the input is not a finite floating-point tensor"
+    return None
+
+
 def _spaced_name(name: str) -> str:
     """A class name with a space before each capital but the first, as Captum's ``get_name``
     writes it (``"Feature Ablation"``; it titles the progress bar)."""

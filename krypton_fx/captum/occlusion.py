@@ -77,6 +77,7 @@ from .forms import (
     _progress_bar,
     _select_targets,
     _shift_counts,
+    _why_not_incremental,
     _WindowProgress,
     _wrapped_like_captum,
 )
@@ -322,15 +323,9 @@ class Occlusion(_PerturbationMethod):
             return "the window does not span all channels"
         if tuple(windows[0][1:]) == tuple(x.shape[2:]):
             return "the window covers the whole image: one position, nothing to reuse"
-        if target is None:
-            return "no target: the attribution is per output entry"
-        if any(m.training for m in model.modules()):
-            return "the model is in training mode (call model.eval() for the incremental path)"
-        param = next(model.parameters(), None)
-        if param is not None and (param.dtype != x.dtype or param.device != x.device):
-            return "the input's dtype or device differs from the model's"
-        if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
-            return "the input is not a finite floating-point tensor"
+        reason = _why_not_incremental(model, x, target)
+        if reason is not None:
+            return reason
         colors = self._window_colors(baselines[0], x)
         if isinstance(colors, str):
             return colors
