@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import krypton_fx
-from krypton_fx.benchmark import measure, time_breakdown
+from krypton_fx.benchmark import measure, split_breakdown, time_breakdown
 
 
 def _block(cin: int, cout: int, dims: int) -> nn.Module:
@@ -128,10 +128,8 @@ def main(argv=None) -> int:
                "speedup": speedup, "theoretical": best.theoretical, "executed_ratio": best.executed_ratio,
                "max_abs_diff": best.max_abs_diff}
         if args.profile:
-            cats = time_breakdown(ex, image, args.positions, args.batch_size)
-            total = cats.pop("total") or 1.0
-            row["breakdown_s"] = cats
-            print("    incremental time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in cats.items()), flush=True)
+            row["breakdown_s"], shares = split_breakdown(time_breakdown(ex, image, args.positions, args.batch_size))
+            print("    incremental time: " + shares, flush=True)
         results.append(row)
     if args.json:
         with open(args.json, "w") as f:

@@ -33,7 +33,7 @@ from torch import nn  # noqa: E402
 
 import krypton_fx  # noqa: E402
 from krypton_fx import geometry as geo  # noqa: E402
-from krypton_fx.benchmark import peak_memory, reset_peak_memory, time_breakdown  # noqa: E402
+from krypton_fx.benchmark import peak_memory, reset_peak_memory, split_breakdown, time_breakdown  # noqa: E402
 from krypton_fx.ops import occlude_window  # noqa: E402
 from krypton_fx.passes.norms import freeze_norms  # noqa: E402
 from krypton_fx.report import conv_macs  # noqa: E402
@@ -216,11 +216,10 @@ def main(argv=None) -> int:
         if args.profile:
             output, stored = ex.prepare(image)
             resolved = ex.resolve(output)
-            cats = time_breakdown(ex, image, best["positions"], batch,
-                                  inputs=stored + list(resolved.inputs), keep=resolved)
-            total = cats.pop("total") or 1.0
-            row["breakdown_s"] = cats
-            print("    incremental time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in cats.items()), flush=True)
+            cats = time_breakdown(ex, image, best["positions"], batch, inputs=stored + list(resolved.inputs),
+                                  keep=resolved)
+            row["breakdown_s"], shares = split_breakdown(cats)
+            print("    incremental time: " + shares, flush=True)
         results.append(row)
     if args.json:
         with open(args.json, "w") as f:

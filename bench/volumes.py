@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import krypton_fx  # noqa: E402
-from krypton_fx.benchmark import measure, time_breakdown  # noqa: E402
+from krypton_fx.benchmark import measure, split_breakdown, time_breakdown  # noqa: E402
 
 # At least 90 % of theory on the CPU (the volumes issue's goals).
 GOALS_CPU = {"resnet18@64": 2.4, "resnet18@96": 4.3, "densenet121@64": 1.4}
@@ -139,11 +139,8 @@ def main(argv=None) -> int:
                 f"{best.max_abs_diff:8.1e}")
         print(line, flush=True)
         if args.profile:
-            cats = time_breakdown(ex, image, args.positions, args.batch_size)
-            total = cats.pop("total") or 1.0
-            row["breakdown_s"] = cats
-            print("    incremental time: " + ", ".join(f"{k} {v / total:.0%}" for k, v in cats.items()),
-                  flush=True)
+            row["breakdown_s"], shares = split_breakdown(time_breakdown(ex, image, args.positions, args.batch_size))
+            print("    incremental time: " + shares, flush=True)
         results.append(row)
     if args.json:
         with open(args.json, "w") as f:

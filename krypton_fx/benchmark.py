@@ -91,6 +91,14 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
+def split_breakdown(cats: dict[str, float]) -> tuple[dict[str, float], str]:
+    """A :func:`time_breakdown` as ``(seconds per category without the total, "conv 10%,
+    gather 24%, ...")``: the benches' row and printed line."""
+    total = cats.get("total") or 1.0
+    seconds = {k: v for k, v in cats.items() if k != "total"}
+    return seconds, ", ".join(f"{k} {v / total:.0%}" for k, v in seconds.items())
+
+
 def side_by_side(naive: Callable[[], Any], incremental: Callable[[], Any]) -> tuple[Any, Any, float, float]:
     """Run ``naive()`` then ``incremental()`` once each: ``(naive's result, incremental's,
     naive seconds, incremental seconds)`` (the demos' per-image rows)."""

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 from torch import Tensor, nn
@@ -164,22 +164,23 @@ class TuneResult:
         tune_figure(self.taus, self.ssims, self.coeffs, self.target_ssim, self.tau, kept).savefig(path, dpi=120)
 
 
-def _nanmean(values: Optional[np.ndarray], column: int) -> float:
-    """Mean of a column ignoring NaN; NaN when there is nothing to average."""
+def _column_stat(values: Optional[np.ndarray], column: int, stat: Callable[[np.ndarray], Any]) -> float:
+    """``stat`` of a column's finite values; NaN when there is nothing (or no ``values``)."""
     if values is None:
         return float("nan")
     col = values[:, column]
     col = col[np.isfinite(col)]
-    return float(col.mean()) if len(col) else float("nan")
+    return float(stat(col)) if len(col) else float("nan")
+
+
+def _nanmean(values: Optional[np.ndarray], column: int) -> float:
+    """Mean of a column ignoring NaN; NaN when there is nothing to average."""
+    return _column_stat(values, column, np.mean)
 
 
 def _nanmin(values: Optional[np.ndarray], column: int) -> float:
     """Least value of a column ignoring NaN; NaN when there is nothing."""
-    if values is None:
-        return float("nan")
-    col = values[:, column]
-    col = col[np.isfinite(col)]
-    return float(col.min()) if len(col) else float("nan")
+    return _column_stat(values, column, np.min)
 
 
 def guard_tau(taus: Sequence[float], kept: np.ndarray, tau: float, min_drop_kept: float,
