@@ -14,8 +14,10 @@ from torch import nn
 
 from krypton_fx import geometry as geo
 from krypton_fx import resampling
+from krypton_fx.passes import windowed
 from krypton_fx.passes.graph_fns import resample_window
 from krypton_fx.passes.patch_prop import META_KEY, PatchProp, State
+from krypton_fx.passes.windowed import WindowedOps, transposed_padding
 from krypton_fx.tracing import trace
 
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -127,6 +129,11 @@ def test_transposed_conv_box_contains_the_change_and_its_window_reproduces_it(la
         local = _CONV_T[dims](_window(x, info, position), w, bias, s, 0, 0, groups, d)
         crop = local[(slice(None), slice(None), *(slice(c, c + n) for c, n in zip(info.crop, info.box.sizes)))]
         torch.testing.assert_close(crop, _box_of(full, info, position), atol=1e-5, rtol=1e-5)
+        # as the incremental graph runs it: padded so that it returns little more than the box
+        pad, out_pad, at = WindowedOps._transposed_padding(info)
+        local = _CONV_T[dims](_window(x, info, position), w, bias, s, pad, out_pad, groups, d)
+        crop = local[(slice(None), slice(None), *(slice(c, c + n) for c, n in zip(at, info.box.sizes)))]
+        torch.testing.assert_close(crop, _box_of(full, info, position), atol=1e-5, rtol=1e-5)
 
 
 RESAMPLE_MODES = {1: ["nearest", "nearest-exact", "linear", "area"],
@@ -216,6 +223,21 @@ def test_pixel_shuffle_and_unshuffle_boxes(factor):
                                    _box_of(full, info, position))
 
 
+@given(full=st.integers(1, 40), data=st.data(), stride=st.integers(1, 4), dilation=st.integers(1, 3))
+def test_transposed_padding_keeps_the_box_and_returns_the_shortest_stride_multiple(full, data, stride, dilation):
+    crop = data.draw(st.integers(0, full - 1))
+    size = data.draw(st.integers(1, full - crop))
+    pad, out_pad, at = transposed_padding(full, crop, size, stride, dilation)
+    length = full - 2 * pad + out_pad
+    assert 0 <= out_pad < max(stride, dilation) and pad >= 0
+    assert at == crop - pad and 0 <= at and at + size <= length  # the box is inside, where it says
+    # every (padding, output padding) pytorch takes that keeps the box: none is better
+    valid = [full - 2 * p + q for q in range(max(stride, dilation)) for p in range(crop + 1)
+             if crop + size <= full - p + q]
+    best = min(valid, key=lambda n: (n % stride != 0, n))
+    assert (length % stride != 0, length) == (best % stride != 0, best)
+
+
 @given(start=st.lists(st.integers(0, 40), min_size=1, max_size=5), size=st.integers(1, 20),
        full=st.integers(1, 60), stride=st.integers(1, 4))
 def test_align_box_covers_fits_and_is_aligned(start, size, full, stride):
@@ -247,6 +269,6 @@ def test_resample_taps_are_the_ops_own_indices():
     assert taps.first.tolist() == want.flatten().long().tolist()
 
 
-@pytest.mark.parametrize("module", [geo, resampling], ids=["geometry", "resampling"])
+@pytest.mark.parametrize("module", [geo, resampling, windowed], ids=["geometry", "resampling", "windowed"])
 def test_docstring_examples(module):
     assert doctest.testmod(module).failed == 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import doctest
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -95,6 +96,25 @@ def test_gather_window_torch_matches_loops(axes, max_size, data):
                                               channels=st.integers(1, 3)), label="case")
     assert_same(gather_window_torch(case.stored, case.patch, case.table, case.window),
                 gather_loop(case.stored, case.patch, case.table, case.window))
+
+
+@pytest.mark.parametrize("one_source", [True, False], ids=["joined", "overlaid"])
+@settings(max_examples=15)
+@given(data=st.data())
+def test_both_ways_of_writing_the_patch_match_loops(one_source, data):
+    """The gather and projection read stored and patch rows from one join, or write the
+    patch over the window (reference._reads_one_source picks by size): the same values."""
+    axes = data.draw(st.integers(1, 3), label="axes")
+    case: GatherCase = data.draw(gather_cases(axes=axes, max_size=5, max_batch=3,
+                                              channels=st.integers(8, 10)), label="case")
+    projection = data.draw(projection_cases(axes=axes, max_size=5, max_batch=3), label="projection")
+    stored = projection.stored.repeat(1, 8, *(1,) * axes)  # enough channels for either way
+    patch = projection.patch.repeat(1, 8, *(1,) * axes)
+    with mock.patch.object(reference, "_reads_one_source", lambda *args: one_source):
+        assert_same(gather_window_torch(case.stored, case.patch, case.table, case.window),
+                    gather_loop(case.stored, case.patch, case.table, case.window))
+        assert_same(project_to_full_torch(stored, patch, projection.starts),
+                    project_loop(stored, patch, projection.starts))
 
 
 @spatial_axes

@@ -48,6 +48,7 @@ from .graph_fns import (
 )
 from .patch_prop import CLEAN, DENSE, META_KEY, PATCHED, PatchInfo, Read
 from .program_inputs import NO_FILL, PatchFill, StoredSpec
+from .reinplace import reinplace_activations
 from .windowed import WindowedOps
 
 __all__ = ["StoredSpec", "PatchFill", "Packing", "IncrementalProgram", "rewrite", "build_capture_module"]
@@ -452,6 +453,7 @@ def rewrite(gm: fx.GraphModule, backend: str = "auto", color: Optional[Tensor] =
     root.add_module("krypton_tables", emitter.tables)
     module = fx.GraphModule(root, emitter.graph, class_name="KryptonIncremental")
     module.graph.eliminate_dead_code()
+    reinplace_activations(module.graph, module)
     module.graph.lint()
     module.recompile()
     capture = build_capture_module(gm, emitter.stored_nodes, target.key if target is not None else None)

@@ -15,12 +15,48 @@ from ..ops import gather_window
 from .graph_fns import channels_last, crop_box, pointwise_conv, resample_window, sum_pool
 from .patch_prop import PatchInfo
 
-__all__ = ["WindowedOps"]
+__all__ = ["WindowedOps", "transposed_padding"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
+
+
+def transposed_padding(full: int, crop: int, size: int, stride: int, dilation: int = 1) -> tuple[int, int, int]:
+    """Padding and output padding that make a transposed conv return less than its whole
+    (padding 0) result of ``full`` elements, still holding ``[crop, crop + size)``, and where
+    the box then starts in what it returns.
+
+    Padding ``p`` drops ``p`` elements from each end of the result and output padding
+    ``q < max(stride, dilation)`` adds ``q`` at the far end, so the op returns
+    ``full[p : full - p + q]``: the box stays inside while ``p <= min(crop, full + q -
+    crop - size)``. Of those choices, one whose length is a multiple of the stride (the
+    CPU's kernels run about twice as fast on it), then the shortest. Same values as the
+    padding-0 result cropped: padding only leaves out work.
+
+    Returns:
+        ``(padding, output padding, crop within the returned result)``.
+
+    Example:
+        >>> transposed_padding(full=33, crop=1, size=30, stride=2)
+        (1, 1, 0)
+        >>> transposed_padding(full=9, crop=6, size=2, stride=2)
+        (2, 1, 4)
+    """
+    best = None
+    for q in range(max(stride, dilation)):
+        p = min(crop, full + q - crop - size)
+        if p < 0:
+            continue
+        length = full - 2 * p + q
+        key = (length % stride != 0, length, q)
+        if best is None or key < best[0]:
+            best = (key, p, q)
+    if best is None:  # the box is not inside the result: a caller's error
+        raise ValueError(f"a box of {size} at {crop} is not inside a result of {full}")
+    _, p, q = best
+    return p, q, crop - p
 
 
 class WindowedOps:
@@ -44,9 +80,10 @@ class WindowedOps:
                 weight = args[1] if len(args) > 1 else kwargs["weight"]
                 bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if local.op == "conv_transpose":  # the window's result holds the box at a static offset
-                out = g.call_function(_CONV_T_FN[nd], (window, weight, bias, local.stride, zeros, zeros,
+                pad, out_pad, crop = self._transposed_padding(info)
+                out = g.call_function(_CONV_T_FN[nd], (window, weight, bias, local.stride, pad, out_pad,
                                                       local.groups, local.dilation))
-                return g.call_function(crop_box, (out, info.crop, info.box.sizes))
+                return g.call_function(crop_box, (out, crop, info.box.sizes))
             if nd == 3 and all(k == 1 for k in local.kernel) and local.groups == 1:
                 return g.call_function(pointwise_conv, (window, weight, bias, local.stride))
             return g.call_function(_CONV_FN[nd], (window, weight, bias, local.stride, zeros, local.dilation,
@@ -64,6 +101,18 @@ class WindowedOps:
             # or every later concat and 1x1x1 conv would convert again.
             out = g.call_method("contiguous", (out,), {"memory_format": torch.channels_last_3d})
         return out
+
+    @staticmethod
+    def _transposed_padding(info: PatchInfo) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Per axis, the padding and output padding with which a transposed conv on the window
+        returns little more than the box (geometry.transposed_padding), and the box's start in it."""
+        local, axes = info.local, []
+        for d, (length, k) in enumerate(zip(info.reads[0].window.sizes, local.kernel)):
+            full = (length - 1) * local.stride[d] + (k - 1) * local.dilation[d] + 1
+            axes.append(transposed_padding(full, info.crop[d], info.box.sizes[d], local.stride[d],
+                                               local.dilation[d]))
+        pad, out_pad, crop = zip(*axes)
+        return pad, out_pad, crop
 
     def _windowed_resample(self, info: PatchInfo, window: fx.Node) -> fx.Node:
         """Resampling by per-axis source taps (geometry.AxisTaps): each position's box start and

@@ -129,6 +129,24 @@ def _overlay_rows(offsets: Tensor, window: Sequence[int], patch_size: Sequence[i
 
 # Channels from which a gather with a patch reads both from one source (below).
 _ONE_SOURCE_CHANNELS = 8
+# The largest join of stored and patch rows (bytes) made for a one-source read on the CPU.
+# glibc serves allocations past 32 MiB with fresh pages each time: faulting them in cost
+# more than the index_copy_ it saves (decoders: a batch's patches as large as its windows).
+_ONE_SOURCE_MAX_BYTES = 32 << 20
+
+
+def _reads_one_source(stored_rows: Tensor, patch_rows: Tensor, window_rows: int) -> bool:
+    """Whether a gather with a patch joins the stored and patch rows and reads the window
+    from the join in one index_select, rather than reading the window and writing the patch
+    over it with index_copy_ (about 3x a read per row on the CPU). The join copies the whole
+    stored map: only where it has no more rows than the batch's windows (a decoder reads
+    small windows out of full-resolution maps), with enough channels that a row copy is
+    not dominated by its overhead, and on the CPU only while the join is small
+    (``_ONE_SOURCE_MAX_BYTES``)."""
+    rows, c = stored_rows.shape
+    if c < _ONE_SOURCE_CHANNELS or rows > window_rows:
+        return False
+    return stored_rows.is_cuda or (rows + patch_rows.shape[0]) * c * stored_rows.element_size() <= _ONE_SOURCE_MAX_BYTES
 
 
 def _gather(stored: Tensor, table: Tensor, window: tuple[int, ...],
@@ -138,12 +156,9 @@ def _gather(stored: Tensor, table: Tensor, window: tuple[int, ...],
     n, batch, c = len(window), table.shape[0], stored.shape[1]
     rows = _window_rows(table[:, :n], window, stored.shape[2:])
     stored_rows = _channel_rows(stored)
-    if patch_rows is not None and c >= _ONE_SOURCE_CHANNELS and stored_rows.shape[0] <= batch * math.prod(window):
+    if patch_rows is not None and _reads_one_source(stored_rows, patch_rows, batch * math.prod(window)):
         # One read from the stored rows followed by the patch rows: each element's row is
-        # its patch row where it lies in its patch, else its window row. (Writing the patch
-        # over a gathered window with index_copy_ costs about 3x a read per row on the CPU.)
-        # Joining the two copies the whole stored map, so only where it is no larger than
-        # the batch's windows: a decoder reads small windows out of full-resolution maps.
+        # its patch row where it lies in its patch, else its window row.
         strides = tuple(_row_major_strides(patch_size))
         first = torch.arange(batch, device=table.device) * math.prod(patch_size) + stored_rows.shape[0]
         patch_index = (first - _dot(table[:, n:], strides))[:, None] + _box_offsets(
