@@ -90,7 +90,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
 def split_breakdown(cats: dict[str, float]) -> tuple[dict[str, float], str]:
     """A :func:`time_breakdown` as ``(seconds per category without the total, "conv 10%,
     gather 24%, ...")``: the benches' row and printed line."""
@@ -99,6 +98,7 @@ def split_breakdown(cats: dict[str, float]) -> tuple[dict[str, float], str]:
     return seconds, ", ".join(f"{k} {v / total:.0%}" for k, v in seconds.items())
 
 
+@torch.no_grad()
 def side_by_side(naive: Callable[[], Any], incremental: Callable[[], Any]) -> tuple[Any, Any, float, float]:
     """Run ``naive()`` then ``incremental()`` once each: ``(naive's result, incremental's,
     naive seconds, incremental seconds)`` (the demos' per-image rows)."""
@@ -109,6 +109,7 @@ def side_by_side(naive: Callable[[], Any], incremental: Callable[[], Any]) -> tu
     return first, second, t1 - t0, time.perf_counter() - t1
 
 
+@torch.no_grad()
 def measure(model: nn.Module, image: torch.Tensor, patch=16, stride=4, batch_size: int = 32,
             positions: Optional[int] = None, device="cpu", channels_last_naive: bool = False,
             explainer: Optional[Explainer] = None, backend: str = "auto", tau: float = 1.0,

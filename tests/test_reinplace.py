@@ -10,6 +10,7 @@ from torch import nn
 
 import krypton_fx
 from krypton_fx.passes import reinplace
+from krypton_fx.passes.norms import frozen_norm, frozen_norm_
 from krypton_fx.passes.reinplace import InPlaceBatchNorm
 
 
@@ -65,6 +66,18 @@ def test_in_place_batch_norm_is_the_norm_bit_for_bit(dims):
     assert out is x and torch.equal(out, want)
     y = torch.randn(2, 5, *(3,) * dims)
     assert InPlaceBatchNorm(norm)(y) is not y  # with grad: the norm itself
+
+
+def test_frozen_norm_in_place_is_the_same_values_and_the_graph_uses_it():
+    stats = torch.randn(1, 10, 1, 1)
+    x = torch.randn(3, 5, 6, 7).contiguous(memory_format=torch.channels_last)
+    want = frozen_norm(x, stats)
+    assert frozen_norm_(x, stats) is x and torch.equal(x, want)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True), nn.PReLU(),
+                          nn.Conv2d(4, 2, 1)).eval()
+    ex = krypton_fx.compile(model, patch=4, stride=4, image_size=(16, 16), norm_stats="frozen",
+                            target=krypton_fx.SegmentationTarget(1))
+    assert frozen_norm_ in {n.target for n in ex.program.module.graph.nodes}
 
 
 def test_docstring_examples():

@@ -23,7 +23,7 @@ from torch import Tensor, fx, nn
 
 from ..registry import Kind, Rule, register_function
 
-__all__ = ["norm_statistics", "frozen_norm", "freeze_norms", "spatial_norm", "NORM_STATS"]
+__all__ = ["norm_statistics", "frozen_norm", "frozen_norm_", "freeze_norms", "spatial_norm", "NORM_STATS"]
 
 NORM_STATS = ("exact", "frozen")
 
@@ -54,6 +54,15 @@ def frozen_norm(x: Tensor, stats: Tensor) -> Tensor:
 
 
 register_function(frozen_norm, Rule(Kind.POINT))
+
+
+def frozen_norm_(x: Tensor, stats: Tensor) -> Tensor:
+    """:func:`frozen_norm` written over ``x`` (the reinplace pass's form for a temporary read
+    once): the same values, no new tensor."""
+    scale, shift = stats.chunk(2, 1)
+    if torch.broadcast_shapes(x.shape, scale.shape) != x.shape:
+        return frozen_norm(x, stats)
+    return x.mul_(scale).add_(shift)
 
 
 def spatial_norm(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[tuple[int, float, str]]:

@@ -21,8 +21,12 @@ import torch
 from torch import Tensor, fx, nn
 
 from .functionalize import _DROPOUT_FUNCTIONS, _PASS_THROUGH_MODULES, _bound_inplace, _kind
+from .norms import frozen_norm, frozen_norm_
 
 __all__ = ["reinplace_activations", "InPlaceBatchNorm"]
+
+# Point ops of the graph with an in-place twin of the same values.
+_INPLACE_FUNCTIONS = {frozen_norm: frozen_norm_}
 
 
 def _owned_temporary(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -31,8 +35,9 @@ def _owned_temporary(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     while True:
         if len(node.users) != 1 or node.op in ("placeholder", "get_attr", "output"):
             return False
-        in_place_norm = node.op == "call_module" and isinstance(modules.get(node.target), InPlaceBatchNorm)
-        kind = "same" if in_place_norm else _kind(node, modules)
+        in_place = (node.op == "call_module" and isinstance(modules.get(node.target), InPlaceBatchNorm)) or (
+            node.op == "call_function" and node.target in _INPLACE_FUNCTIONS.values())
+        kind = "same" if in_place else _kind(node, modules)
         if kind == "fresh":
             return True
         if kind != "same" or not node.args or not isinstance(node.args[0], fx.Node):
@@ -115,6 +120,9 @@ def reinplace_activations(graph: fx.Graph, root: nn.Module) -> int:
             root.add_module(name, twin)
             modules[name] = twin
             node.target = name
+            changed += 1
+        elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+            node.target = _INPLACE_FUNCTIONS[node.target]
             changed += 1
         elif node.op == "call_function":
             if node.target in _DROPOUT_FUNCTIONS:
