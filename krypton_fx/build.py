@@ -50,7 +50,7 @@ class Settings:
             instead of multiples of ``stride``; None: multiples of ``stride``.
         fill: what the patch holds beyond a colour (MONAI's occlusion modes).
         target: a dense output's target (segmentation), or None: class scores.
-        norm_stats: ``"exact"`` or ``"frozen"`` (instance/group norms use the unoccluded
+        norm_stats: ``"exact"`` or ``"frozen"`` (instance/group/layer norms use the unoccluded
             image's statistics: approximate, incremental).
     """
 

@@ -141,7 +141,7 @@ class Explainer:
         with eval_mode(model):
             gm = functionalize(gm, example)
             if s.norm_stats == "frozen":
-                freeze_norms(gm)
+                freeze_norms(gm, len(s.image_size))
             prop = annotate(gm, example, s.patch, self._starts, tau=s.tau, what=type(model).__name__,
                             dense_output=s.target is not None, output_key=key)
         program = rewrite(gm, backend=s.backend, color=color, fill=s.fill, target=s.target)
@@ -483,9 +483,10 @@ def compile(model: nn.Module, patch: IntOrTuple = 16, stride: IntOrTuple = 4,
             reduction over a mask of a category's value in the occluded output, reduced
             incrementally (its ``output`` replaces ``output=``). A mask tensor in it is compared
             by identity for the cache; a call's ``mask=`` gives one per image instead.
-        norm_stats: ``"exact"`` (instance/group norms see the occluded image: the graph runs
-            dense from the first of them) or ``"frozen"`` (they use the unoccluded image's
-            statistics: point ops, the whole net incremental; approximate).
+        norm_stats: ``"exact"`` (instance/group norms, and layer norms over every axis but the
+            batch, see the occluded image: the graph runs dense from the first of them) or
+            ``"frozen"`` (they use the unoccluded image's statistics: point ops, the whole net
+            incremental; approximate).
 
     The model is traced here (a model that does not trace fails here); the
     rest of the compile runs on the first image, so that the first call

@@ -10,7 +10,7 @@ from torch import fx, nn
 from .common import int_tuple, spatial_size
 from .models import input_channels
 from .passes.functionalize import functionalize
-from .passes.norms import NORM_STATS, freeze_norms
+from .passes.norms import NORM_STATS, freeze_norms, layer_norm_shift
 from .passes.patch_prop import CLEAN, META_KEY, PATCHED, PatchInfo, annotate
 from .targets import SegmentationTarget
 from .tracing import eval_mode, trace
@@ -29,7 +29,7 @@ def _annotate_centre(model: nn.Module, image_size: tuple[int, ...], patch: tuple
     with eval_mode(model):
         gm = functionalize(gm, example)
         if norm_stats == "frozen":
-            freeze_norms(gm)
+            freeze_norms(gm, len(image_size))
         annotate(gm, example, patch, starts, tau=tau, what=type(model).__name__, dense_output=target is not None,
                  output_key=target.key if target is not None else None)
     return gm
@@ -57,7 +57,7 @@ def theoretical_speedup(model: nn.Module, image_size=(224, 224), patch=16, tau: 
     per axis; ``channels`` defaults to those of the first layer the image meets.
     A dense-output model needs ``target=`` (a :class:`krypton_fx.SegmentationTarget`: its
     output stays patched; the category and mask do not change the count);
-    ``norm_stats="frozen"`` counts instance/group norms as point ops, as compiled so.
+    ``norm_stats="frozen"`` counts instance/group/layer norms with frozen statistics, as compiled so.
 
     Example:
         >>> import torchvision
@@ -126,8 +126,8 @@ def format_report(gm: fx.GraphModule, target: Optional[SegmentationTarget] = Non
         how = ("over the output's patch (the unoccluded total, minus the box's old values, plus its new ones)"
                if out.state is PATCHED else "over the whole output map (the output is dense)")
         lines.append(f"target: {target!r}, reduced {how}")
-    frozen = sum(1 for n in gm.graph.nodes if n.meta[META_KEY].frozen)
+    frozen = sum(1 for n in gm.graph.nodes if n.meta[META_KEY].frozen and n.target is not layer_norm_shift)
     if norm_stats == "frozen":
-        lines.append(f"norm statistics: frozen from the unoccluded image ({frozen} instance/group norms run as "
-                     "point ops; approximate)")
+        lines.append(f"norm statistics: frozen from the unoccluded image ({frozen} instance/group/layer norms run "
+                     "as point ops or merges with frozen maps; approximate)")
     return "\n".join(lines)

@@ -113,7 +113,7 @@ def test_frozen_norms_are_point_ops_and_match_naive_with_frozen_statistics():
     ref, _ = _naive_frozen(model, image, (5, 5), (4, 4), 1, mask.double())
     assert float((res.heatmap.double() - ref).abs().max()) < 1e-5
     report = ex.report()
-    assert "norm statistics: frozen" in report and "4 instance/group norms" in report
+    assert "norm statistics: frozen" in report and "4 instance/group/layer norms" in report
     assert all(info.state != "dense" for n, info in ex.infos() if n.op != "output")
     exact = krypton_fx.compile(model, patch=5, stride=4, image_size=(20, 24), target=target, cache=False)
     exact(image)
@@ -140,3 +140,80 @@ def test_frozen_norms_in_3d_and_a_classifier():
 def test_norm_stats_is_checked():
     with pytest.raises(ValueError, match="norm_stats must be one of"):
         krypton_fx.compile(NormNet(), image_size=(16, 16), norm_stats="running")
+
+
+class LayerNormNet(nn.Module):
+    """Layer norms over (C, H, W): a module with a spatially varying affine map, F.layer_norm
+    without one; and a layer norm over the last axis only, which stays exact."""
+
+    def __init__(self, size=(12, 14)):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(2, 4, 3, padding=1), nn.LayerNorm((4, *size))
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3, self.n3 = nn.Conv2d(4, 4, 3, padding=1), nn.LayerNorm(size[-1])
+        self.head = nn.Conv2d(4, 3, 1)
+        with torch.no_grad():
+            self.n1.weight.uniform_(0.5, 1.5)
+            self.n1.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        x = F.relu(self.n1(self.c1(x)))
+        x = F.relu(F.layer_norm(self.c2(x), (4, 12, 14), eps=1e-4))
+        return self.head(self.n3(self.c3(x)))
+
+
+def _naive_frozen_layer_norms(model, image, patch, stride, category, mask):
+    """Naive occlusion with the (C, H, W) layer norms' mean and variance from the unoccluded image."""
+    saved, plain = [], F.layer_norm
+
+    def recording(x, shape, weight=None, bias=None, eps=1e-5):
+        if len(shape) == 3:
+            saved.append((x.double().mean((1, 2, 3), keepdim=True), x.double().var((1, 2, 3), unbiased=False,
+                                                                                    keepdim=True)))
+        return plain(x, shape, weight, bias, eps)
+
+    def frozen(x, shape, weight=None, bias=None, eps=1e-5):
+        if len(shape) != 3:
+            return plain(x, shape, weight, bias, eps)
+        mean, var = saved[len(calls) % len(saved)]
+        calls.append(1)
+        y = (x.double() - mean) / torch.sqrt(var + eps)
+        if weight is not None:
+            y = y * weight.double() + bias.double()
+        return y.float()
+
+    calls = []
+    with torch.no_grad():
+        F.layer_norm = recording
+        try:
+            model(image[None])
+            F.layer_norm = frozen
+            grids = [range(0, n - p + 1, s) for n, p, s in zip(image.shape[1:], patch, stride)]
+            cells = []
+            for starts in itertools.product(*grids):
+                x = image.clone()
+                x[(slice(None), *(slice(a, a + p) for a, p in zip(starts, patch)))] = 0.0
+                prob = torch.softmax(model(x[None]).double(), 1)[0, category]
+                cells.append(float((prob * mask).sum() / mask.sum()))
+        finally:
+            F.layer_norm = plain
+    return torch.tensor(cells).view(*(len(g) for g in grids))
+
+
+def test_frozen_layer_norms_over_the_whole_map_match_naive_with_frozen_statistics():
+    torch.manual_seed(2)
+    model = LayerNormNet().eval()
+    image = torch.randn(2, 12, 14)
+    mask = torch.rand(12, 14)
+    target = SegmentationTarget(2, mask=mask)
+    ex = krypton_fx.compile(model, patch=4, stride=3, image_size=(12, 14), target=target, norm_stats="frozen",
+                            cache=False)
+    res = ex(image)
+    ref = _naive_frozen_layer_norms(model, image, (4, 4), (3, 3), 2, mask.double())
+    assert float((res.heatmap.double() - ref).abs().max()) < 1e-5
+    assert "2 instance/group/layer norms" in ex.report()
+    states = {n.name: info.state for n, info in ex.infos()}
+    assert states["c3"] == "patched" and states["n3"] == "dense"  # over W only: exact, global
+    exact = krypton_fx.compile(model, patch=4, stride=3, image_size=(12, 14), target=target, cache=False)
+    exact(image)
+    assert "layer norm: statistics over the whole map" in exact.report()

@@ -20,7 +20,7 @@ def add_parser(sub, formatter_class):
     p.add_argument("--target", type=target_class, metavar="class:N",
                    help="a segmentation model (dense output) explained with --target class:N")
     p.add_argument("--norm-stats", choices=("exact", "frozen"), default="exact",
-                   help="instance/group norms: exact (dense) or frozen (point ops, approximate)")
+                   help="instance/group/layer norms: exact (dense) or frozen (point ops, approximate)")
     p.set_defaults(run=run)
     return p
 

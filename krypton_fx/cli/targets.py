@@ -34,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="--target: mean over the mask (default) or sum (Captum's and grad-cam's convention with "
                           "--output logit)")
     seg.add_argument("--norm-stats", choices=("exact", "frozen"), default="exact",
-                     help="instance/group norms: exact (dense from the first of them) or frozen (the unoccluded "
+                     help="instance/group/layer norms: exact (dense from the first of them) or frozen (the unoccluded "
                           "image's statistics: the whole net incremental, approximate)")
 
 

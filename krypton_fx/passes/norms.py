@@ -15,6 +15,7 @@ image like a stored activation); ``frozen_norm`` is a point op in the registry.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -23,7 +24,8 @@ from torch import Tensor, fx, nn
 
 from ..registry import Kind, Rule, register_function
 
-__all__ = ["norm_statistics", "frozen_norm", "frozen_norm_", "freeze_norms", "spatial_norm", "NORM_STATS"]
+__all__ = ["norm_statistics", "frozen_norm", "frozen_norm_", "layer_norm_scale", "layer_norm_shift",
+           "FROZEN_STATISTICS", "freeze_norms", "spatial_norm", "NORM_STATS"]
 
 NORM_STATS = ("exact", "frozen")
 
@@ -65,13 +67,57 @@ def frozen_norm_(x: Tensor, stats: Tensor) -> Tensor:
     return x.mul_(scale).add_(shift)
 
 
-def spatial_norm(node: fx.Node, modules: dict[str, nn.Module]) -> Optional[tuple[int, float, str]]:
+def layer_norm_scale(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """``(N, *x.shape[1:])``: ``rstd * weight`` of a layer norm over every axis of ``x`` but the
+    batch, with the statistics of ``x`` (``F.layer_norm``'s: population variance)."""
+    var, mean = torch.var_mean(x.float().flatten(1), dim=1, unbiased=False)
+    rstd = torch.rsqrt(var + eps).view(-1, *(1,) * (x.dim() - 1))
+    return (rstd * weight.float() if weight is not None else rstd.expand(x.shape).contiguous()).to(x.dtype)
+
+
+def layer_norm_shift(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    """``(N, *x.shape[1:])``: ``bias - mean * scale`` of the layer norm of :func:`layer_norm_scale`."""
+    mean = x.float().flatten(1).mean(1).view(-1, *(1,) * (x.dim() - 1))
+    shift = -mean * layer_norm_scale(x, weight, eps).float()
+    return (shift + bias.float() if bias is not None else shift).to(x.dtype)
+
+
+# The functions whose value PatchProp takes from the unoccluded image (frozen).
+FROZEN_STATISTICS = (norm_statistics, layer_norm_scale, layer_norm_shift)
+
+
+def _layer_norm_over_all(node: fx.Node, modules: dict[str, nn.Module], spatial_dims: Optional[int]) -> Optional[tuple]:
+    """``(eps, weight, bias)`` (nodes, tensors or None) of a layer norm whose normalized shape
+    is every axis of an ``(N, C, *spatial)`` map but the batch (``spatial_dims + 1`` axes,
+    whatever the layout), else None. A layer norm over fewer trailing axes is left alone:
+    without shapes, the last axis of a channels-last map (ConvNeXt's ``(N, H, W, C)``) is
+    not told apart from a spatial one."""
+    if spatial_dims is None:
+        return None
+    if node.op == "call_module":
+        m = modules[node.target]
+        if type(m) is nn.LayerNorm and len(m.normalized_shape) == spatial_dims + 1:
+            return (m.eps,)
+    elif node.op == "call_function" and node.target is F.layer_norm:
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        if isinstance(shape, (tuple, list)) and len(shape) == spatial_dims + 1 \
+                and not any(isinstance(v, fx.Node) for v in shape):
+            return (node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5),)
+    return None
+
+
+def spatial_norm(node: fx.Node, modules: dict[str, nn.Module],
+                 spatial_dims: Optional[int] = None) -> Optional[tuple[int, float, str]]:
     """``(groups, eps, name)`` of a norm whose statistics span the spatial axes (``groups``:
-    None for an instance norm, one group per channel), else None.
+    None for an instance norm, one group per channel; 0 for a layer norm over every axis but
+    the batch, known with ``spatial_dims``), else None.
 
     Instance norms that use running statistics (``track_running_stats`` in eval mode) are
     point ops already and not spatial norms here.
     """
+    layer = _layer_norm_over_all(node, modules, spatial_dims)
+    if layer is not None:
+        return 0, layer[0], "layer norm"
     if node.op == "call_module":
         m = modules[node.target]
         if type(m) in _INSTANCE_NORMS and not (m.track_running_stats and not m.training):
@@ -97,27 +143,38 @@ def _affine(graph: fx.Graph, node: fx.Node, modules) -> tuple:
         return tuple(graph.get_attr(f"{node.target}.{name}") if getattr(m, name, None) is not None else None
                      for name in ("weight", "bias"))
     args, kwargs = node.args, node.kwargs
+    if node.target is F.layer_norm:
+        return (args[2] if len(args) > 2 else kwargs.get("weight"), args[3] if len(args) > 3 else kwargs.get("bias"))
     if node.target is F.instance_norm:
         return (args[3] if len(args) > 3 else kwargs.get("weight"), args[4] if len(args) > 4 else kwargs.get("bias"))
     return (args[2] if len(args) > 2 else kwargs.get("weight"), args[3] if len(args) > 3 else kwargs.get("bias"))
 
 
-def freeze_norms(gm: fx.GraphModule) -> int:
+def freeze_norms(gm: fx.GraphModule, spatial_dims: Optional[int] = None) -> int:
     """Rewrite ``gm``'s spatial norms (in place) to use per-image frozen statistics; returns
-    how many. Run on a functionalized graph, before PatchProp."""
+    how many. Run on a functionalized graph, before PatchProp. With ``spatial_dims``, layer
+    norms over every axis but the batch too: their scale and shift vary over the map, so
+    they become ``x * scale + shift`` with two frozen maps (merges, which read the maps'
+    windows), not a point op."""
     modules = dict(gm.named_modules())
     count = 0
     for node in list(gm.graph.nodes):
-        spec = spatial_norm(node, modules)
+        spec = spatial_norm(node, modules, spatial_dims)
         if spec is None:
             continue
         groups, eps, _ = spec
         x = node.args[0] if node.args else node.kwargs["input"]
         with gm.graph.inserting_before(node):
             weight, bias = _affine(gm.graph, node, modules)
-            stats = gm.graph.call_function(norm_statistics, (x, weight, bias, groups if groups is not None else -1,
-                                                             float(eps)))
-            frozen = gm.graph.call_function(frozen_norm, (x, stats))
+            if groups == 0:  # a layer norm
+                scale = gm.graph.call_function(layer_norm_scale, (x, weight, float(eps)))
+                shift = gm.graph.call_function(layer_norm_shift, (x, weight, bias, float(eps)))
+                frozen = gm.graph.call_function(operator.add, (gm.graph.call_function(operator.mul, (x, scale)),
+                                                               shift))
+            else:
+                stats = gm.graph.call_function(norm_statistics, (x, weight, bias,
+                                                                 groups if groups is not None else -1, float(eps)))
+                frozen = gm.graph.call_function(frozen_norm, (x, stats))
         frozen.meta = dict(node.meta)
         node.replace_all_uses_with(frozen)
         gm.graph.erase_node(node)

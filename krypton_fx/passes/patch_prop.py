@@ -32,7 +32,7 @@ from ..geometry import AxisSpec, AxisTaps, Box, TransposedSpec
 from ..registry import TRANSPOSED_OPS, Kind, LocalOp, lookup
 from ..resampling import resample_taps
 from ..targets import select_output
-from .norms import norm_statistics, spatial_norm
+from .norms import FROZEN_STATISTICS, spatial_norm
 
 __all__ = ["PatchInfo", "PatchProp", "Read", "State", "META_KEY", "annotate"]
 
@@ -232,7 +232,7 @@ class PatchProp(fx.Interpreter):
             return self._source(n, result)
         if n.op == "get_attr":
             return PatchInfo(Kind.GLOBAL, CLEAN)
-        if n.op == "call_function" and n.target is norm_statistics:
+        if n.op == "call_function" and n.target in FROZEN_STATISTICS:
             self.stored[n] = result  # the unoccluded image's statistics, for every position
             return PatchInfo(Kind.GLOBAL, CLEAN, frozen=True)
         if n.op == "output" and self.dense_output:
@@ -254,7 +254,7 @@ class PatchProp(fx.Interpreter):
             return self._dense(n, Kind.GLOBAL, deps, f"{_target_name(n)}: unsupported configuration", result)
         if rule.kind is Kind.POINT and (rule.check is None or rule.check(module, args, kwargs)):
             return self._pointwise(n, deps, result)
-        norm = spatial_norm(n, self.modules)
+        norm = spatial_norm(n, self.modules, self.ndim)
         if norm is not None:
             return self._dense(n, Kind.GLOBAL, deps, f"{norm[2]}: statistics over the whole map (exact; "
                                "norm_stats='frozen' makes it a point op, approximate)", result)
