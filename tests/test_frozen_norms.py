@@ -38,6 +38,18 @@ class NormNet(nn.Module):
         return self.head(x)
 
 
+def _occluded_cells(model, image, patch, stride, category, mask):
+    """Naive occlusion's map (patches of 0): mean P(category) over the mask, one forward a position."""
+    grids = [range(0, n - p + 1, s) for n, p, s in zip(image.shape[1:], patch, stride)]
+    cells = []
+    for starts in itertools.product(*grids):
+        x = image.clone()
+        x[(slice(None), *(slice(a, a + p) for a, p in zip(starts, patch)))] = 0.0
+        prob = torch.softmax(model(x[None]).double(), 1)[0, category]
+        cells.append(float((prob * mask).sum() / mask.sum()))
+    return torch.tensor(cells).view(*(len(g) for g in grids))
+
+
 def _naive_frozen(model, image, patch, stride, category, mask):
     """Naive occlusion with every norm's statistics taken from the unoccluded image (hooks)."""
     norms = [m for m in model.modules() if isinstance(m, (nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm))]
@@ -87,18 +99,12 @@ def _naive_frozen(model, image, patch, stride, category, mask):
         F.instance_norm = lambda x, *a, **k: plain(x, *a, **k) if inside else (
             (x.double() - mean_f) / torch.sqrt(var_f + 1e-5)).float()
         try:
-            grids = [range(0, n - p + 1, s) for n, p, s in zip(image.shape[1:], patch, stride)]
-            cells = []
-            for starts in itertools.product(*grids):
-                x = image.clone()
-                x[(slice(None), *(slice(a, a + p) for a, p in zip(starts, patch)))] = 0.0
-                prob = torch.softmax(model(x[None]).double(), 1)[0, category]
-                cells.append(float((prob * mask).sum() / mask.sum()))
+            cells = _occluded_cells(model, image, patch, stride, category, mask)
         finally:
             F.instance_norm = plain
             for h in hooks + tracking:
                 h.remove()
-    return torch.tensor(cells).view(*(len(g) for g in grids)), base_out
+    return cells, base_out
 
 
 def test_frozen_norms_are_point_ops_and_match_naive_with_frozen_statistics():
@@ -188,16 +194,10 @@ def _naive_frozen_layer_norms(model, image, patch, stride, category, mask):
         try:
             model(image[None])
             F.layer_norm = frozen
-            grids = [range(0, n - p + 1, s) for n, p, s in zip(image.shape[1:], patch, stride)]
-            cells = []
-            for starts in itertools.product(*grids):
-                x = image.clone()
-                x[(slice(None), *(slice(a, a + p) for a, p in zip(starts, patch)))] = 0.0
-                prob = torch.softmax(model(x[None]).double(), 1)[0, category]
-                cells.append(float((prob * mask).sum() / mask.sum()))
+            cells = _occluded_cells(model, image, patch, stride, category, mask)
         finally:
             F.layer_norm = plain
-    return torch.tensor(cells).view(*(len(g) for g in grids))
+    return cells
 
 
 def test_frozen_layer_norms_over_the_whole_map_match_naive_with_frozen_statistics():
