@@ -34,8 +34,10 @@ class Shared(nn.Module):
 
 
 def _calls(ex) -> dict[str, str]:
+    """Each module call of the incremental graph: its type, and whether reinplace made it in place."""
     gm = ex.program.module
-    return {n.name: type(gm.get_submodule(n.target)).__name__ + (" in place" if n.target.startswith("krypton_inplace_") else "")
+    return {n.name: type(gm.get_submodule(n.target)).__name__
+            + (" in place" if n.target.startswith("krypton_inplace_") else "")
             for n in gm.graph.nodes if n.op == "call_module"}
 
 
