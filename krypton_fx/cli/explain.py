@@ -147,8 +147,6 @@ def run(args) -> int:
             raise CLIError(f"--out-dir explains images; {volumes[0]} is a volume: explain volumes one at a "
                            "time with --out and --map")
         _refuse_volume_options(argparse.Namespace(**{**vars(args), "image": "each input"}))
-        if args.target is not None:
-            raise CLIError("--target explains one image or volume at a time (--out); drop --out-dir")
         refuse_segmentation_options(args)
         if args.labels is not None or args.top_k is not None:
             raise CLIError("--labels and --top-k explain one image (--out); with --out-dir give --label or none")

@@ -27,6 +27,7 @@ from .errors import PROG, CLIError, native_stderr_to, warn
 from .explain_segments import SegmentLabeler, refuse_patch_options
 from .files import output_dir
 from .images import ImageReader, preprocessing_for
+from .targets import segmentation_target
 
 __all__ = ["run_files", "fingerprint"]
 
@@ -45,6 +46,9 @@ def fingerprint(args, patch, stride) -> dict:
         settings["peak_margin"] = args.margin or "default"
     if getattr(args, "segments", None) is not None:
         settings.update(segments=str(args.segments), patch=None, stride=None)
+    if getattr(args, "target", None) is not None:  # only with a target: older folders' settings stay equal
+        settings.update(target=args.target, mask=args.mask or "predicted", reduce=args.reduce or "mean",
+                        norm_stats=args.norm_stats)
     return settings
 
 
@@ -121,6 +125,7 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
     channels = input_channels(loaded.model)
     prep = preprocessing_for(loaded.weights, args.size, args.mean, args.std, channels)
     reader = ImageReader(prep, channels, args.color)
+    target = None
     for task in todo:  # the first image that reads: a model that cannot run on it fails now, once
         try:
             x, _, _ = reader(task.path)
@@ -128,7 +133,11 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
             continue
         if args.segments is None:
             opt.check_patch(patch, tuple(x.shape[-2:]))
-        opt.probe_model(loaded, x, torch.device("cpu"), args.label, args.output)
+        # a segmentation target: checked on this image (dense output, class in range, the mask's
+        # shape, or a predicted mask that is not empty); each image predicts its own mask
+        target = segmentation_target(args, loaded, x, torch.device("cpu"))
+        if target is None:
+            opt.probe_model(loaded, x, torch.device("cpu"), args.label, args.output)
         break
     if loaded.warning:
         warn(loaded.warning)
@@ -136,6 +145,8 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
         warn("--color mean gives every image its own patch colour, so each image is compiled anew (slower)")
     compile_kwargs = dict(patch=patch, stride=stride, tau=args.tau, batch_size=args.batch_size,
                           output=args.output, channels=channels)
+    if target is not None:
+        compile_kwargs.update(target=target, norm_stats=args.norm_stats)
     segments = None
     if args.segments is not None:  # one position of a one-pixel patch: ablate does not use the grid
         compile_kwargs.update(patch=1, stride=1 << 20)
