@@ -11,7 +11,7 @@ from torch import nn
 import krypton_fx
 from krypton_fx.passes import reinplace
 from krypton_fx.passes.norms import frozen_norm, frozen_norm_
-from krypton_fx.passes.reinplace import InPlaceBatchNorm
+from krypton_fx.passes.reinplace import batch_norm_
 
 
 class Shared(nn.Module):
@@ -34,11 +34,14 @@ class Shared(nn.Module):
 
 
 def _calls(ex) -> dict[str, str]:
-    """Each module call of the incremental graph: its type, and whether reinplace made it in place."""
+    """Each module call of the incremental graph: its type, and whether reinplace made it in place
+    (a batch norm: a call of batch_norm_)."""
     gm = ex.program.module
-    return {n.name: type(gm.get_submodule(n.target)).__name__
-            + (" in place" if n.target.startswith("krypton_inplace_") else "")
-            for n in gm.graph.nodes if n.op == "call_module"}
+    calls = {n.name: type(gm.get_submodule(n.target)).__name__
+             + (" in place" if n.target.startswith("krypton_inplace_") else "")
+             for n in gm.graph.nodes if n.op == "call_module"}
+    calls.update({n.name: "batch_norm_" for n in gm.graph.nodes if n.target is batch_norm_})
+    return calls
 
 
 def test_only_temporaries_read_once_go_in_place_and_the_map_is_exact():
@@ -47,7 +50,7 @@ def test_only_temporaries_read_once_go_in_place_and_the_map_is_exact():
     image = torch.randn(3, 24, 28)
     ex = krypton_fx.compile(model, patch=6, stride=4, image_size=(24, 28))
     calls = _calls(ex)
-    assert calls["bn1"] == calls["bn2"] == "InPlaceBatchNorm in place"  # a conv's output, read once
+    assert calls["bn1"] == calls["bn2"] == "batch_norm_"  # a conv's output, read once
     assert calls["act1"] == "ReLU in place"  # through an eval-mode dropout
     assert calls["act2"] == "ReLU6"  # bn2's output is also read by the add
     assert calls["entry"] == "LeakyReLU"  # reads the occluded input
@@ -63,11 +66,31 @@ def test_in_place_batch_norm_is_the_norm_bit_for_bit(dims):
     if dims > 1:
         x = x.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
     want = norm(x)
+    args = (norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
     with torch.no_grad():
-        out = InPlaceBatchNorm(norm)(x)
+        out = batch_norm_(x, *args)
     assert out is x and torch.equal(out, want)
     y = torch.randn(2, 5, *(3,) * dims)
-    assert InPlaceBatchNorm(norm)(y) is not y  # with grad: the norm itself
+    assert batch_norm_(y, *args) is not y  # with grad: F.batch_norm itself
+
+
+def test_the_models_parameters_keep_one_name_each():
+    """The in-place batch norm reads the module's tensors (get_attr): nothing is registered
+    twice, so functional_call with the module's own state swaps and restores every tensor."""
+    torch.manual_seed(0)
+    model = randomize_batchnorm(Shared())
+    ex = krypton_fx.compile(model, patch=6, stride=4, image_size=(24, 28))
+    image = torch.randn(3, 24, 28)
+    _, stored = ex.prepare(image)
+    module = ex.program.module
+    names = [name for name, _ in module.named_parameters(remove_duplicate=False)]
+    assert len(names) == len(set(names)) == len(dict(module.named_parameters()))
+    before = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    state = {k: v.clone() for k, v in before.items()}
+    out = torch.func.functional_call(module, state, (torch.arange(3), *stored))
+    after = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    assert all(after[k] is v for k, v in before.items())  # every tensor put back
+    torch.testing.assert_close(out, module(torch.arange(3), *stored))
 
 
 def test_frozen_norm_in_place_is_the_same_values_and_the_graph_uses_it():
