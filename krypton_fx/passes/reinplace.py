@@ -9,8 +9,7 @@ itself. This pass turns an activation back to in place, and runs an eval-mode ba
 where the input is a tensor the graph itself made (a conv, a norm, another activation:
 functionalize's "fresh" ops), possibly passed through an eval-mode dropout or identity,
 and read by nothing else: no placeholder (a stored activation or a table), no attribute,
-no tensor another node
-still reads. The values are the same; only the allocation goes.
+no tensor another node still reads. The values are the same; only the allocation goes.
 """
 
 from __future__ import annotations
