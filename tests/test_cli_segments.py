@@ -73,6 +73,8 @@ BAD = {
     "drill-down": (["--segments", "slic:8", "--drill-down", "0.1"], "--drill-down sets the sliding patch"),
     "missing-file": (["--segments", "file:missing.png"], "does not exist"),
     "wrong-size": (["--segments", "file:small.png"], "the labels are 8x8"),
+    "target": (["--segments", "slic:8", "--target", "class:1"], "--target explains a segmentation model"),
+    "frozen-norms": (["--segments", "slic:8", "--norm-stats", "frozen"], "--norm-stats frozen applies"),
 }
 
 

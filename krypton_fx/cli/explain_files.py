@@ -47,8 +47,9 @@ def fingerprint(args, patch, stride) -> dict:
     if getattr(args, "segments", None) is not None:
         settings.update(segments=str(args.segments), patch=None, stride=None)
     if getattr(args, "target", None) is not None:  # only with a target: older folders' settings stay equal
-        settings.update(target=args.target, mask=args.mask or "predicted", reduce=args.reduce or "mean",
-                        norm_stats=args.norm_stats)
+        settings.update(target=args.target, mask=args.mask or "predicted", reduce=args.reduce or "mean")
+    if getattr(args, "norm_stats", "exact") != "exact":
+        settings["norm_stats"] = args.norm_stats
     return settings
 
 
@@ -144,9 +145,8 @@ def _job(args, out: Path, settings: dict, patch, stride, drill, todo) -> FileJob
     if args.color == "mean":
         warn("--color mean gives every image its own patch colour, so each image is compiled anew (slower)")
     compile_kwargs = dict(patch=patch, stride=stride, tau=args.tau, batch_size=args.batch_size,
-                          output=args.output, channels=channels)
-    if target is not None:
-        compile_kwargs.update(target=target, norm_stats=args.norm_stats)
+                          output=args.output if target is None else "prob", channels=channels,
+                          target=target, norm_stats=args.norm_stats)
     segments = None
     if args.segments is not None:  # one position of a one-pixel patch: ablate does not use the grid
         compile_kwargs.update(patch=1, stride=1 << 20)

@@ -65,6 +65,9 @@ def refuse_patch_options(args) -> None:
     if getattr(args, "target", None) is not None:
         raise CLIError("--segments ablates a classifier's segments; --target explains a segmentation model "
                        "with a sliding patch: drop one of them")
+    if getattr(args, "norm_stats", "exact") != "exact":
+        raise CLIError("--segments ablates with the model's own norms; --norm-stats frozen applies to the "
+                       "sliding patch: drop it")
 
 
 def labels_for_image(spec: SegmentSpec, x, display, prep, file_hw, source: str):

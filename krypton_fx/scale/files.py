@@ -98,6 +98,8 @@ def _picture_writer(job: FileJob, task: Task, res, picture, image_hw) -> Callabl
         label_name = f"{target.reduce} over {int((res.mask > 0).sum())} mask pixels"
     tau = job.compile_kwargs.get("tau", 1.0)
     approx = [f"tau={tau:g}"] if tau < 1.0 else []
+    if job.compile_kwargs.get("norm_stats") == "frozen":
+        approx.append("frozen norm statistics")
     if job.drill_down is not None:
         approx.append(f"drill-down r={job.drill_down.r:g}")
     exact = ", ".join(approx + ["approximate"]) if approx else "exact"
