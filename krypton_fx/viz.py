@@ -22,12 +22,18 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-__all__ = ["upsample_heatmap", "upsample_heatmap_nd", "heatmap_figure", "volume_figure", "drop_limit",
+__all__ = ["target_label", "upsample_heatmap", "upsample_heatmap_nd", "heatmap_figure", "volume_figure", "drop_limit",
            "display_scale", "overlay_alpha", "bench_figure", "DROP_CMAP", "mark_approximate", "approximate_pixels"]
 
 #: The colour map of drops: red where occluding lowers the score, white where it does not matter.
 DROP_CMAP = "RdBu_r"
 _BOX_COLOR = "#39ff14"
+
+
+def target_label(target, mask) -> str:
+    """A segmentation target's label in a picture title: how it reduces, over how many mask
+    pixels (``mask``: the result's mask, weights)."""
+    return f"{target.reduce} over {int((mask > 0).sum())} mask pixels"
 
 
 def _interp_matrix(pixels: int, cells: int, patch: int, stride: int) -> np.ndarray:

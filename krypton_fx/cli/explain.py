@@ -225,7 +225,7 @@ def _explain_one(args) -> int:
     ex, res, seconds = opt.compile_and_explain(loaded, x, args, patch, stride, color, size_hw, channels, device,
                                                drill, target)
 
-    from ..viz import heatmap_figure
+    from ..viz import heatmap_figure, target_label
 
     cats = loaded.categories
     exact = opt.exactness(args, drill, res)
@@ -235,7 +235,7 @@ def _explain_one(args) -> int:
         heat = heatmap.numpy()
         label_name = cats[label] if cats and label < len(cats) else None
         if target is not None:
-            label_name = f"{target.reduce} over {int((res.mask > 0).sum())} mask pixels"
+            label_name = target_label(target, res.mask)
         fig = heatmap_figure(prep.display(x), heat, res.patch, res.stride, label, base,
                              label_name=label_name, output=res.output, exact_cells=res.stats.get("exact_cells"),
                              subtitle=(f"{loaded.name}, {Path(args.image).name}: patch {patch[0]}x{patch[1]}, "

@@ -75,10 +75,11 @@ def layer_norm_scale(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     return (rstd * weight.float() if weight is not None else rstd.expand(x.shape).contiguous()).to(x.dtype)
 
 
-def layer_norm_shift(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
-    """``(N, *x.shape[1:])``: ``bias - mean * scale`` of the layer norm of :func:`layer_norm_scale`."""
+def layer_norm_shift(x: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``(N, *x.shape[1:])``: ``bias - mean * scale`` of the layer norm whose ``scale`` is
+    :func:`layer_norm_scale`'s."""
     mean = x.float().flatten(1).mean(1).view(-1, *(1,) * (x.dim() - 1))
-    shift = -mean * layer_norm_scale(x, weight, eps).float()
+    shift = -mean * scale.float()
     return (shift + bias.float() if bias is not None else shift).to(x.dtype)
 
 
@@ -86,23 +87,22 @@ def layer_norm_shift(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]
 FROZEN_STATISTICS = (norm_statistics, layer_norm_scale, layer_norm_shift)
 
 
-def _layer_norm_over_all(node: fx.Node, modules: dict[str, nn.Module], spatial_dims: Optional[int]) -> Optional[tuple]:
-    """``(eps, weight, bias)`` (nodes, tensors or None) of a layer norm whose normalized shape
-    is every axis of an ``(N, C, *spatial)`` map but the batch (``spatial_dims + 1`` axes,
-    whatever the layout), else None. A layer norm over fewer trailing axes is left alone:
-    without shapes, the last axis of a channels-last map (ConvNeXt's ``(N, H, W, C)``) is
-    not told apart from a spatial one."""
+def _layer_norm_eps(node: fx.Node, modules: dict[str, nn.Module], spatial_dims: Optional[int]) -> Optional[float]:
+    """``eps`` of a layer norm whose normalized shape is every axis of an ``(N, C, *spatial)``
+    map but the batch (``spatial_dims + 1`` axes, whatever the layout), else None. A layer
+    norm over fewer trailing axes is left alone: without shapes, the last axis of a
+    channels-last map (ConvNeXt's ``(N, H, W, C)``) is not told apart from a spatial one."""
     if spatial_dims is None:
         return None
     if node.op == "call_module":
         m = modules[node.target]
         if type(m) is nn.LayerNorm and len(m.normalized_shape) == spatial_dims + 1:
-            return (m.eps,)
+            return m.eps
     elif node.op == "call_function" and node.target is F.layer_norm:
         shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
         if isinstance(shape, (tuple, list)) and len(shape) == spatial_dims + 1 \
                 and not any(isinstance(v, fx.Node) for v in shape):
-            return (node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5),)
+            return node.args[4] if len(node.args) > 4 else node.kwargs.get("eps", 1e-5)
     return None
 
 
@@ -115,9 +115,9 @@ def spatial_norm(node: fx.Node, modules: dict[str, nn.Module],
     Instance norms that use running statistics (``track_running_stats`` in eval mode) are
     point ops already and not spatial norms here.
     """
-    layer = _layer_norm_over_all(node, modules, spatial_dims)
-    if layer is not None:
-        return 0, layer[0], "layer norm"
+    eps = _layer_norm_eps(node, modules, spatial_dims)
+    if eps is not None:
+        return 0, eps, "layer norm"
     if node.op == "call_module":
         m = modules[node.target]
         if type(m) in _INSTANCE_NORMS and not (m.track_running_stats and not m.training):
@@ -143,10 +143,9 @@ def _affine(graph: fx.Graph, node: fx.Node, modules) -> tuple:
         return tuple(graph.get_attr(f"{node.target}.{name}") if getattr(m, name, None) is not None else None
                      for name in ("weight", "bias"))
     args, kwargs = node.args, node.kwargs
-    if node.target is F.layer_norm:
-        return (args[2] if len(args) > 2 else kwargs.get("weight"), args[3] if len(args) > 3 else kwargs.get("bias"))
     if node.target is F.instance_norm:
         return (args[3] if len(args) > 3 else kwargs.get("weight"), args[4] if len(args) > 4 else kwargs.get("bias"))
+    # F.group_norm and F.layer_norm: (input, groups or shape, weight, bias, eps)
     return (args[2] if len(args) > 2 else kwargs.get("weight"), args[3] if len(args) > 3 else kwargs.get("bias"))
 
 
@@ -168,7 +167,7 @@ def freeze_norms(gm: fx.GraphModule, spatial_dims: Optional[int] = None) -> int:
             weight, bias = _affine(gm.graph, node, modules)
             if groups == 0:  # a layer norm
                 scale = gm.graph.call_function(layer_norm_scale, (x, weight, float(eps)))
-                shift = gm.graph.call_function(layer_norm_shift, (x, weight, bias, float(eps)))
+                shift = gm.graph.call_function(layer_norm_shift, (x, scale, bias))
                 frozen = gm.graph.call_function(operator.add, (gm.graph.call_function(operator.mul, (x, scale)),
                                                                shift))
             else:

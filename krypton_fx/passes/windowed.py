@@ -105,7 +105,7 @@ class WindowedOps:
     @staticmethod
     def _transposed_padding(info: PatchInfo) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         """Per axis, the padding and output padding with which a transposed conv on the window
-        returns little more than the box (geometry.transposed_padding), and the box's start in it."""
+        returns little more than the box (:func:`transposed_padding`), and the box's start in it."""
         local, axes = info.local, []
         for d, (length, k) in enumerate(zip(info.reads[0].window.sizes, local.kernel)):
             full = (length - 1) * local.stride[d] + (k - 1) * local.dilation[d] + 1

@@ -88,14 +88,14 @@ class FileJob:
 
 
 def _picture_writer(job: FileJob, task: Task, res, picture, image_hw) -> Callable:
-    from ..viz import heatmap_figure
+    from ..viz import heatmap_figure, target_label
 
     heat = res.heatmap.numpy()
     cats = job.categories
     label_name = cats[res.label] if cats and res.label < len(cats) else None
     target = job.compile_kwargs.get("target")
     if target is not None:  # a segmentation target: the class is an output channel
-        label_name = f"{target.reduce} over {int((res.mask > 0).sum())} mask pixels"
+        label_name = target_label(target, res.mask)
     tau = job.compile_kwargs.get("tau", 1.0)
     approx = [f"tau={tau:g}"] if tau < 1.0 else []
     if job.compile_kwargs.get("norm_stats") == "frozen":
